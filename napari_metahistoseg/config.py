@@ -1,0 +1,254 @@
+"""Frozen, validated configuration dataclasses with units, and their JSON I/O.
+
+Every tunable number of the library is a field here (never a literal in a function body). Units are in the
+field name or its comment: ``_px`` pixels, ``_um`` micrometres, ``_s`` seconds. Sizes that depend on the
+resolution are given in µm and converted with the image's microns-per-pixel (mpp).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """GroupNorm U-Net backbone and heads."""
+
+    in_channels: int = 3
+    base_channels: int = 16  # channels of the first encoder level; doubles per level
+    depth: int = 4  # number of resolution levels (3 poolings for depth 4)
+    groups: int = 8  # GroupNorm groups (clipped to the channel count)
+    head_hidden: int = 32  # hidden width of the pixel-MLP heads (0 = linear 1x1 head)
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # input normalisation on [0, 1] RGB
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    mpp: float = 0.5  # µm per pixel the backbone was trained at; inputs are rescaled to it
+
+    def __post_init__(self) -> None:
+        _positive(self, "base_channels", "depth", "groups", "in_channels", "mpp")
+        if self.head_hidden < 0:
+            raise ValueError("ModelConfig.head_hidden must be >= 0")
+
+
+@dataclass(frozen=True)
+class MAMLConfig:
+    """Inner-loop (task adaptation) settings — what the Adapt button runs."""
+
+    steps: int = 20  # inner-loop gradient steps on the support set
+    inner_lr: float = 0.01  # SGD step size (paper: 0.01)
+    first_order: bool = True  # drop second-order terms when differentiating through the inner loop
+    adapt: str = "head"  # which parameters adapt: "head" | "decoder" (decoder + head) | "all"
+    learn_inner_lr: bool = False  # Meta-SGD / MAML++: learned per-tensor inner step sizes
+    max_support_pixels: int = 200_000  # labelled pixels sampled per head-only step (features cached)
+    class_balance: bool = True  # weight the support loss by inverse class frequency
+    dice_weight: float = 0.5  # weight of the soft-Dice term next to cross-entropy in the support loss
+
+    def __post_init__(self) -> None:
+        if self.adapt not in ("head", "decoder", "all"):
+            raise ValueError(f"MAMLConfig.adapt must be 'head', 'decoder' or 'all', got {self.adapt!r}")
+        if self.steps < 0:
+            raise ValueError("MAMLConfig.steps must be >= 0")
+        _positive(self, "inner_lr", "max_support_pixels")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Augmentation as in MetaHistoSeg (applied consistently to image, masks, instances and points)."""
+
+    scale_min: float = 0.8
+    scale_max: float = 1.2
+    brightness: float = 0.2
+    contrast: float = 0.2
+    saturation: float = 0.1
+    hue: float = 0.1  # fraction of the hue circle (0.1 = ±36°)
+    flip_p: float = 0.5  # per axis
+    rotate_deg: float = 15.0  # uniform in ±rotate_deg
+    crop_px: int = 256  # square crop side (paper: 768)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.scale_min <= self.scale_max:
+            raise ValueError("AugmentConfig needs 0 < scale_min <= scale_max")
+        _positive(self, "crop_px")
+
+
+@dataclass(frozen=True)
+class EpisodeConfig:
+    """Task-level sampling (episode_loader)."""
+
+    n_support: int = 8
+    n_query: int = 8
+    episodes_per_batch: int = 4
+    task_weights: dict[str, float] = field(default_factory=dict)  # empty = uniform over tasks
+
+    def __post_init__(self) -> None:
+        _positive(self, "n_support", "n_query", "episodes_per_batch")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Backbone training: supervised multi-task warm-up, then first-order MAML episodes."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    maml: MAMLConfig = field(default_factory=lambda: MAMLConfig(steps=5, inner_lr=0.1, learn_inner_lr=True))
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    episodes: EpisodeConfig = field(default_factory=lambda: EpisodeConfig(n_support=4, n_query=4,
+                                                                          episodes_per_batch=2))
+    data: dict[str, str] = field(default_factory=dict)  # task name -> folder
+    holdout_tasks: tuple[str, ...] = ()  # leave-one-task-out: tasks never trained on
+    method: str = "maml"  # "maml" | "transfer"
+    supervised_steps: int = 1500  # multi-task supervised steps before meta-training
+    meta_steps: int = 1000  # meta-training outer steps
+    batch_size: int = 8  # crops per supervised step
+    outer_lr: float = 1e-3  # Adam (paper: 1e-4 for 300k iterations; we train ~1000x fewer)
+    weight_decay: float = 1e-5
+    checkpoint_every: int = 100  # steps
+    seed: int = 0
+    threads: int = 0  # torch intra-op threads (0 = torch default)
+    out_dir: str = "runs/backbone"
+
+    def __post_init__(self) -> None:
+        if self.method not in ("maml", "transfer"):
+            raise ValueError(f"TrainConfig.method must be 'maml' or 'transfer', got {self.method!r}")
+
+
+@dataclass(frozen=True)
+class TilingConfig:
+    """Tiled inference over large images."""
+
+    tile_px: int = 512  # tile side in model pixels
+    halo_px: int = 32  # overlap on each side, blended with a cosine ramp
+    batch_size: int = 4
+    channels_last: bool = True
+    autocast_bf16: bool = False  # bf16 autocast on CUDA
+
+    def __post_init__(self) -> None:
+        _positive(self, "tile_px", "batch_size")
+        if not 0 <= 2 * self.halo_px < self.tile_px:
+            raise ValueError("TilingConfig needs 0 <= 2*halo_px < tile_px")
+
+
+@dataclass(frozen=True)
+class HoVerPostConfig:
+    """NP + HV → instances (marker-controlled watershed). Sizes in µm, converted with the image mpp."""
+
+    np_threshold: float = 0.5  # nuclear-pixel probability above which a pixel is nuclear
+    marker_threshold: float = 0.4  # NP - edge strength above which a pixel seeds a marker
+    min_object_area_um2: float = 2.5  # smaller objects are removed (hover_net: 10 px at 0.25 µm/px)
+    min_marker_area_um2: float = 0.6
+    sobel_kernel_um: float = 5.25  # Sobel kernel size (hover_net: 21 px at 0.25 µm/px), rounded to odd px
+    marker_open_radius_um: float = 0.5  # opening radius of the marker mask (hover_net: 5x5 ellipse)
+
+    def __post_init__(self) -> None:
+        _positive(self, "sobel_kernel_um")
+
+
+@dataclass(frozen=True)
+class MitosisConfig:
+    """Mitosis patch classification."""
+
+    patch_um: float = 32.0  # side of the square patch around each candidate
+    patch_px: int = 64  # classifier input side (patches are resized to it)
+    threshold: float = 0.5  # probability above which a candidate is called mitotic/atypical
+    pad_mode: str = "reflect"  # how patches crossing the image border are padded
+    positive_rotations_deg: tuple[float, ...] = (0.0, 45.0, 90.0)
+    negative_rotations_deg: tuple[float, ...] = (0.0, 45.0)
+    adapt_steps: int = 30
+    adapt_lr: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.pad_mode not in ("reflect", "constant", "edge"):
+            raise ValueError(f"MitosisConfig.pad_mode must be reflect/constant/edge, got {self.pad_mode!r}")
+        _positive(self, "patch_um", "patch_px")
+
+
+@dataclass(frozen=True)
+class PointsConfig:
+    """Centroid clicks → filled circles; detections → centroids."""
+
+    radius: float = 12.0  # circle radius (BreastPathQ: 12 px)
+    radius_unit: str = "px"  # "px" or "um"
+    match_radius_px: float = 12.0  # detection matching distance for precision/recall/F1
+    min_detection_area_px: int = 20  # predicted blobs smaller than this are not detections
+    background_margin_px: float = 6.0  # for exhaustive point annotation: ring left unknown around circles
+
+
+# ------------------------------------------------------------------------------------------ JSON I/O
+
+
+def _positive(obj: Any, *names: str) -> None:
+    for n in names:
+        v = getattr(obj, n)
+        if not v > 0:
+            raise ValueError(f"{type(obj).__name__}.{n} must be > 0, got {v!r}")
+
+
+def to_dict(cfg: Any) -> dict:
+    """Dataclass → JSON-ready dict (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def from_dict(cls: type[T], data: dict, *, source: str = "config") -> T:
+    """Build ``cls`` from a dict, recursing into nested dataclasses; unknown/ill-typed fields raise ValueError."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{source}: expected a JSON object for {cls.__name__}, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ValueError(f"{source}: unknown field(s) {sorted(unknown)} for {cls.__name__}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        v = data[f.name]
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            v = from_dict(hint, v, source=f"{source}.{f.name}")
+        elif typing.get_origin(hint) is tuple and isinstance(v, list):
+            v = tuple(v)
+        kwargs[f.name] = _check_type(v, hint, f"{source}.{f.name}")
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{source}: {e}") from None
+
+
+def _check_type(v: Any, hint: Any, where: str) -> Any:
+    base = typing.get_origin(hint) or hint
+    if hint is float and isinstance(v, int) and not isinstance(v, bool):
+        return float(v)
+    if base in (int, float, str, bool, dict, tuple) and not isinstance(v, base):
+        raise ValueError(f"{where}: expected {getattr(base, '__name__', base)}, got {type(v).__name__} ({v!r})")
+    if base is int and isinstance(v, bool):
+        raise ValueError(f"{where}: expected int, got bool")
+    return v
+
+
+def save_json(cfg: Any, path: str | os.PathLike) -> None:
+    """Write a dataclass as JSON atomically (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(to_dict(cfg), f, indent=2)
+    os.replace(tmp, path)
+
+
+def load_json(cls: type[T], path: str | os.PathLike) -> T:
+    """Read a dataclass from JSON with a clear error naming the file."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path}: config file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    return from_dict(cls, data, source=str(path))
