@@ -354,7 +354,8 @@ def classification_scores(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int
         if a.min() < 0 or a.max() >= n_classes:
             raise ValueError(f"classification_scores: {name} labels must be in [0, {n_classes}), "
                              f"got range [{a.min()}, {a.max()}]")
-    cm = np.bincount(y_true.astype(np.int64) * n_classes + y_pred.astype(np.int64), minlength=n_classes**2).reshape(n_classes, -1)
+    flat = y_true.astype(np.int64) * n_classes + y_pred.astype(np.int64)
+    cm = np.bincount(flat, minlength=n_classes**2).reshape(n_classes, n_classes)
     support = cm.sum(1)
     present = support > 0
     tp = int(cm[positive, positive])
