@@ -1,0 +1,97 @@
+"""The ``metahistoseg`` command line: one subcommand per submodule, mirroring the GUI.
+
+Each submodule named in :data:`SUBCOMMANDS` exposes ``register(subparsers)``, which adds its parser and sets
+``func`` (``func(args: argparse.Namespace) -> int``) as the parser default. Submodules keep their module-level
+imports light (numpy at most) and import torch and friends inside ``func``, so that ``metahistoseg --help`` and
+``metahistoseg inspect`` start quickly.
+
+Errors: a ``ValueError`` or ``OSError`` raised by a command is printed as one line,
+``metahistoseg: error: <message>``, on stderr and the exit code is 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+from types import ModuleType
+
+from .. import __version__
+
+PROG = "metahistoseg"
+SUBCOMMANDS: tuple[str, ...] = ("inspect", "train", "evaluate", "adapt", "predict")
+"""Submodules of :mod:`napari_metahistoseg.cli` that provide subcommands, in ``--help`` order."""
+
+EXIT_OK = 0
+EXIT_ERROR = 2  # bad input (as argparse uses for usage errors)
+EXIT_INTERRUPTED = 130
+
+log = logging.getLogger(__name__)
+
+
+def _load_subcommand_modules() -> list[ModuleType]:
+    """Import the subcommand modules that exist; one that is not written yet is skipped."""
+    modules = []
+    for name in SUBCOMMANDS:
+        full = f"{__name__}.{name}"
+        try:
+            modules.append(importlib.import_module(full))
+        except ModuleNotFoundError as e:
+            if e.name != full:  # the module exists but one of its own imports is missing: a real error
+                raise
+            log.debug("subcommand module %s not present; skipped", full)
+    return modules
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with every available subcommand registered."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Few-shot segmentation for histopathology (the command-line side of the napari plugin).",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO level) to stderr")
+    subparsers = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND")
+    for module in _load_subcommand_modules():
+        module.register(subparsers)
+    return parser
+
+
+def _configure_logging(args: argparse.Namespace) -> None:
+    level = logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def error(message: str) -> int:
+    """Print ``metahistoseg: error: <message>`` (one line) to stderr and return the error exit code."""
+    one_line = " ".join(str(message).split())
+    print(f"{PROG}: error: {one_line}", file=sys.stderr)
+    return EXIT_ERROR
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line with ``argv`` (default ``sys.argv[1:]``) and return the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # usage errors (2) and --help/--version (0)
+        return e.code if isinstance(e.code, int) else EXIT_ERROR
+    if getattr(args, "func", None) is None:
+        parser.print_help(sys.stderr)
+        return EXIT_ERROR
+    _configure_logging(args)
+    try:
+        code = args.func(args)
+    except (ValueError, OSError) as e:
+        if args.debug:
+            raise
+        return error(str(e) or type(e).__name__)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        error("interrupted")
+        return EXIT_INTERRUPTED
+    return EXIT_OK if code is None else int(code)
