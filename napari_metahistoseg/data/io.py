@@ -51,7 +51,7 @@ def to_rgb_uint8(arr: np.ndarray, *, source: str = "image") -> np.ndarray:
     elif np.issubdtype(a.dtype, np.integer):
         if a.dtype != np.uint8:
             if a.min() < 0:
-                a = a - a.min()
+                a = a.astype(np.int64) - int(a.min())  # in int64: shifting int8/int16 in place overflows
             mx = int(a.max()) if a.size else 0
             if mx > 255:
                 scale = float(np.iinfo(arr.dtype).max) if np.iinfo(arr.dtype).max > 0 else float(mx)

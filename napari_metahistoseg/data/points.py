@@ -67,12 +67,9 @@ def points_to_masks(
     instances = np.zeros((h, w), np.uint32)
     if len(pts) == 0:
         return semantic, instances
-    seeds = np.zeros((h, w), np.int64)
     rc = np.clip(np.rint(pts).astype(np.int64), 0, [h - 1, w - 1])
-    # first listed point wins a shared pixel: write in reverse order
-    seeds[rc[::-1, 0], rc[::-1, 1]] = np.arange(len(pts), 0, -1)
-    dist, (ir, ic) = ndi.distance_transform_edt(seeds == 0, return_indices=True)
-    nearest = seeds[ir, ic]  # 1-based point index of the nearest seed pixel
+    reach = radius_px + (background_margin_px if background == "background" else 0.0)
+    dist, nearest = _nearest_seed(rc, (h, w), reach)  # nearest: 1-based point index
     inside = dist <= radius_px
     instances[inside] = nearest[inside].astype(np.uint32)
     semantic[inside] = cls[nearest[inside] - 1].astype(np.uint8)
@@ -80,6 +77,27 @@ def points_to_masks(
         ring = (~inside) & (dist <= radius_px + background_margin_px)
         semantic[ring] = IGNORE
     return semantic, instances
+
+
+def _nearest_seed(rc: np.ndarray, shape: tuple[int, int], reach: float) -> tuple[np.ndarray, np.ndarray]:
+    """Distance to, and 1-based index of, the nearest seed pixel ``rc[i]`` within ``reach`` (inf / 0 beyond).
+
+    Points are visited in listed order and a pixel changes owner only for a strictly nearer point, so equal
+    distances (and shared pixels) go to the point listed first. (A Euclidean distance transform breaks such
+    ties by scan order instead, which is why it is not used here.)
+    """
+    h, w = shape
+    best = np.full((h, w), np.inf)
+    owner = np.zeros((h, w), np.int64)
+    r = int(np.floor(reach))
+    for k, (y, x) in enumerate(rc, start=1):
+        y0, y1, x0, x1 = max(y - r, 0), min(y + r + 1, h), max(x - r, 0), min(x + r + 1, w)
+        d = np.hypot(np.arange(y0, y1)[:, None] - y, np.arange(x0, x1)[None, :] - x)
+        sub_best, sub_owner = best[y0:y1, x0:x1], owner[y0:y1, x0:x1]
+        win = (d < sub_best) & (d <= reach)
+        sub_best[win] = d[win]
+        sub_owner[win] = k
+    return best, owner
 
 
 def mask_centroids(labels: np.ndarray, min_area_px: int = 1) -> np.ndarray:

@@ -126,4 +126,4 @@ def _semantic_from_instances(inst: np.ndarray) -> np.ndarray:
 
 
 # Importing the source modules registers their readers (order = detection priority).
-from . import sources  # noqa: E402,F401
+from . import sources, sources_extra  # noqa: E402,F401

@@ -15,7 +15,8 @@ task/source name) and ``sample_id`` (the file stem).
 The on-disk form (:func:`save_unified` / :func:`load_unified`) is a folder::
 
     task.json                   {"format": "metahistoseg-task", "version": 1, "task", "class_names", "mpp",
-                                 "samples": [{"id", "has_semantic", "has_instances", "has_points", "patch_label"}]}
+                                 "samples": [{"id", "has_semantic", "has_instances", "has_points", "patch_label",
+                                              "mpp"}]}   (a sample's "mpp" overrides the task's)
     images/<id>.png             RGB uint8
     semantic/<id>.png           uint8, 255 = unknown
     instances/<id>.tif          uint32
@@ -111,9 +112,13 @@ class Sample:
 
 def _atomic_write_text(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)  # never leave a half-written temp file behind
+        raise
 
 
 def save_unified(samples: list[Sample], folder: str | os.PathLike) -> Path:
@@ -127,6 +132,11 @@ def save_unified(samples: list[Sample], folder: str | os.PathLike) -> Path:
     tasks = {s.task for s in samples}
     if len(tasks) != 1:
         raise ValueError(f"{folder}: samples of several tasks {sorted(tasks)}; save one task per folder")
+    if len({tuple(s.class_names) for s in samples}) != 1:
+        raise ValueError(f"{folder}: samples of task {samples[0].task!r} have different class_names")
+    ids = [s.sample_id for s in samples]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{folder}: duplicate sample ids {sorted({i for i in ids if ids.count(i) > 1})}")
     for sub in ("images", "semantic", "instances", "points"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
     entries = []
@@ -141,7 +151,7 @@ def save_unified(samples: list[Sample], folder: str | os.PathLike) -> Path:
             with open(folder / "points" / f"{s.sample_id}.csv", "w", newline="") as f:
                 w = csv.writer(f)
                 w.writerow(["row", "col", "class"])
-                for (r, c), k in zip(s.points, cls):
+                for (r, c), k in zip(s.points, cls, strict=True):
                     w.writerow([f"{r:.3f}", f"{c:.3f}", int(k)])
         entries.append(
             {
@@ -150,6 +160,7 @@ def save_unified(samples: list[Sample], folder: str | os.PathLike) -> Path:
                 "has_instances": s.instances is not None,
                 "has_points": s.points is not None,
                 "patch_label": s.patch_label,
+                "mpp": s.mpp,  # per sample: sources such as CPM-15 mix magnifications
             }
         )
     desc = {
@@ -186,7 +197,7 @@ def read_unified_description(folder: str | os.PathLike) -> dict:
 
 def load_unified_sample(folder: str | os.PathLike, entry: dict, desc: dict) -> Sample:
     """Load one sample described by ``entry`` of ``task.json``."""
-    from .io import read_rgb, read_mask, read_points_csv
+    from .io import read_mask, read_points_csv, read_rgb
 
     folder = Path(folder)
     sid = entry["id"]
@@ -208,5 +219,5 @@ def load_unified_sample(folder: str | os.PathLike, entry: dict, desc: dict) -> S
         points=points,
         point_classes=pclasses,
         patch_label=entry.get("patch_label"),
-        mpp=desc.get("mpp"),
+        mpp=entry.get("mpp", desc.get("mpp")),
     )
