@@ -48,8 +48,8 @@ class MAMLConfig:
     adapt: str = "head"  # which parameters adapt: "head" | "decoder" (decoder + head) | "all"
     learn_inner_lr: bool = False  # Meta-SGD / MAML++: learned per-tensor inner step sizes
     max_support_pixels: int = 200_000  # labelled pixels sampled per head-only step (features cached)
-    class_balance: bool = True  # weight the support loss by inverse class frequency
-    dice_weight: float = 0.5  # weight of the soft-Dice term next to cross-entropy in the support loss
+    class_balance: bool = True  # weight the support cross-entropy by inverse class frequency
+    seed: int = 0  # seeds the support-pixel sampling and any new head's initialisation
 
     def __post_init__(self) -> None:
         if self.adapt not in ("head", "decoder", "all"):
@@ -139,15 +139,24 @@ class TilingConfig:
 class HoVerPostConfig:
     """NP + HV → instances (marker-controlled watershed). Sizes in µm, converted with the image mpp."""
 
-    np_threshold: float = 0.5  # nuclear-pixel probability above which a pixel is nuclear
-    marker_threshold: float = 0.4  # NP - edge strength above which a pixel seeds a marker
+    np_threshold: float = 0.5  # nuclear-pixel probability at/above which a pixel is nuclear
+    # edge strength (0-1) at/above which a mask pixel cannot seed a marker: markers = mask - [edge >= 0.4]
+    marker_threshold: float = 0.4
     min_object_area_um2: float = 2.5  # smaller objects are removed (hover_net: 10 px at 0.25 µm/px)
     min_marker_area_um2: float = 0.6
     sobel_kernel_um: float = 5.25  # Sobel kernel size (hover_net: 21 px at 0.25 µm/px), rounded to odd px
     marker_open_radius_um: float = 0.5  # opening radius of the marker mask (hover_net: 5x5 ellipse)
+    fill_mask_holes: bool = True  # fill holes of the thresholded NP mask (hover_net does not)
+    surface_blur_um: float = 0.2  # Gaussian sigma smoothing the watershed surface (hover_net: 3x3 at 0.25 µm/px)
 
     def __post_init__(self) -> None:
         _positive(self, "sobel_kernel_um")
+        for name in ("np_threshold", "marker_threshold"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"HoVerPostConfig.{name} must be in [0, 1], got {getattr(self, name)!r}")
+        for name in ("min_object_area_um2", "min_marker_area_um2", "marker_open_radius_um", "surface_blur_um"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"HoVerPostConfig.{name} must be >= 0, got {getattr(self, name)!r}")
 
 
 @dataclass(frozen=True)

@@ -88,6 +88,11 @@ def open_dataset(root: str | os.PathLike, layout: str | None = None, **options) 
     name = layout or detect_layout(root)
     if name not in READERS:
         raise ValueError(f"unknown layout {name!r}; known: {', '.join(READERS)}")
+    if layout is not None:
+        if not root.is_dir():
+            raise ValueError(f"{root}: folder not found")
+        if not READERS[name].detect(root):
+            raise ValueError(f"{root}: does not look like a {name!r} folder ({READERS[name].description})")
     ds = READERS[name].open(root, **options)
     if not ds.ids:
         raise ValueError(f"{root}: no images found for layout {name!r}")

@@ -191,7 +191,8 @@ def _read_glas_grades(root: Path) -> dict[str, dict]:
 
 
 def _open_glas(root: Path, **_) -> TaskDataset:
-    ids = [s for s in _stems(root / "images", IMG_EXTS) if any((root / "masks").glob(f"{s}*"))]
+    mask_stems = set(_stems(root / "masks", (".png", ".bmp", ".tif")))
+    ids = [s for s in _stems(root / "images", IMG_EXTS) if s in mask_stems]
     grades = _read_glas_grades(root)
 
     def load(sid: str) -> Sample:

@@ -1,0 +1,230 @@
+"""Benchmark: HoVerPostProcessor vs the hover_net repository's ``__proc_np_hv`` on 1000x1000 MoNuSeg tiles.
+
+NP/HV maps are synthesised from the real MoNuSeg instance masks (``../shared/data/monuseg/instance_masks``):
+NP = blurred nuclear mask + noise, HV = :func:`hv_targets` + blur + noise. Each method is timed (median of
+``--repeats`` runs per tile) and its instance map scored with AJI and PQ against the true instances.
+
+The reference is a transcription of hover_net's ``models/hovernet/post_proc.py`` (``__proc_np_hv`` and the
+per-nucleus part of ``process``) and needs OpenCV (``pip install opencv-python-headless``); without cv2 only our
+timings are reported. Writes ``benchmarks/results/postprocess.{json,png}``.
+
+    .venv/bin/python benchmarks/bench_postprocess.py [--repeats 7] [--tiles 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+from scipy import ndimage as ndi
+from skimage.segmentation import watershed
+
+from napari_metahistoseg.config import HoVerPostConfig
+from napari_metahistoseg.metrics import aji, panoptic_quality
+from napari_metahistoseg.postprocess import HoVerPostProcessor, hv_targets
+
+try:
+    import cv2
+except ImportError:  # the reference is optional
+    cv2 = None
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / ".." / "shared" / "data" / "monuseg" / "instance_masks"
+RESULTS = REPO / "benchmarks" / "results"
+MPP = 0.25  # MoNuSeg is scanned at 40x
+SEED = 0
+NP_BLUR_PX, NP_NOISE = 1.0, 0.1
+HV_BLUR_PX, HV_NOISE = 0.7, 0.05
+# hover_net's constants (10 px objects/markers at 0.25 µm/px, holes of the NP mask not filled)
+HOVERNET_CFG = HoVerPostConfig(min_object_area_um2=10 * MPP**2, min_marker_area_um2=10 * MPP**2,
+                               fill_mask_holes=False)
+
+
+# ------------------------------------------------------------------------------------------------ reference
+
+
+def _remove_small_objects(labels: np.ndarray, min_size: int) -> np.ndarray:
+    """skimage's (pre-0.26) ``remove_small_objects(labels, min_size)`` on a labelled array."""
+    sizes = np.bincount(labels.ravel())
+    too_small = sizes < min_size
+    too_small[0] = False
+    out = labels.copy()
+    out[too_small[labels]] = 0
+    return out
+
+
+def hovernet_proc_np_hv(pred: np.ndarray) -> np.ndarray:
+    """hover_net ``__proc_np_hv``: ``pred (H, W, 3)`` = NP probability, x-map, y-map → instance map."""
+    pred = np.array(pred, dtype=np.float32)
+    blb_raw, h_dir_raw, v_dir_raw = pred[..., 0], pred[..., 1], pred[..., 2]
+    blb = np.array(blb_raw >= 0.5, dtype=np.int32)
+    blb = ndi.label(blb)[0]
+    blb = _remove_small_objects(blb, min_size=10)
+    blb[blb > 0] = 1
+    h_dir = cv2.normalize(h_dir_raw, None, alpha=0, beta=1, norm_type=cv2.NORM_MINMAX, dtype=cv2.CV_32F)
+    v_dir = cv2.normalize(v_dir_raw, None, alpha=0, beta=1, norm_type=cv2.NORM_MINMAX, dtype=cv2.CV_32F)
+    sobelh = cv2.Sobel(h_dir, cv2.CV_64F, 1, 0, ksize=21)
+    sobelv = cv2.Sobel(v_dir, cv2.CV_64F, 0, 1, ksize=21)
+    sobelh = 1 - cv2.normalize(sobelh, None, alpha=0, beta=1, norm_type=cv2.NORM_MINMAX, dtype=cv2.CV_32F)
+    sobelv = 1 - cv2.normalize(sobelv, None, alpha=0, beta=1, norm_type=cv2.NORM_MINMAX, dtype=cv2.CV_32F)
+    overall = np.maximum(sobelh, sobelv)
+    overall = overall - (1 - blb)
+    overall[overall < 0] = 0
+    dist = (1.0 - overall) * blb
+    dist = -cv2.GaussianBlur(dist, (3, 3), 0)
+    overall = np.array(overall >= 0.4, dtype=np.int32)
+    marker = blb - overall
+    marker[marker < 0] = 0
+    marker = ndi.binary_fill_holes(marker).astype("uint8")
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5))
+    marker = cv2.morphologyEx(marker, cv2.MORPH_OPEN, kernel)
+    marker = ndi.label(marker)[0]
+    marker = _remove_small_objects(marker, min_size=10)
+    return watershed(dist, markers=marker, mask=blb)
+
+
+def hovernet_table(pred_inst: np.ndarray) -> dict:
+    """The per-nucleus loop of hover_net ``process`` (bbox, centroid from moments, cv2 contour)."""
+    info = {}
+    for inst_id in np.unique(pred_inst)[1:]:
+        inst_map = pred_inst == inst_id
+        rows, cols = np.nonzero(np.any(inst_map, axis=1))[0], np.nonzero(np.any(inst_map, axis=0))[0]
+        rmin, rmax, cmin, cmax = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+        crop = inst_map[rmin:rmax, cmin:cmax].astype(np.uint8)
+        m = cv2.moments(crop)
+        contour = np.squeeze(cv2.findContours(crop, cv2.RETR_TREE, cv2.CHAIN_APPROX_SIMPLE)[0][0].astype("int32"))
+        info[int(inst_id)] = dict(bbox=np.array([[rmin, cmin], [rmax, cmax]]),
+                                  centroid=np.array([m["m10"] / m["m00"] + cmin, m["m01"] / m["m00"] + rmin]),
+                                  contour=contour + np.array([cmin, rmin]))
+    return info
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+
+
+def synthetic_maps(inst: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """True instances → (np_prob (H, W) float32, hv (2, H, W) float32) that look like network outputs."""
+    np_prob = ndi.gaussian_filter((inst > 0).astype(np.float32), NP_BLUR_PX)
+    np_prob = np.clip(np_prob + rng.normal(0, NP_NOISE, inst.shape), 0, 1).astype(np.float32)
+    hv = ndi.gaussian_filter(hv_targets(inst), (0, HV_BLUR_PX, HV_BLUR_PX))
+    hv = np.clip(hv + rng.normal(0, HV_NOISE, hv.shape), -1, 1).astype(np.float32)
+    return np_prob, hv
+
+
+def median_ms(fn, repeats: int) -> tuple[float, object]:
+    times, out = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times), out
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def run(repeats: int, n_tiles: int) -> dict:
+    files = sorted(DATA.glob("*.png"))[:n_tiles]
+    if not files:
+        raise SystemExit(f"no instance masks under {DATA.resolve()}")
+    rng = np.random.default_rng(SEED)
+    ours_hn, ours_default = HoVerPostProcessor(HOVERNET_CFG), HoVerPostProcessor(HoVerPostConfig())
+    methods = {
+        "ours (hover_net constants)": lambda p, h: ours_hn.instances(p, h, MPP),
+        "ours (default config)": lambda p, h: ours_default.instances(p, h, MPP),
+        "ours + table": lambda p, h: ours_hn(p, h, MPP)[0],
+    }
+    if cv2 is not None:
+        methods["hover_net __proc_np_hv (cv2)"] = lambda p, h: hovernet_proc_np_hv(np.dstack([p, h[0], h[1]]))
+        methods["hover_net + table (cv2)"] = lambda p, h: _with_table(hovernet_proc_np_hv(np.dstack([p, h[0], h[1]])))
+    rows = {name: dict(ms=[], aji=[], pq=[], n=[]) for name in methods}
+    hv_ms = []
+    for f in files:
+        inst = iio.imread(f).astype(np.uint32)
+        hv_ms.append(median_ms(lambda inst=inst: hv_targets(inst), repeats)[0])
+        np_prob, hv = synthetic_maps(inst, rng)
+        for name, fn in methods.items():
+            ms, out = median_ms(lambda fn=fn: fn(np_prob, hv), repeats)
+            rows[name]["ms"].append(ms)
+            rows[name]["aji"].append(aji(inst, out))
+            rows[name]["pq"].append(panoptic_quality(inst, out)["pq"])
+            rows[name]["n"].append(int(len(np.unique(out)) - 1))
+    return dict(rows=rows, hv_targets_ms=hv_ms, tiles=[f.stem for f in files],
+                shape=list(inst.shape), repeats=repeats, cv2=getattr(cv2, "__version__", None),
+                python=platform.python_version(), machine=platform.machine())
+
+
+def _with_table(inst: np.ndarray) -> np.ndarray:
+    hovernet_table(inst)
+    return inst
+
+
+def summarise(res: dict) -> list[dict]:
+    mp = res["shape"][0] * res["shape"][1] / 1e6
+    ref = res["rows"].get("hover_net __proc_np_hv (cv2)")
+    ref_table = res["rows"].get("hover_net + table (cv2)")
+    out = []
+    for name, r in res["rows"].items():
+        ms = float(np.mean(r["ms"]))
+        base = ref_table if "table" in name else ref
+        out.append(dict(method=name, ms_per_tile=ms, mp_per_s=mp / (ms / 1000),
+                        speedup=float(np.mean(base["ms"])) / ms if base else None,
+                        aji=float(np.mean(r["aji"])), pq=float(np.mean(r["pq"])), nuclei=float(np.mean(r["n"]))))
+    return out
+
+
+def report(summary: list[dict], res: dict) -> None:
+    print(f"{len(res['tiles'])} MoNuSeg tiles {res['shape'][0]}x{res['shape'][1]}, median of {res['repeats']} runs,"
+          f" cv2 {res['cv2']}; speed-up vs the hover_net row of the same kind (instance map / with table)")
+    print(f"{'method':32s} {'ms/tile':>9s} {'MP/s':>7s} {'speed-up':>9s} {'AJI':>7s} {'PQ':>7s} {'nuclei':>7s}")
+    for s in summary:
+        sp = f"{s['speedup']:.2f}x" if s["speedup"] else "-"
+        print(f"{s['method']:32s} {s['ms_per_tile']:9.1f} {s['mp_per_s']:7.2f} {sp:>9s} {s['aji']:7.4f} "
+              f"{s['pq']:7.4f} {s['nuclei']:7.1f}")
+    print(f"hv_targets: {np.mean(res['hv_targets_ms']):.1f} ms per tile")
+
+
+def plot(summary: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    names = [s["method"] for s in summary]
+    ax.barh(names, [s["ms_per_tile"] for s in summary],
+            color=["tab:orange" if "hover_net" in n else "tab:blue" for n in names])
+    for i, s in enumerate(summary):
+        ax.text(s["ms_per_tile"], i, f" {s['ms_per_tile']:.0f} ms, AJI {s['aji']:.3f}", va="center", fontsize=8)
+    ax.set_xlabel("ms per 1000x1000 tile (median)")
+    ax.set_title("HoVer-Net post-processing")
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1.35 * max(s["ms_per_tile"] for s in summary))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--tiles", type=int, default=5)
+    args = parser.parse_args()
+    if cv2 is None:
+        print("cv2 not installed: the hover_net reference is skipped (pip install opencv-python-headless)")
+    res = run(args.repeats, args.tiles)
+    summary = summarise(res)
+    report(summary, res)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "postprocess.json").write_text(json.dumps(dict(summary=summary, **res), indent=2))
+    plot(summary, RESULTS / "postprocess.png")
+    print(f"wrote {RESULTS / 'postprocess.json'} and {RESULTS / 'postprocess.png'}")
+
+
+if __name__ == "__main__":
+    main()

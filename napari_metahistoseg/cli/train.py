@@ -1,0 +1,58 @@
+"""``metahistoseg meta-train --config CONFIG.json`` (alias ``train``): train the backbone (resumable)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("meta-train", aliases=["train"],
+                              help="meta-train a backbone from a JSON TrainConfig (resumes automatically)")
+    p.add_argument("--config", required=True, help="TrainConfig JSON (see configs/backbone.json)")
+    p.add_argument("--out", help="output folder (overrides the config's out_dir)")
+    p.add_argument("--no-resume", action="store_true", help="start from scratch even if a checkpoint exists")
+    p.add_argument("--data-root", help="prefix for relative data folders in the config")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import dataclasses
+    from pathlib import Path
+
+    from ..config import TrainConfig, load_json
+    from ..training import train
+
+    cfg = load_json(TrainConfig, args.config)
+    if args.out:
+        cfg = dataclasses.replace(cfg, out_dir=args.out)
+    if args.data_root:
+        cfg = dataclasses.replace(cfg, data={k: str(Path(args.data_root) / v) for k, v in cfg.data.items()})
+    else:
+        base = Path(args.config).resolve().parent
+        cfg = dataclasses.replace(cfg, data={k: str((base / v).resolve()) for k, v in cfg.data.items()})
+    _maybe_init_distributed()
+    gen = train(cfg, resume=not args.no_resume)
+    t0 = time.time()
+    while True:
+        try:
+            p = next(gen)
+        except StopIteration as stop:
+            print(f"checkpoint: {stop.value}", file=sys.stderr)
+            print(str(stop.value))
+            return 0
+        if p["step"] % 10 == 0 or p["step"] == p["steps"]:
+            rate = (time.time() - t0) / max(1, p["step"])
+            print(f"[{p['phase']}] step {p['step']}/{p['steps']} loss {p['loss']:.4f} ({rate:.2f} s/step)",
+                  file=sys.stderr, flush=True)
+
+
+def _maybe_init_distributed() -> None:
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")

@@ -1,0 +1,180 @@
+"""MAML on torch.func: inner loops as pure functions over parameter dicts.
+
+Nothing here mutates a model or a caller's dict: parameters go in as ``dict[str, Tensor]`` and adapted
+("fast") weights come out as a new dict. Models are evaluated with ``torch.func.functional_call`` and
+differentiated with ``torch.func.grad_and_value``.
+
+* :func:`inner_loop` — generic SGD / Meta-SGD inner loop over the named parameters, optionally split across
+  a device set (each device holds a replica of the fast weights and a shard of the support; gradients are
+  summed on the first device). A generator: yields ``{"step", "steps", "loss"}``, returns the fast weights.
+* :func:`pixel_support` — labelled pixels of cached support features, stratified per class.
+* :func:`head_pixel_loss` — class-balanced cross-entropy of a pixel head on such pixels (decomposable over
+  shards, so sharded gradients add up exactly to the single-device gradient).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, grad_and_value
+
+from .data.task import IGNORE
+
+Params = dict[str, Tensor]
+LossFn = Callable[[Params], Tensor]
+
+
+def sgd_update(params: Params, grads: Params, lr: float, lrs: Params | None = None) -> Params:
+    """``p - lr_p * g`` for every name in ``grads`` (``lrs[name]`` overrides ``lr``; Meta-SGD); new dict."""
+    out = dict(params)
+    for name, g in grads.items():
+        step = lrs[name] if lrs is not None and name in lrs else lr
+        out[name] = params[name] - step * g
+    return out
+
+
+def inner_loop(
+    loss_fns: Sequence[LossFn],
+    params: Params,
+    names: Sequence[str],
+    *,
+    steps: int,
+    lr: float,
+    first_order: bool = True,
+    lrs: Params | None = None,
+    devices: Sequence[torch.device | str] | None = None,
+) -> Generator[dict, None, Params]:
+    """Run ``steps`` SGD steps on the parameters ``names``.
+
+    ``loss_fns[d]`` computes the (sum-normalised) loss of shard ``d`` from a full parameter dict living on
+    ``devices[d]``; the total loss is the sum over shards. With ``first_order`` the gradients are detached
+    (FOMAML); otherwise the graph is kept for a second-order outer update. Yields progress per step and
+    returns the fast-weight dict (the input ``params`` is left untouched).
+    """
+    if not loss_fns:
+        raise ValueError("inner_loop needs at least one loss function (support shard)")
+    devs = [torch.device(d) for d in (devices or [next(iter(params.values())).device])]
+    if len(devs) != len(loss_fns):
+        raise ValueError(f"{len(loss_fns)} support shards for {len(devs)} devices")
+    missing = [n for n in names if n not in params]
+    if missing:
+        raise ValueError(f"parameters to adapt not found: {missing[:3]}")
+    fast = dict(params)
+    for step in range(steps):
+        total_loss = 0.0
+        grads: Params = {}
+        for dev, fn in zip(devs, loss_fns):
+            rest = {k: v.to(dev) for k, v in fast.items() if k not in names}
+
+            def shard_loss(sub: Params, rest=rest, fn=fn) -> Tensor:
+                return fn({**rest, **sub})
+
+            sub = {n: fast[n].to(dev) for n in names}
+            g, loss = grad_and_value(shard_loss)(sub)
+            total_loss += float(loss.detach())
+            for n in names:
+                gn = g[n].to(devs[0])
+                grads[n] = gn if n not in grads else grads[n] + gn
+        if first_order:
+            grads = {n: g.detach() for n, g in grads.items()}
+        fast = sgd_update(fast, grads, lr, lrs)
+        yield {"step": step + 1, "steps": steps, "loss": total_loss}
+    return fast
+
+
+def run(gen: Generator) -> object:
+    """Drive a progress generator to completion and return its result."""
+    while True:
+        try:
+            next(gen)
+        except StopIteration as stop:
+            return stop.value
+
+
+def pixel_support(
+    features: Tensor, labels: Tensor, n_classes: int, *, max_pixels: int, seed: int = 0
+) -> tuple[Tensor, Tensor]:
+    """Labelled pixels of ``features (N,F,H,W)`` with ``labels (N,H,W)`` (IGNORE skipped), stratified:
+    at most ``max_pixels // n_present`` per class. Returns ``X (P,F)`` and ``y (P,) int64``."""
+    lab = labels.reshape(-1).long()
+    feats = features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
+    valid = lab != IGNORE
+    if valid.sum() == 0:
+        raise ValueError("the support has no labelled pixels (everything is 'unknown'): paint some labels")
+    if (lab[valid] >= n_classes).any():
+        raise ValueError(f"support labels contain class ids >= {n_classes} (the head's class count)")
+    present = torch.unique(lab[valid]).tolist()
+    cap = max(1, max_pixels // len(present))
+    gen = np.random.default_rng(seed)
+    picks = []
+    for c in present:
+        idx = torch.nonzero(lab == c).flatten().cpu().numpy()
+        if idx.size > cap:
+            idx = gen.choice(idx, cap, replace=False)
+        picks.append(torch.from_numpy(np.sort(idx)))
+    sel = torch.cat(picks).to(lab.device)
+    return feats[sel], lab[sel]
+
+
+def balanced_weights(y: Tensor, n_classes: int, balance: bool) -> Tensor:
+    """Per-class CE weights: inverse frequency over ``y`` (absent classes 0) or ones."""
+    counts = torch.bincount(y, minlength=n_classes).float()
+    if not balance:
+        return torch.ones(n_classes, device=y.device)
+    return torch.where(counts > 0, counts.sum() / counts.clamp(min=1), torch.zeros_like(counts))
+
+
+def head_pixel_logits(head: nn.Module, params: Params, x: Tensor) -> Tensor:
+    """Logits ``(P, C)`` of a 1x1-conv head on pixel vectors ``x (P, F)``."""
+    out = functional_call(head, params, (x.t().reshape(1, x.shape[1], x.shape[0], 1),))
+    logits = out["seg"] if isinstance(out, dict) else out
+    return logits.reshape(logits.shape[1], -1).t()
+
+
+def head_pixel_loss(head: nn.Module, params: Params, x: Tensor, y: Tensor, w: Tensor, norm: float) -> Tensor:
+    """Sum of class-weighted CE over ``x, y`` divided by ``norm`` (the total weight over all shards)."""
+    logits = head_pixel_logits(head, params, x)
+    return F.cross_entropy(logits, y, weight=w, reduction="sum") / norm
+
+
+def shard_pixels(x: Tensor, y: Tensor, devices: Sequence[torch.device | str]) -> list[tuple[Tensor, Tensor]]:
+    """Split pixel support into one contiguous shard per device (moved to it)."""
+    parts = torch.tensor_split(torch.arange(len(y)), len(devices))
+    return [(x[p].to(d), y[p].to(d)) for p, d in zip(parts, devices)]
+
+
+def head_params(head: nn.Module) -> Params:
+    """Detached copies of a head's parameters (leaf tensors that require grad)."""
+    return {k: v.detach().clone().requires_grad_(True) for k, v in head.named_parameters()}
+
+
+def adapt_head_on_pixels(
+    head: nn.Module,
+    init: Params,
+    x: Tensor,
+    y: Tensor,
+    *,
+    n_classes: int,
+    steps: int,
+    lr: float,
+    first_order: bool = True,
+    balance: bool = True,
+    lrs: Params | None = None,
+    devices: Sequence[torch.device | str] = ("cpu",),
+) -> Generator[dict, None, Params]:
+    """Inner loop of a pixel head on cached support pixels, sharded over ``devices``."""
+    w = balanced_weights(y, n_classes, balance)
+    norm = float((w[y]).sum().clamp(min=1e-8))
+    shards = shard_pixels(x, y, devices)
+    # ``head`` is only a stateless template for functional_call (no buffers): the fast weights themselves
+    # are replicated per device inside inner_loop.
+    fns = [
+        (lambda p, xs=xs, ys=ys, ws=w.to(xs.device): head_pixel_loss(head, p, xs, ys, ws, norm))
+        for xs, ys in shards
+    ]
+    return (yield from inner_loop(fns, init, list(init), steps=steps, lr=lr, first_order=first_order, lrs=lrs,
+                                  devices=list(devices)))

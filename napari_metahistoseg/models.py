@@ -1,0 +1,167 @@
+"""GroupNorm U-Net backbone, task heads keyed by task in an ``nn.ModuleDict``, HoVer branches.
+
+``MetaHistoSegNet(x, task)`` returns a dict of raw logits: ``{"seg": (B,C,H,W)}`` for a semantic head,
+``{"np": (B,2,H,W), "hv": (B,2,H,W)[, "nc": (B,T,H,W)]}`` for a HoVer head. Activations and scaling happen
+outside forward. Inputs are ``(B,3,H,W) float32`` RGB in [0, 1]; normalisation with the config's mean/std is
+part of the backbone so callers never need to know it. H and W are padded to a multiple of
+``2**(depth-1)`` internally and the output cropped back.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+
+def _gn(c: int, groups: int) -> nn.GroupNorm:
+    g = min(groups, c)
+    while c % g:
+        g -= 1
+    return nn.GroupNorm(g, c)
+
+
+class ConvBlock(nn.Sequential):
+    """(3x3 conv → GroupNorm → ReLU) × 2."""
+
+    def __init__(self, cin: int, cout: int, groups: int) -> None:
+        super().__init__(
+            nn.Conv2d(cin, cout, 3, padding=1, bias=False), _gn(cout, groups), nn.ReLU(inplace=True),
+            nn.Conv2d(cout, cout, 3, padding=1, bias=False), _gn(cout, groups), nn.ReLU(inplace=True),
+        )
+
+
+class UNet(nn.Module):
+    """U-Net with GroupNorm returning full-resolution decoder features ``(B, base_channels, H, W)``."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        chs = [cfg.base_channels * 2**i for i in range(cfg.depth)]
+        self.encoders = nn.ModuleList()
+        cin = cfg.in_channels
+        for c in chs:
+            self.encoders.append(ConvBlock(cin, c, cfg.groups))
+            cin = c
+        self.decoders = nn.ModuleList(ConvBlock(chs[i + 1] + chs[i], chs[i], cfg.groups) for i in reversed(range(cfg.depth - 1)))
+        self.register_buffer("mean", torch.tensor(cfg.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(cfg.std).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def out_channels(self) -> int:
+        return self.cfg.base_channels
+
+    @property
+    def multiple(self) -> int:
+        return 2 ** (self.cfg.depth - 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        m = self.multiple
+        ph, pw = (-h) % m, (-w) % m
+        x = (x - self.mean) / self.std
+        if ph or pw:
+            x = F.pad(x, (0, pw, 0, ph), mode="reflect" if min(h, w) > max(ph, pw) else "replicate")
+        skips = []
+        for i, enc in enumerate(self.encoders):
+            x = enc(x if i == 0 else F.max_pool2d(x, 2))
+            skips.append(x)
+        x = skips.pop()
+        for dec in self.decoders:
+            skip = skips.pop()
+            x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+            x = dec(torch.cat([x, skip], dim=1))
+        return x[..., :h, :w]
+
+
+class PixelHead(nn.Module):
+    """Per-pixel MLP (1x1 convs): features → hidden → ``out`` logits; ``hidden=0`` gives a linear head."""
+
+    def __init__(self, cin: int, out: int, hidden: int) -> None:
+        super().__init__()
+        self.out_channels = out
+        if hidden:
+            self.net = nn.Sequential(nn.Conv2d(cin, hidden, 1), nn.ReLU(inplace=True), nn.Conv2d(hidden, out, 1))
+        else:
+            self.net = nn.Sequential(nn.Conv2d(cin, out, 1))
+
+    def forward(self, f: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"seg": self.net(f)}
+
+
+class HoVerHead(nn.Module):
+    """HoVer branches on shared decoder features: NP (2 logits), HV (2 maps, trained towards [-1, 1]) and an
+    optional NC (``n_types`` logits incl. background). HV uses a 3x3 conv for local context."""
+
+    def __init__(self, cin: int, hidden: int, n_types: int = 0) -> None:
+        super().__init__()
+        hid = max(hidden, 16)
+        self.np = nn.Sequential(nn.Conv2d(cin, hid, 1), nn.ReLU(inplace=True), nn.Conv2d(hid, 2, 1))
+        self.hv = nn.Sequential(nn.Conv2d(cin, hid, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(hid, 2, 1))
+        self.nc = (nn.Sequential(nn.Conv2d(cin, hid, 1), nn.ReLU(inplace=True), nn.Conv2d(hid, n_types, 1))
+                   if n_types else None)
+
+    def forward(self, f: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = {"np": self.np(f), "hv": self.hv(f)}
+        if self.nc is not None:
+            out["nc"] = self.nc(f)
+        return out
+
+
+class MetaHistoSegNet(nn.Module):
+    """Backbone + task heads. ``heads`` is an ``nn.ModuleDict`` keyed by task name."""
+
+    def __init__(self, cfg: ModelConfig, heads: dict[str, int] | None = None, hover_types: int | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = UNet(cfg)
+        self.heads = nn.ModuleDict()
+        for task, n in (heads or {}).items():
+            self.add_head(task, n)
+        if hover_types is not None:
+            self.heads["hover"] = HoVerHead(self.backbone.out_channels, cfg.head_hidden, hover_types)
+
+    def add_head(self, task: str, n_classes: int) -> PixelHead:
+        """Create (or replace) the semantic head of ``task`` sized to ``n_classes``."""
+        if n_classes < 2:
+            raise ValueError(f"task {task!r} needs at least 2 classes, got {n_classes}")
+        head = PixelHead(self.backbone.out_channels, n_classes, self.cfg.head_hidden)
+        self.heads[task] = head
+        return head
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)
+
+    def forward(self, x: torch.Tensor, task: str) -> dict[str, torch.Tensor]:
+        if task not in self.heads:
+            raise ValueError(f"no head for task {task!r}; heads: {sorted(self.heads)}")
+        return self.heads[task](self.backbone(x))
+
+
+def head_param_names(model: nn.Module, task: str) -> list[str]:
+    return [n for n, _ in model.named_parameters() if n.startswith(f"heads.{task}.")]
+
+
+def decoder_param_names(model: nn.Module) -> list[str]:
+    return [n for n, _ in model.named_parameters() if n.startswith("backbone.decoders.")]
+
+
+def adapted_param_names(model: nn.Module, task: str, which: str) -> list[str]:
+    """Names of the parameters an inner loop adapts: ``"head"``, ``"decoder"`` (+head) or ``"all"``."""
+    if which == "head":
+        return head_param_names(model, task)
+    if which == "decoder":
+        return decoder_param_names(model) + head_param_names(model, task)
+    if which == "all":
+        return [n for n, _ in model.named_parameters() if not n.startswith("heads.") or n.startswith(f"heads.{task}.")]
+    raise ValueError(f"unknown adapt choice {which!r} (head, decoder, all)")
+
+
+def to_tensor_image(images, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``(N,H,W,3) uint8`` numpy → ``(N,3,H,W) float32`` in [0, 1] on ``device``."""
+    t = torch.as_tensor(images)
+    if t.ndim == 3:
+        t = t[None]
+    return t.to(device).permute(0, 3, 1, 2).float().div_(255.0).contiguous()

@@ -1,0 +1,300 @@
+"""Backbone training: multi-task supervised warm-up (the transfer-learning baseline, over ``batch_loader``),
+then meta-training (MAML over ``episode_loader``; the inner loop adapts the ``generic`` head on cached support
+features, second-order through the head, so the backbone learns features that adapt fast).
+
+Every step routes each sample to its own task head; nuclear tasks also train the HoVer head (NP + HV, and
+NC on CoNSeP types). Resumable from the last checkpoint (safetensors, no pickle), seeded, loss curves in
+``log.jsonl``. Scales out with ``torch.distributed`` (torchrun, gloo or nccl): each rank draws its own
+episodes and the gradients are all-reduced (averaged) before every outer update.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Generator
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.func import functional_call
+
+from .checkpoints import flatten_optimizer, load_model, restore_optimizer, save_model, stem_paths
+from .config import TrainConfig, save_json
+from .data.readers import open_dataset
+from .data.samplers import Batch, Episode, batch_loader, episode_loader, rescale_sample
+from .data.task import IGNORE, Sample
+from .losses import hover_loss, seg_loss
+from .maml import adapt_head_on_pixels, head_pixel_loss, pixel_support
+from .models import MetaHistoSegNet, to_tensor_image
+
+log = logging.getLogger(__name__)
+
+NUCLEI_TASKS = ("monuseg", "cpm15", "consep")
+GENERIC = "generic"  # the meta-learned head every new task starts from
+
+
+# ------------------------------------------------------------------------------------------ data
+
+
+def consep_mosaics(samples: list[Sample]) -> list[Sample]:
+    """Group CoNSeP tiles of the same parent image into 2x2 mosaics (tiles shrink at the model mpp)."""
+    groups: dict[str, list[Sample]] = {}
+    for s in samples:
+        groups.setdefault(s.sample_id.rsplit("_", 1)[0], []).append(s)
+    out = []
+    for parent, tiles in sorted(groups.items()):
+        for k in range(0, len(tiles) - 3, 4):
+            quad = tiles[k:k + 4]
+            if len({t.shape for t in quad}) != 1:
+                continue
+            img = np.concatenate([np.concatenate([q.image for q in quad[:2]], 1),
+                                  np.concatenate([q.image for q in quad[2:]], 1)], 0)
+            sem = np.block([[quad[0].semantic, quad[1].semantic], [quad[2].semantic, quad[3].semantic]])
+            offs = np.cumsum([0] + [int(q.instances.max()) for q in quad[:3]])
+            inst = np.block([[np.where(q.instances > 0, q.instances + o, 0) for q, o in zip(quad[:2], offs[:2])],
+                             [np.where(q.instances > 0, q.instances + o, 0) for q, o in zip(quad[2:], offs[2:])]])
+            out.append(quad[0].with_(image=img, semantic=sem, instances=inst.astype(np.uint32),
+                                     sample_id=f"{parent}_m{k // 4}"))
+    return out
+
+
+def load_training_tasks(data: dict[str, str], mpp: float, holdout: tuple[str, ...] = ()) -> dict[str, list[Sample]]:
+    """Open every task folder, drop held-out tasks, rescale to the model mpp, keep in memory."""
+    tasks = {}
+    for name, folder in data.items():
+        if name in holdout:
+            continue
+        ds = open_dataset(folder)
+        samples = list(ds)
+        if ds.layout == "consep_tiles":
+            samples = consep_mosaics(samples)
+        tasks[name] = [rescale_sample(s, mpp) for s in samples]
+        log.info("task %s: %d samples from %s", name, len(samples), folder)
+    if not tasks:
+        raise ValueError("no training tasks left (all held out?)")
+    return tasks
+
+
+def binary_variant(sem: np.ndarray, n_classes: int, rng: np.random.Generator) -> np.ndarray:
+    """A random binary task from a multi-class mask: all foreground, or one class vs the rest."""
+    if n_classes <= 2 or rng.random() < 0.5:
+        return np.where(sem == IGNORE, IGNORE, (sem > 0).astype(np.uint8)).astype(np.uint8)
+    k = int(rng.integers(1, n_classes))
+    return np.where(sem == IGNORE, IGNORE, (sem == k).astype(np.uint8)).astype(np.uint8)
+
+
+def hover_targets(batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """NP targets (0/1/IGNORE), HV targets and a validity flag per crop (instance truth of nuclear tasks)."""
+    from .targets import hv_targets
+
+    valid = np.array([h and t in NUCLEI_TASKS for h, t in zip(batch.has_instances, batch.tasks)])
+    np_t = np.where(batch.semantic == IGNORE, IGNORE, (batch.semantic > 0)).astype(np.int64)
+    np_t[~valid] = IGNORE
+    hv = np.stack([hv_targets(i) if v else np.zeros((2,) + i.shape, np.float32)
+                   for i, v in zip(batch.instances, valid)])
+    return (torch.from_numpy(np_t).to(device), torch.from_numpy(hv).to(device), torch.from_numpy(valid).to(device))
+
+
+# ------------------------------------------------------------------------------------------ steps
+
+
+def supervised_loss(model: MetaHistoSegNet, batch: Batch, device: torch.device) -> dict[str, torch.Tensor]:
+    """Multi-task loss of one mixed batch: task heads + generic head (binary) + HoVer on nuclear crops."""
+    x = to_tensor_image(batch.images, device)
+    feats = model.features(x)
+    sem = torch.from_numpy(batch.semantic.astype(np.int64)).to(device)
+    terms = {}
+    for task in sorted(set(batch.tasks)):
+        idx = torch.tensor([i for i, t in enumerate(batch.tasks) if t == task], device=device)
+        terms[f"seg/{task}"] = seg_loss(model.heads[task](feats[idx])["seg"], sem[idx], balance=True)
+    fg = torch.where(sem == IGNORE, sem, (sem > 0).long())
+    terms["seg/generic"] = seg_loss(model.heads[GENERIC](feats)["seg"], fg, balance=True)
+    np_t, hv_t, valid = hover_targets(batch, device)
+    if valid.any():
+        nc_t = None
+        if "consep" in batch.tasks:
+            is_consep = torch.tensor([t == "consep" for t in batch.tasks], device=device)
+            nc_t = torch.where(is_consep[:, None, None], sem, torch.full_like(sem, IGNORE))
+        hl = hover_loss(model.heads["hover"](feats), np_t, hv_t, nc_target=nc_t, valid=valid)
+        terms.update({f"hover/{k}": v for k, v in hl.items() if k != "total"})
+    terms["total"] = sum(terms.values())
+    return terms
+
+
+def meta_loss(
+    model: MetaHistoSegNet, episodes: list[Episode], cfg: TrainConfig, lrs: dict, rng: np.random.Generator,
+    device: torch.device,
+) -> dict[str, torch.Tensor]:
+    """MAML outer loss: adapt the generic head on each episode's support features, score on its query."""
+    head = model.heads[GENERIC]
+    init = {k: v for k, v in head.named_parameters()}
+    total, terms = 0.0, {}
+    for ep in episodes:
+        n_cls = int(np.max(ep.support.semantic, initial=0, where=ep.support.semantic != IGNORE)) + 1
+        sup_y = binary_variant(ep.support.semantic, max(n_cls, 2), rng)
+        x = to_tensor_image(np.concatenate([ep.support.images, ep.query.images]), device)
+        feats = model.features(x)
+        fs, fq = feats[: len(ep.support)], feats[len(ep.support):]
+        px, py = pixel_support(fs, torch.from_numpy(sup_y).to(device), 2, max_pixels=cfg.maml.max_support_pixels,
+                               seed=int(rng.integers(1 << 31)))
+        gen = adapt_head_on_pixels(head, init, px, py, n_classes=2, steps=cfg.maml.steps, lr=cfg.maml.inner_lr,
+                                   first_order=cfg.maml.first_order, lrs=lrs or None, devices=[device])
+        fast = _drain(gen)
+        # the query uses the same binarisation rule as the support (same class vs rest)
+        qry_y = _same_variant(ep.support.semantic, sup_y, ep.query.semantic)
+        logits = functional_call(head, fast, (fq,))["seg"]
+        ql = seg_loss(logits, torch.from_numpy(qry_y.astype(np.int64)).to(device), balance=True)
+        terms[f"meta/{ep.task}"] = ql.detach()
+        total = total + ql / len(episodes)
+        np_t, hv_t, valid = hover_targets(ep.query, device)
+        if valid.any():
+            hl = hover_loss(model.heads["hover"](fq), np_t, hv_t, valid=valid)
+            total = total + 0.5 * hl["total"] / len(episodes)
+    terms["total"] = total
+    return terms
+
+
+def _same_variant(src_sem: np.ndarray, src_bin: np.ndarray, qry_sem: np.ndarray) -> np.ndarray:
+    """Apply to the query the class→{0,1} map that turned ``src_sem`` into ``src_bin``."""
+    lut = np.zeros(256, np.uint8)
+    lut[IGNORE] = IGNORE
+    lab = src_sem != IGNORE
+    for c in np.unique(src_sem[lab]):
+        lut[c] = np.bincount(src_bin[lab & (src_sem == c)], minlength=2)[:2].argmax()
+    unseen = np.setdiff1d(np.unique(qry_sem), np.r_[np.unique(src_sem), IGNORE])
+    lut[unseen] = 0
+    return lut[qry_sem]
+
+
+def _drain(gen: Generator) -> dict:
+    while True:
+        try:
+            next(gen)
+        except StopIteration as s:
+            return s.value
+
+
+# ------------------------------------------------------------------------------------------ loop
+
+
+def _allreduce_grads(model: torch.nn.Module, extra: list[torch.Tensor]) -> None:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    world = dist.get_world_size()
+    for p in list(model.parameters()) + extra:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+        p.grad /= world
+
+
+def build_model(cfg: TrainConfig, tasks: dict[str, list[Sample]]) -> tuple[MetaHistoSegNet, dict[str, list[str]]]:
+    classes = {t: list(s[0].class_names) for t, s in tasks.items()}
+    classes[GENERIC] = ["background", "foreground"]
+    model = MetaHistoSegNet(cfg.model, {t: len(c) for t, c in classes.items()}, hover_types=5)
+    classes["hover"] = ["background", "other", "inflammatory", "epithelial", "spindle"]
+    return model, classes
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def train(cfg: TrainConfig, *, resume: bool = True) -> Generator[dict, None, Path]:
+    """Train (or resume) a backbone; yields progress dicts and returns the final checkpoint path."""
+    torch.manual_seed(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = torch.device("cpu")
+    if os.environ.get("LOCAL_RANK") and torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    log.info("training on %s (rank %d)", device, _rank())
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_json(cfg, out / "train_config.json")
+    tasks = load_training_tasks(cfg.data, cfg.model.mpp, cfg.holdout_tasks)
+    model, classes = build_model(cfg, tasks)
+    lrs = {k: torch.tensor(math.log(cfg.maml.inner_lr)) for k, _ in model.heads[GENERIC].named_parameters()} \
+        if cfg.maml.learn_inner_lr else {}
+    for v in lrs.values():
+        v.requires_grad_(True)
+    params = list(model.parameters()) + list(lrs.values())
+    opt = torch.optim.Adam(params, lr=cfg.outer_lr, weight_decay=cfg.weight_decay)
+    names = {id(p): n for n, p in model.named_parameters()} | {id(v): f"lr.{k}" for k, v in lrs.items()}
+    step = _maybe_resume(out, model, opt, names, lrs) if resume else 0
+    model.to(device)
+    total_steps = cfg.supervised_steps + (cfg.meta_steps if cfg.method == "maml" else 0)
+    seed = cfg.seed + 1000 * _rank() + step
+    sup_iter = batch_loader(tasks, cfg.batch_size, cfg.augment, seed=seed)
+    ep_iter = episode_loader(tasks, cfg.episodes, cfg.augment, seed=seed)
+    rng = np.random.default_rng(seed)
+    logf = open(out / "log.jsonl", "a")
+    t0 = time.time()
+    while step < total_steps:
+        phase = "supervised" if step < cfg.supervised_steps else "meta"
+        for g in opt.param_groups:
+            g["lr"] = cfg.outer_lr * 0.5 * (1 + math.cos(math.pi * step / total_steps))
+        model.train()
+        if phase == "supervised":
+            terms = supervised_loss(model, next(sup_iter), device)
+        else:
+            exp_lrs = {k: v.exp() for k, v in lrs.items()}
+            terms = meta_loss(model, next(ep_iter), cfg, exp_lrs, rng, device)
+        opt.zero_grad(set_to_none=True)
+        terms["total"].backward()
+        _allreduce_grads(model, list(lrs.values()))
+        torch.nn.utils.clip_grad_norm_(params, 5.0)
+        opt.step()
+        step += 1
+        rec = {"step": step, "phase": phase, "seconds": round(time.time() - t0, 1),
+               **{k: round(float(v), 5) for k, v in terms.items()}}
+        if _rank() == 0:
+            logf.write(json.dumps(rec) + "\n")
+            logf.flush()
+            if step % cfg.checkpoint_every == 0 or step == total_steps:
+                _save(out, model, opt, names, lrs, classes, cfg, step)
+                if step == cfg.supervised_steps:
+                    save_model(model, out / "transfer", head_classes=classes, extra={"training": _recipe(cfg, step)})
+        yield {"step": step, "steps": total_steps, "loss": float(terms["total"]), "phase": phase}
+    logf.close()
+    return stem_paths(out / "last")[0]
+
+
+def _recipe(cfg: TrainConfig, step: int) -> dict:
+    from .config import to_dict
+
+    return {"config": to_dict(cfg), "steps_done": step}
+
+
+def _save(out: Path, model, opt, names, lrs, classes, cfg: TrainConfig, step: int) -> None:
+    save_model(model, out / "last", head_classes=classes, inner_lrs={k: v.exp() for k, v in lrs.items()},
+               extra={"training": _recipe(cfg, step)})
+    from .checkpoints import _atomic_save_tensors
+
+    state = flatten_optimizer(opt, names) | {f"lr.{k}": v.detach() for k, v in lrs.items()}
+    _atomic_save_tensors(state, out / "resume.safetensors", {"step": str(step)})
+
+
+def _maybe_resume(out: Path, model, opt, names, lrs) -> int:
+    from safetensors import safe_open
+
+    rpath = out / "resume.safetensors"
+    if not (rpath.exists() and (out / "last.json").exists()):
+        return 0
+    loaded, _, _ = load_model(out / "last")
+    model.load_state_dict(loaded.state_dict(), strict=True)
+    with safe_open(str(rpath), framework="pt") as f:
+        step = int(f.metadata()["step"])
+        flat = {k: f.get_tensor(k) for k in f.keys()}
+    restore_optimizer(opt, names, {k: v for k, v in flat.items() if k.startswith("opt::")})
+    with torch.no_grad():
+        for k, v in lrs.items():
+            if f"lr.{k}" in flat:
+                v.copy_(flat[f"lr.{k}"])
+    log.info("resumed from %s at step %d", rpath, step)
+    return step
