@@ -1,0 +1,328 @@
+"""User-level operations as generators (yield progress dicts, return the result): adapt, predict.
+
+The GUI's Adapt button, ``metahistoseg adapt/predict/evaluate`` and the benchmarks all call these, so the
+GUI and the CLI give the same results for the same settings.
+
+Progress dicts carry ``stage`` ("features", "adapt", "predict", "instances"), ``step``/``steps`` or
+``done``/``total``, and for adaptation ``loss`` and ``eta_s``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from .checkpoints import backbone_sha256, export_head, import_head, load_model
+from .config import MAMLConfig, TilingConfig, from_dict, to_dict
+from .data.io import to_rgb_uint8
+from .data.task import IGNORE
+from .devices import resolve_devices
+from .maml import adapt_head_on_pixels, inner_loop, pixel_support
+from .models import MetaHistoSegNet, PixelHead, adapted_param_names
+from .tiling import predict_tiled
+
+log = logging.getLogger(__name__)
+
+WEIGHTS = Path(__file__).parent / "weights"
+TASK = "user"  # key of the adapted head inside the model's ModuleDict
+GENERIC = "generic"
+CONTEXT_PX = 48  # context kept around labelled pixels when cropping the support (model pixels)
+_BACKBONES: dict[str, Backbone] = {}
+
+
+@dataclass
+class Backbone:
+    """A loaded backbone checkpoint (model in eval mode on CPU) with its SHA-256 and learned inner lrs."""
+
+    model: MetaHistoSegNet
+    desc: dict
+    inner_lrs: dict[str, torch.Tensor]
+    sha256: str
+    name: str
+
+    @property
+    def mpp(self) -> float:
+        return self.model.cfg.mpp
+
+
+def load_backbone(which: str | Path = "default") -> Backbone:
+    """``"default"`` (bundled meta-trained), ``"transfer"`` (bundled transfer-learning baseline),
+    ``"scratch"`` (same network, random weights, seed 0) or a checkpoint path. Cached per name."""
+    key = str(which)
+    if key in _BACKBONES:
+        return _BACKBONES[key]
+    if key == "scratch":
+        torch.manual_seed(0)
+        model = MetaHistoSegNet(load_backbone("default").model.cfg, {GENERIC: 2}, hover_types=5).eval()
+        bb = Backbone(model, {"name": "scratch"}, {}, backbone_sha256(model), "scratch")
+    else:
+        path = WEIGHTS / "backbone" if key == "default" else WEIGHTS / "transfer" if key == "transfer" else Path(key)
+        model, desc, lrs = load_model(path)
+        if desc["backbone_sha256"] != backbone_sha256(model):
+            raise ValueError(f"{path}: backbone SHA-256 does not match its description (file modified?)")
+        bb = Backbone(model, desc, lrs, desc["backbone_sha256"], key)
+    _BACKBONES[key] = bb
+    return bb
+
+
+@dataclass
+class AdaptedHead:
+    """The adapted parameters (head, plus decoder/backbone tensors in "decoder"/"all" modes) with provenance."""
+
+    classes: list[str]
+    state: dict[str, torch.Tensor]  # names as in MetaHistoSegNet, the head under heads.user.*
+    backbone_sha256: str
+    maml: MAMLConfig
+    mpp: float
+    provenance: dict = field(default_factory=dict)
+    colours: list[str] | None = None
+
+    def save(self, path: str | Path) -> tuple[Path, Path]:
+        prov = {**self.provenance, "maml": to_dict(self.maml), "mpp": self.mpp}
+        return export_head(path, self.state, backbone_sha=self.backbone_sha256, classes=self.classes,
+                           provenance=prov, colours=self.colours)
+
+    @classmethod
+    def load(cls, path: str | Path, backbone: Backbone) -> AdaptedHead:
+        state, desc = import_head(path, backbone_sha=backbone.sha256)
+        prov = dict(desc.get("provenance") or {})
+        maml = from_dict(MAMLConfig, prov.pop("maml", {}), source=f"{path}: provenance.maml")
+        head = cls(list(desc["classes"]), state, desc["backbone_sha256"], maml, float(prov.pop("mpp", backbone.mpp)),
+                   prov, desc.get("colours"))
+        head.module_for(backbone)  # shape check now, with a clear error
+        return head
+
+    def module_for(self, backbone: Backbone) -> MetaHistoSegNet:
+        """A copy of the backbone model with this head (and any adapted backbone tensors) loaded."""
+        model = copy.deepcopy(backbone.model)
+        model.add_head(TASK, len(self.classes))
+        own = model.state_dict()
+        for k, v in self.state.items():
+            if k not in own or own[k].shape != v.shape:
+                raise ValueError(f"head tensor {k!r} {tuple(v.shape)} does not fit this backbone "
+                                 f"({tuple(own[k].shape) if k in own else 'no such tensor'})")
+            own[k] = v.float()
+        model.load_state_dict(own, strict=True)
+        return model.eval()
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def rescale(image: np.ndarray, factor: float, *, order: int) -> np.ndarray:
+    """Resize by ``factor`` (order 1 for images, 0 for labels); identity within 2 %."""
+    from skimage.transform import resize
+
+    if abs(factor - 1) < 0.02:
+        return image
+    shape = (max(1, round(image.shape[0] * factor)), max(1, round(image.shape[1] * factor))) + image.shape[2:]
+    out = resize(image, shape, order=order, preserve_range=True, anti_aliasing=order > 0 and factor < 1)
+    return (out + 0.5).astype(image.dtype) if order > 0 else out.astype(image.dtype)
+
+
+def _check_support(images, labels, n_classes: int) -> None:
+    if len(images) != len(labels) or not images:
+        raise ValueError(f"support needs as many label masks as images (got {len(images)} and {len(labels)})")
+    present: set[int] = set()
+    for i, (im, lab) in enumerate(zip(images, labels)):
+        if lab.shape != im.shape[:2]:
+            raise ValueError(f"support labels {i} have shape {lab.shape}, image has {im.shape[:2]}")
+        vals = np.unique(lab)
+        bad = [int(v) for v in vals if v != IGNORE and v >= n_classes]
+        if bad:
+            raise ValueError(f"support labels {i} contain class ids {bad} but only {n_classes} classes are named")
+        present |= {int(v) for v in vals if v != IGNORE}
+    if not present:
+        raise ValueError("the support has no labelled pixels (everything is 'unknown'): paint some labels")
+    if len(present) < 2:
+        raise ValueError(f"the support labels only class {present.pop()}: paint at least two classes "
+                         "(e.g. some background as well as the objects)")
+
+
+def _crop_to_labels(image: np.ndarray, lab: np.ndarray, margin: int) -> tuple[np.ndarray, np.ndarray]:
+    rr, cc = np.nonzero(lab != IGNORE)
+    r0, r1 = max(0, rr.min() - margin), min(lab.shape[0], rr.max() + margin + 1)
+    c0, c1 = max(0, cc.min() - margin), min(lab.shape[1], cc.max() + margin + 1)
+    return image[r0:r1, c0:c1], lab[r0:r1, c0:c1]
+
+
+def initial_head(backbone: Backbone, n_classes: int, *, seed: int = 0) -> dict[str, torch.Tensor]:
+    """The meta-learned generic head expanded to ``n_classes``: class 0 = its background row, every other class
+    its foreground row plus a small seeded perturbation (so classes can separate)."""
+    gen = backbone.model.heads[GENERIC]
+    st = {k: v.detach().clone() for k, v in gen.state_dict().items()}
+    last = sorted(k for k in st if k.endswith(".weight"))[-1]
+    bias = last[: -len("weight")] + "bias"
+    w, b = st[last], st[bias]
+    if n_classes != w.shape[0]:
+        g = torch.Generator().manual_seed(seed)
+        rows = [w[0]] + [w[1] + 0.01 * torch.randn(w[1].shape, generator=g) for _ in range(n_classes - 1)]
+        st[last] = torch.stack(rows)
+        st[bias] = torch.cat([b[:1], b[1:2].repeat(n_classes - 1)])
+    return {f"heads.{TASK}.{k}": v for k, v in st.items()}
+
+
+_REPLICAS: dict[tuple[int, str], torch.nn.Module] = {}
+
+
+def replica(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """The model itself on CPU, or a cached copy of it on another device (the caller's model never moves)."""
+    if torch.device(device).type == "cpu":
+        return model
+    key = (id(model), str(device))
+    if key not in _REPLICAS:
+        _REPLICAS[key] = copy.deepcopy(model).to(device).eval()
+    return _REPLICAS[key]
+
+
+def _features(model: MetaHistoSegNet, image: np.ndarray, device: torch.device, tiling: TilingConfig) -> torch.Tensor:
+    """Decoder features ``(F, H, W)`` of one image at model resolution (tiled when large)."""
+    rep = replica(model, device)
+    gen = predict_tiled(lambda x: {"f": rep.features(x)}, image, cfg=tiling, devices=[device],
+                        channels={"f": model.backbone.out_channels})
+    while True:
+        try:
+            next(gen)
+        except StopIteration as s:
+            return torch.from_numpy(s.value["f"])
+
+
+# ------------------------------------------------------------------------------------------ adapt
+
+
+def adapt(
+    backbone: Backbone,
+    images: Sequence[np.ndarray],
+    labels: Sequence[np.ndarray],
+    classes: Sequence[str],
+    *,
+    mpp: float | Sequence[float | None] | None = None,
+    cfg: MAMLConfig | None = None,
+    devices: str | Sequence[str] | None = "cpu",
+    init: AdaptedHead | None = None,
+    tiling: TilingConfig | None = None,
+) -> Generator[dict, None, AdaptedHead]:
+    """Adapt a head for ``classes`` on support ``images (H,W,3)`` with ``labels (H,W)`` (IGNORE = unknown)."""
+    cfg = cfg or MAMLConfig()
+    tiling = tiling or TilingConfig()
+    devs = resolve_devices(devices)
+    images = [to_rgb_uint8(im, source=f"support image {i}") for i, im in enumerate(images)]
+    labels = [np.asarray(lab) for lab in labels]
+    _check_support(images, labels, len(classes))
+    mpps = list(mpp) if isinstance(mpp, (list, tuple)) else [mpp] * len(images)
+    sup = []
+    for im, lab, m in zip(images, labels, mpps):
+        f = (m or backbone.mpp) / backbone.mpp
+        im2, lab2 = rescale(im, f, order=1), rescale(lab.astype(np.uint8), f, order=0)
+        sup.append(_crop_to_labels(im2, lab2, CONTEXT_PX))
+    start = init.state if init is not None else initial_head(backbone, len(classes), seed=cfg.seed)
+    if init is not None and len(init.classes) != len(classes):
+        raise ValueError(f"the starting head has {len(init.classes)} classes, the support names {len(classes)}")
+    t0 = time.time()
+    if cfg.adapt == "head":
+        fast = yield from _adapt_head(backbone, sup, len(classes), start, cfg, devs, tiling, t0)
+    else:
+        fast = yield from _adapt_full(backbone, sup, len(classes), start, cfg, devs, t0)
+    prov = {"support": [{"shape": list(im.shape[:2]), "labelled_px": int((lab != IGNORE).sum()),
+                         "class_px": {str(c): int((lab == c).sum()) for c in range(len(classes))}}
+                        for im, lab in sup],
+            "devices": [str(d) for d in devs], "adapt_seconds": round(time.time() - t0, 3),
+            "backbone": backbone.name}
+    log.info("adapted %s on %s in %.2f s", cfg.adapt, [str(d) for d in devs], time.time() - t0)
+    return AdaptedHead(list(classes), {k: v.detach().cpu() for k, v in fast.items()}, backbone.sha256, cfg,
+                       backbone.mpp, prov)
+
+
+def _progress(p: dict, t0: float, stage: str) -> dict:
+    el = time.time() - t0
+    return {**p, "stage": stage, "elapsed_s": el, "eta_s": el / max(p["step"], 1) * (p["steps"] - p["step"])}
+
+
+def _adapt_head(backbone, sup, n_classes, start, cfg, devs, tiling, t0) -> Generator[dict, None, dict]:
+    model = backbone.model
+    xs, ys = [], []
+    for i, (im, lab) in enumerate(sup):
+        yield {"stage": "features", "step": i, "steps": len(sup), "elapsed_s": time.time() - t0}
+        feats = _features(model, im, devs[i % len(devs)], tiling)
+        x, y = pixel_support(feats[None], torch.from_numpy(lab)[None], n_classes,
+                             max_pixels=max(1, cfg.max_support_pixels // len(sup)), seed=cfg.seed + i)
+        xs.append(x)
+        ys.append(y)
+    x, y = torch.cat(xs).to(devs[0]), torch.cat(ys).to(devs[0])
+    template = PixelHead(model.backbone.out_channels, n_classes, model.cfg.head_hidden)
+    prefix = f"heads.{TASK}."
+    init = {k[len(prefix):]: v.detach().clone().to(devs[0]) for k, v in start.items() if k.startswith(prefix)}
+    lrs = _learned_lrs(backbone, init, cfg)
+    gen = adapt_head_on_pixels(template, init, x, y, n_classes=n_classes, steps=cfg.steps, lr=cfg.inner_lr,
+                               first_order=True, balance=cfg.class_balance, lrs=lrs, devices=devs)
+    while True:
+        try:
+            p = next(gen)
+        except StopIteration as s:
+            return {prefix + k: v for k, v in s.value.items()}
+        yield _progress(p, t0, "adapt")
+
+
+def _learned_lrs(backbone: Backbone, init: dict, cfg: MAMLConfig) -> dict | None:
+    """Meta-learned per-tensor step sizes (rescaled so that ``cfg.inner_lr`` sets their mean)."""
+    if not (cfg.learn_inner_lr and backbone.inner_lrs):
+        return None
+    lrs = {k: v for k, v in backbone.inner_lrs.items() if k in init}
+    mean = float(torch.stack(list(lrs.values())).mean())
+    return {k: v * (cfg.inner_lr / mean) for k, v in lrs.items()}
+
+
+def _adapt_full(backbone, sup, n_classes, start, cfg, devs, t0) -> Generator[dict, None, dict]:
+    """Inner loop over decoder (+head) or all parameters on fixed support crops, sharded over devices."""
+    model = copy.deepcopy(backbone.model)
+    model.add_head(TASK, n_classes)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    params.update({k: v.detach().clone() for k, v in start.items()})
+    names = adapted_param_names(model, TASK, cfg.adapt)
+    crops = _support_crops(sup, size=256, per_image=max(1, 8 // len(sup)), seed=cfg.seed)
+    ys = torch.from_numpy(np.stack([c[1] for c in crops]).astype(np.int64))
+    counts = torch.bincount(ys[ys != IGNORE], minlength=n_classes).float()
+    w = torch.where(counts > 0, counts.sum() / counts.clamp(min=1), torch.zeros_like(counts)) if cfg.class_balance \
+        else torch.ones(n_classes)
+    norm = float(w[ys[ys != IGNORE]].sum())
+    parts = np.array_split(np.arange(len(crops)), len(devs))
+    replicas = [model.to(devs[0])] + [copy.deepcopy(model).to(d) for d in devs[1:]]
+    fns = []
+    for dev, rep, idx in zip(devs, replicas, parts):
+        x = torch.from_numpy(np.stack([crops[i][0] for i in idx])).to(dev).permute(0, 3, 1, 2).float() / 255
+        y = ys[idx].to(dev)
+        fns.append(lambda p, m=rep, x=x, y=y, w=w.to(dev): F.cross_entropy(
+            functional_call(m, p, (x, TASK))["seg"], y, weight=w, ignore_index=IGNORE, reduction="sum") / norm)
+    gen = inner_loop(fns, {k: v.to(devs[0]) for k, v in params.items()}, names, steps=cfg.steps, lr=cfg.inner_lr,
+                     first_order=True, devices=devs)
+    while True:
+        try:
+            p = next(gen)
+        except StopIteration as s:
+            return {k: s.value[k] for k in names}
+        yield _progress(p, t0, "adapt")
+
+
+def _support_crops(sup, size: int, per_image: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Fixed crops of ``size`` centred on random labelled pixels (padded with reflect / IGNORE)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for im, lab in sup:
+        pad = size // 2
+        mode = "reflect" if min(im.shape[:2]) > pad else "edge"
+        imp = np.pad(im, ((pad, pad), (pad, pad), (0, 0)), mode=mode)
+        labp = np.pad(lab, pad, constant_values=IGNORE)
+        rr, cc = np.nonzero(lab != IGNORE)
+        for k in rng.choice(len(rr), size=per_image, replace=len(rr) < per_image):
+            r, c = rr[k], cc[k]
+            out.append((imp[r:r + size, c:c + size], labp[r:r + size, c:c + size]))
+    return out
