@@ -1,0 +1,50 @@
+"""Sample-data contributions: LayerDataTuples, seeds in metadata, demo strokes agree with the truth."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from napari_metahistoseg import sample_data as sd
+from napari_metahistoseg.data.task import IGNORE
+
+
+def test_synthetic_he_layers_and_seed():
+    layers = sd.synthetic_he()
+    assert [t for *_, t in layers] == ["image", "labels", "labels"]
+    (img, ikw, _), (sem, skw, _), (inst, nkw, _) = layers
+    assert img.shape == (256, 256, 3) and img.dtype == np.uint8
+    assert ikw["metadata"]["seed"] == 0 and ikw["metadata"]["mpp"] == sd.SYNTHETIC_MPP
+    assert skw["metadata"][sd.META]["kind"] == "truth"
+    assert skw["metadata"][sd.META]["classes"] == ["background", "nucleus"]
+    assert set(np.unique(sem)) <= {0, 1} and inst.max() > 0
+    np.testing.assert_array_equal(sem > 0, inst > 0)
+    again = sd.synthetic_he()
+    np.testing.assert_array_equal(again[0][0], img)
+    assert not np.array_equal(sd.synthetic_he(seed=1)[0][0], img)
+
+
+def test_ihc_image():
+    [(img, kw, kind)] = sd.ihc_image()
+    assert kind == "image" and img.shape == (512, 512, 3) and kw["metadata"]["mpp"] is None
+
+
+def test_demo_session_strokes_agree_with_truth():
+    from napari_metahistoseg.data.synthetic import synthetic_tile
+
+    (img, _, _), (sup, kw, kind) = sd.demo_session()
+    assert kind == "labels" and sup.dtype == np.uint8
+    meta = kw["metadata"][sd.META]
+    assert meta["kind"] == "support" and meta["classes"] == ["background", "nucleus"]
+    truth = synthetic_tile(sd.SYNTHETIC_SHAPE, seed=0, mpp=sd.SYNTHETIC_MPP).semantic
+    assert set(np.unique(sup)) == {0, 1, 2}  # unknown, background, nucleus
+    assert (sup == 0).mean() > 0.8  # mostly unknown: strokes, not a full mask
+    np.testing.assert_array_equal(truth[sup == 1], 0)
+    np.testing.assert_array_equal(truth[sup == 2], 1)
+
+
+def test_support_to_layer_and_colormap():
+    sup = np.array([[IGNORE, 0], [1, 2]], np.uint8)
+    np.testing.assert_array_equal(sd.support_to_layer(sup), [[0, 1], [2, 3]])
+    cm = sd.labels_colormap(["#000000", "#ffffff"], offset=1)
+    assert cm[0] == "transparent" and cm[1] == "#000000" and cm[2] == "#ffffff"
+    assert sd.class_colours(14)[12] == sd.PALETTE[0]
