@@ -165,7 +165,7 @@ class SessionStore:
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
         w.writerow(["row", "col", "class"])
-        w.writerows([f"{r:.3f}", f"{c:.3f}", int(k)] for (r, c), k in zip(pts, cls))
+        w.writerows([f"{r:.3f}", f"{c:.3f}", int(k)] for (r, c), k in zip(pts, cls, strict=True))
         path = self.folder(fingerprint) / "points.csv"
         text = buf.getvalue()
         _atomic_write(path, lambda p: p.write_text(text))
