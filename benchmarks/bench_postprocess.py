@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -41,9 +42,8 @@ MPP = 0.25  # MoNuSeg is scanned at 40x
 SEED = 0
 NP_BLUR_PX, NP_NOISE = 1.0, 0.1
 HV_BLUR_PX, HV_NOISE = 0.7, 0.05
-# hover_net's constants (10 px objects/markers at 0.25 µm/px, holes of the NP mask not filled)
-HOVERNET_CFG = HoVerPostConfig(min_object_area_um2=10 * MPP**2, min_marker_area_um2=10 * MPP**2,
-                               fill_mask_holes=False)
+# hover_net's size constants (10 px objects and markers at 0.25 µm/px)
+HOVERNET_CFG = HoVerPostConfig(min_object_area_um2=10 * MPP**2, min_marker_area_um2=10 * MPP**2)
 
 
 # ------------------------------------------------------------------------------------------------ reference
@@ -117,13 +117,16 @@ def synthetic_maps(inst: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarr
     return np_prob, hv
 
 
-def median_ms(fn, repeats: int) -> tuple[float, object]:
-    times, out = [], None
+def interleaved_ms(methods: dict, args: tuple, repeats: int) -> tuple[dict, dict]:
+    """Run every method once per round (so load changes hit all alike): (median ms, last output) per method."""
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    outs = {}
     for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times), out
+        for name, fn in methods.items():
+            start = time.perf_counter()
+            outs[name] = fn(*args)
+            times[name].append(time.perf_counter() - start)
+    return {name: 1000 * statistics.median(t) for name, t in times.items()}, outs
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -136,7 +139,7 @@ def run(repeats: int, n_tiles: int) -> dict:
     rng = np.random.default_rng(SEED)
     ours_hn, ours_default = HoVerPostProcessor(HOVERNET_CFG), HoVerPostProcessor(HoVerPostConfig())
     methods = {
-        "ours (hover_net constants)": lambda p, h: ours_hn.instances(p, h, MPP),
+        "ours (hover_net sizes)": lambda p, h: ours_hn.instances(p, h, MPP),
         "ours (default config)": lambda p, h: ours_default.instances(p, h, MPP),
         "ours + table": lambda p, h: ours_hn(p, h, MPP)[0],
     }
@@ -147,17 +150,17 @@ def run(repeats: int, n_tiles: int) -> dict:
     hv_ms = []
     for f in files:
         inst = iio.imread(f).astype(np.uint32)
-        hv_ms.append(median_ms(lambda inst=inst: hv_targets(inst), repeats)[0])
-        np_prob, hv = synthetic_maps(inst, rng)
-        for name, fn in methods.items():
-            ms, out = median_ms(lambda fn=fn: fn(np_prob, hv), repeats)
-            rows[name]["ms"].append(ms)
+        hv_ms.append(interleaved_ms({"hv": hv_targets}, (inst,), repeats)[0]["hv"])
+        ms, outs = interleaved_ms(methods, synthetic_maps(inst, rng), repeats)
+        for name, out in outs.items():
+            rows[name]["ms"].append(ms[name])
             rows[name]["aji"].append(aji(inst, out))
             rows[name]["pq"].append(panoptic_quality(inst, out)["pq"])
             rows[name]["n"].append(int(len(np.unique(out)) - 1))
-    return dict(rows=rows, hv_targets_ms=hv_ms, tiles=[f.stem for f in files],
-                shape=list(inst.shape), repeats=repeats, cv2=getattr(cv2, "__version__", None),
-                python=platform.python_version(), machine=platform.machine())
+    return dict(rows=rows, hv_targets_ms=hv_ms, tiles=[f.stem for f in files], shape=list(inst.shape),
+                repeats=repeats, cv2=getattr(cv2, "__version__", None),
+                cv2_threads=cv2.getNumThreads() if cv2 is not None else None, cpus=os.cpu_count(),
+                load_avg_1min=os.getloadavg()[0], python=platform.python_version(), machine=platform.machine())
 
 
 def _with_table(inst: np.ndarray) -> np.ndarray:
@@ -180,8 +183,9 @@ def summarise(res: dict) -> list[dict]:
 
 
 def report(summary: list[dict], res: dict) -> None:
-    print(f"{len(res['tiles'])} MoNuSeg tiles {res['shape'][0]}x{res['shape'][1]}, median of {res['repeats']} runs,"
-          f" cv2 {res['cv2']}; speed-up vs the hover_net row of the same kind (instance map / with table)")
+    print(f"{len(res['tiles'])} MoNuSeg tiles {res['shape'][0]}x{res['shape'][1]}, median of {res['repeats']} "
+          f"interleaved runs, {res['cpus']} CPUs (load {res['load_avg_1min']:.1f}), cv2 {res['cv2']} with "
+          f"{res['cv2_threads']} threads; speed-up vs the hover_net row of the same kind (map only / with table)")
     print(f"{'method':32s} {'ms/tile':>9s} {'MP/s':>7s} {'speed-up':>9s} {'AJI':>7s} {'PQ':>7s} {'nuclei':>7s}")
     for s in summary:
         sp = f"{s['speedup']:.2f}x" if s["speedup"] else "-"

@@ -2,33 +2,34 @@
 
 Small single-purpose steps (as in MONAI's HoVer-Net transforms), composed by :class:`HoVerPostProcessor`:
 
-1. :func:`watershed_mask`  ``np_prob (H, W) float32`` → ``(H, W) bool`` nuclear mask
-2. :func:`hv_edge_map`     ``hv (2, H, W) float32`` → ``(H, W) float32`` edge strength in [0, 1]
-3. :func:`markers`         mask + edge → ``(H, W) int32`` labelled markers
-4. :func:`watershed_surface`, :func:`watershed` → ``(H, W) uint32`` instances, ids 1..N
+1. :func:`watershed_mask`     ``np_prob (H, W) float`` → ``(H, W) bool`` nuclear mask
+2. :func:`hv_edge_map`        ``hv (2, H, W) float`` → ``(H, W) float32`` edge strength in [0, 1]
+3. :func:`markers`            mask + edge → ``(H, W) int32`` markers 1..M
+4. :func:`watershed_surface`  mask + edge → ``(H, W) float32`` relief; :func:`watershed` → ``(H, W) uint32``
 
-The algorithm is the hover_net repository's ``__proc_np_hv`` with every constant a :class:`HoVerPostConfig` field
-in µm (converted with the image's µm/pixel). Differences: the NP mask can have its holes filled; the marker
-opening uses a disk (hover_net: a 5x5 ellipse); mask components holding a single marker are assigned to it
-directly, and only components with several markers go through the (identical) marker watershed.
+The algorithm is hover_net's ``__proc_np_hv`` with every constant a :class:`HoVerPostConfig` field in µm
+(converted with the maps' µm/pixel). Differences: the NP mask can have its holes filled; the marker opening uses a
+disk (hover_net: a 5x5 ellipse). Speed: the Sobel filters run as banded matrix products, a mask component with a
+single marker is assigned to it without flooding, and the remaining components are flooded in one compact mosaic.
 ``hv[0]`` is the horizontal map (x, along columns), ``hv[1]`` the vertical map (y, along rows).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 from scipy import ndimage as ndi
-from skimage.measure import find_contours
 from skimage.segmentation import watershed as _sk_watershed
 
 from napari_metahistoseg.config import HoVerPostConfig
 
-_BLUR_TRUNCATE_SIGMAS = 1.5  # support of the surface blur in sigmas (radius 1 px at hover_net's 0.8 px sigma)
-_BAND_BLOCK_PX = 8  # output rows/columns per matrix product in the banded (Sobel) correlation
-_BAND_PRODUCT_MNK = 1 << 18  # size bound of each product: small GEMMs stay single-threaded in OpenBLAS, whose
-#                             threads thrash on a busy machine (and it is as fast for these thin products)
+_BLUR_TRUNCATE_SIGMAS = 1.5  # support of the relief blur in sigmas (radius 1 px at hover_net's 0.8 px sigma)
+_BAND_BLOCK_PX = 8  # output rows/columns per matrix product of the banded (Sobel) correlation
+_BAND_PRODUCT_MNK = 1 << 18  # bound on m*n*k per product: OpenBLAS keeps these single-threaded (its threads
+#                             thrash on a busy machine, and one thread is as fast for such thin products)
+Box = tuple[slice, slice]
 
 # ------------------------------------------------------------------------------------------------ checks
 
@@ -39,12 +40,12 @@ def _check_mpp(mpp: float) -> float:
     return float(mpp)
 
 
-def _check_2d(a: np.ndarray, name: str, shape: tuple[int, int] | None = None) -> np.ndarray:
+def _check_2d(a: np.ndarray, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
     a = np.asarray(a)
     if a.ndim != 2 or 0 in a.shape:
         raise ValueError(f"{name} must be a non-empty (H, W) array, got shape {a.shape}")
-    if shape is not None and a.shape != shape:
-        raise ValueError(f"{name} has shape {a.shape}, expected {shape}")
+    if shape is not None and a.shape != tuple(shape):
+        raise ValueError(f"{name} has shape {a.shape}, expected {tuple(shape)}")
     return a
 
 
@@ -58,15 +59,26 @@ def _check_float(a: np.ndarray, name: str, lo: float = -np.inf, hi: float = np.i
     return a
 
 
-def _check_hv(hv: np.ndarray) -> np.ndarray:
+def _check_hv(hv: np.ndarray, shape: tuple[int, ...] | None = None) -> np.ndarray:
     hv = np.asarray(hv)
-    if hv.ndim != 3 or hv.shape[0] != 2 or 0 in hv.shape:
-        raise ValueError(f"hv must be a (2, H, W) array (horizontal, vertical), got shape {hv.shape}")
+    if hv.ndim != 3 or hv.shape[0] != 2 or 0 in hv.shape or (shape is not None and hv.shape[1:] != tuple(shape)):
+        want = f"(2, {shape[0]}, {shape[1]})" if shape is not None else "(2, H, W)"
+        raise ValueError(f"hv must be a {want} array (horizontal, vertical), got shape {hv.shape}")
     return _check_float(hv, "hv")
 
 
-def _px_area(area_um2: float, mpp: float) -> float:
-    return area_um2 / (mpp * mpp)
+def _check_nc(nc_prob: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    nc_prob = np.asarray(nc_prob)
+    if nc_prob.ndim != 3 or nc_prob.shape[0] < 2 or nc_prob.shape[1:] != tuple(shape):
+        raise ValueError(f"nc_prob must be (C >= 2, H, W) with (H, W) = {tuple(shape)}, got {nc_prob.shape}")
+    return _check_float(nc_prob, "nc_prob", 0.0, 1.0)
+
+
+def _check_instances(instances: np.ndarray) -> np.ndarray:
+    inst = _check_2d(instances, "instances")
+    if not np.issubdtype(inst.dtype, np.integer) or inst.min() < 0:
+        raise ValueError(f"instances must be a non-negative integer (H, W) map, got dtype {inst.dtype}")
+    return inst
 
 
 def sobel_size_px(size_um: float, mpp: float) -> int:
@@ -78,49 +90,57 @@ def sobel_size_px(size_um: float, mpp: float) -> int:
 
 
 def _fill_holes(mask: np.ndarray) -> np.ndarray:
-    """``binary_fill_holes`` (4-connected background) via one labelling of the background."""
+    """``scipy.ndimage.binary_fill_holes`` (4-connected background) via one labelling of the background."""
     bg, n = ndi.label(~mask)
     outside = np.zeros(n + 1, dtype=bool)
     for edge in (bg[0], bg[-1], bg[:, 0], bg[:, -1]):
         outside[edge] = True
     outside[0] = True
-    return mask | ~outside[bg]
+    return mask if outside.all() else mask | ~outside[bg]
 
 
-def _remove_small(mask: np.ndarray, min_px: float) -> tuple[np.ndarray, np.ndarray, int]:
-    """Drop 4-connected components smaller than ``min_px``: returns (mask, component labels 1..n, n)."""
-    lab, n = ndi.label(mask)
+def _fill_holes_inside(seed: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Fill holes of ``seed ⊂ mask`` for a ``mask`` without holes: a hole is then a component of
+    ``mask & ~seed`` touching neither a background pixel nor the image border (all background reaches the border).
+    """
+    rest, n = ndi.label(mask & ~seed)
     if n == 0:
-        return mask, lab, 0
+        return seed
+    inner = np.zeros_like(mask)  # 4-neighbour erosion of the mask; border pixels erode
+    inner[1:-1, 1:-1] = mask[1:-1, 1:-1] & mask[:-2, 1:-1] & mask[2:, 1:-1] & mask[1:-1, :-2] & mask[1:-1, 2:]
+    reaches_out = np.bincount(rest[mask & ~inner], minlength=n + 1) > 0
+    reaches_out[0] = True
+    return seed if reaches_out.all() else seed | ~reaches_out[rest]
+
+
+def _small_components(mask: np.ndarray, min_px: float) -> tuple[np.ndarray, np.ndarray]:
+    """4-connected components of ``mask``: (int32 labels, ``keep`` (n+1,) bool — False for those < ``min_px``)."""
+    lab, n = ndi.label(mask)
     keep = np.bincount(lab.ravel(), minlength=n + 1) >= min_px
     keep[0] = False
+    return lab, keep
+
+
+def _drop(lab: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """Labels with the dropped components removed, renumbered 1..n in order."""
     if keep[1:].all():
-        return mask, lab, n
-    lut = np.zeros(n + 1, dtype=lab.dtype)
-    lut[keep] = np.arange(1, int(keep.sum()) + 1)
-    lab = lut[lab]
-    return lab > 0, lab, int(keep.sum())
+        return lab
+    lut = (np.cumsum(keep) * keep).astype(lab.dtype)
+    return lut[lab]
 
 
 def _segment_op(a: np.ndarray, half: int, axis: int, erode: bool) -> np.ndarray:
-    """Binary erosion/dilation by a ``2*half+1`` segment along ``axis`` (log-doubling of shifted AND/OR)."""
-    if half == 0:
-        return a
-    pad = [(0, 0), (0, 0)]
-    pad[axis] = (half, half)
-    acc = np.pad(a, pad, constant_values=erode)  # the border never erodes / never dilates
+    """Binary erosion/dilation by a ``2*half+1`` segment along ``axis``; the border never erodes or dilates."""
+    out = a.copy()
     op = np.logical_and if erode else np.logical_or
-    span, length = 1, 2 * half + 1
-    while span < length:
-        step = min(span, length - span)
-        n = acc.shape[axis]
-        acc = op(_slice(acc, 0, n - step, axis), _slice(acc, step, n, axis))
-        span += step
-    return acc
-
-
-def _slice(a: np.ndarray, start: int, stop: int, axis: int) -> np.ndarray:
-    return a[start:stop] if axis == 0 else a[:, start:stop]
+    for s in range(1, half + 1):
+        if axis == 0:
+            op(out[s:], a[:-s], out=out[s:])
+            op(out[:-s], a[s:], out=out[:-s])
+        else:
+            op(out[:, s:], a[:, :-s], out=out[:, s:])
+            op(out[:, :-s], a[:, s:], out=out[:, :-s])
+    return out
 
 
 def _disk_rectangles(radius_px: float) -> list[tuple[int, int]]:
@@ -131,41 +151,22 @@ def _disk_rectangles(radius_px: float) -> list[tuple[int, int]]:
 
 
 def binary_open_disk(mask: np.ndarray, radius_px: float) -> np.ndarray:
-    """Binary opening of ``(H, W) bool`` by a disk of ``radius_px``, decomposed into separable rectangles."""
+    """Binary opening of ``(H, W) bool`` by the disk ``r² + c² <= radius_px²``, as separable rectangles."""
     rects = _disk_rectangles(radius_px)
     if rects == [(0, 0)]:
         return mask
-    eroded = np.logical_and.reduce(
-        [_segment_op(_segment_op(mask, h, 0, True), w, 1, True) for h, w in rects])
-    return np.logical_or.reduce(
-        [_segment_op(_segment_op(eroded, h, 0, False), w, 1, False) for h, w in rects])
+    eroded = np.logical_and.reduce([_segment_op(_segment_op(mask, h, 0, True), w, 1, True) for h, w in rects])
+    return np.logical_or.reduce([_segment_op(_segment_op(eroded, h, 0, False), w, 1, False) for h, w in rects])
 
 
-# ------------------------------------------------------------------------------------------------ steps
-
-
-def watershed_mask(np_prob: np.ndarray, cfg: HoVerPostConfig, mpp: float) -> np.ndarray:
-    """Step 1. ``np_prob (H, W)`` float in [0, 1] → ``(H, W) bool`` nuclear mask.
-
-    Pixels with probability ≥ ``cfg.np_threshold``; holes filled (``cfg.fill_mask_holes``); 4-connected objects
-    smaller than ``cfg.min_object_area_um2`` removed.
-    """
-    return _mask_components(np_prob, cfg, mpp)[0]
-
-
-def _mask_components(np_prob: np.ndarray, cfg: HoVerPostConfig, mpp: float) -> tuple[np.ndarray, np.ndarray, int]:
-    np_prob = _check_float(_check_2d(np_prob, "np_prob"), "np_prob", 0.0, 1.0)
-    mask = np_prob >= cfg.np_threshold
-    if cfg.fill_mask_holes:
-        mask = _fill_holes(mask)
-    return _remove_small(mask, _px_area(cfg.min_object_area_um2, _check_mpp(mpp)))
+# ------------------------------------------------------------------------------------------------ Sobel
 
 
 def sobel_kernels(size_px: int) -> tuple[np.ndarray, np.ndarray]:
     """OpenCV's generalised Sobel kernels of odd ``size_px``: (binomial smoothing, derivative of binomial).
 
     ``smooth`` = binomial coefficients of order ``size_px - 1``; ``deriv`` = binomial of order ``size_px - 3``
-    convolved with ``[-1, 0, 1]`` (correlation order, as ``cv2.getDerivKernels``). Both ``(size_px,) float64``,
+    convolved with ``[-1, 0, 1]`` in correlation order (as ``cv2.getDerivKernels``). Both ``(size_px,) float64``,
     scaled to unit L1 norm (the edge map is min-max normalised, so the scale does not matter).
     """
     if size_px < 3 or size_px % 2 == 0:
@@ -176,48 +177,71 @@ def sobel_kernels(size_px: int) -> tuple[np.ndarray, np.ndarray]:
     return smooth / smooth.sum(), deriv / np.abs(deriv).sum()
 
 
-def _minmax(a: np.ndarray) -> np.ndarray:
-    lo, hi = float(a.min()), float(a.max())
-    return (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
-
-
 def _correlate_banded(x: np.ndarray, kernel: np.ndarray, axis: int) -> np.ndarray:
-    """``scipy.ndimage.correlate1d(x, kernel, axis, mode="mirror")`` for ``(H, W) float32`` as small matrix
-    products with a banded matrix (BLAS is several times faster than a direct 1D loop for long kernels)."""
-    r = kernel.size // 2
-    pad = [(0, 0), (0, 0)]
-    pad[axis] = (r, r)
-    xp = np.pad(x, pad, mode="reflect")  # numpy "reflect" == scipy "mirror" == OpenCV BORDER_REFLECT_101
-    block = min(_BAND_BLOCK_PX, x.shape[axis])
+    """``scipy.ndimage.correlate1d(x, kernel, axis, mode="mirror")`` for ``(H, W) float32``, as thin products
+    with a banded matrix (BLAS is several times faster than a direct loop for long kernels)."""
+    xt = x if axis == 0 else x.T  # work along rows of xt; the transposed views go to BLAS without copies
+    r, size = kernel.size // 2, xt.shape[0]
+    block = min(_BAND_BLOCK_PX, size)
     band = np.zeros((block, block + 2 * r), np.float32)
     for i in range(block):
         band[i, i:i + kernel.size] = kernel
     chunk = max(1, _BAND_PRODUCT_MNK // band.size)  # along the other axis
     out = np.empty(x.shape, np.float32)
-    for s in range(0, x.shape[axis], block):
-        n = min(block, x.shape[axis] - s)
-        win, rows = slice(s, s + n + 2 * r), slice(s, s + n)
-        for c in range(0, x.shape[1 - axis], chunk):
-            cc = slice(c, c + chunk)
-            if axis == 0:
-                np.matmul(band[:n, :n + 2 * r], xp[win, cc], out=out[rows, cc])
-            else:
-                np.matmul(xp[cc, win], band[:n, :n + 2 * r].T, out=out[cc, rows])
+    outt = out if axis == 0 else out.T
+    for s in range(0, size, block):
+        n = min(block, size - s)
+        if r <= s and s + n + r <= size:
+            win = xt[s - r:s + n + r]
+        else:  # near the ends: mirror (numpy "reflect" == scipy "mirror" == OpenCV BORDER_REFLECT_101)
+            lo, hi = max(s - r, 0), min(s + n + r, size)
+            win = np.pad(xt[lo:hi], ((lo - (s - r), (s + n + r) - hi), (0, 0)), mode="reflect") if size > 1 else \
+                np.repeat(xt[lo:hi], n + 2 * r, axis=0)
+        for c in range(0, xt.shape[1], chunk):
+            np.matmul(band[:n, :n + 2 * r], win[:, c:c + chunk], out=outt[s:s + n, c:c + chunk])
     return out
 
 
 def hv_edge_map(hv: np.ndarray, cfg: HoVerPostConfig, mpp: float) -> np.ndarray:
-    """Step 2. ``hv (2, H, W)`` → ``(H, W) float32`` edge strength in [0, 1] (high between touching nuclei).
+    """Step 2. ``hv (2, H, W)`` float → ``(H, W) float32`` edge strength in [0, 1] (high between nuclei).
 
-    hover_net: ``max(1 - minmax(Sobel_x(minmax(h))), 1 - minmax(Sobel_y(minmax(v))))`` with a Sobel of
-    ``cfg.sobel_kernel_um``. The inner min-max normalisation is an affine map that the outer one cancels, so it
-    is skipped. Image borders are mirrored (OpenCV's default BORDER_REFLECT_101).
+    hover_net: ``max(1 - minmax(Sobel_x(minmax(h))), 1 - minmax(Sobel_y(minmax(v))))`` with an OpenCV-style Sobel
+    of ``cfg.sobel_kernel_um`` and mirrored borders. The inner min-max normalisation is an affine map that the
+    outer one cancels, so it is skipped.
     """
     hv = _check_hv(hv)
     smooth, deriv = (k.astype(np.float32) for k in sobel_kernels(sobel_size_px(cfg.sobel_kernel_um, mpp)))
-    gx = _correlate_banded(_correlate_banded(hv[0], smooth, axis=0), deriv, axis=1)
-    gy = _correlate_banded(_correlate_banded(hv[1], smooth, axis=1), deriv, axis=0)
-    return np.maximum(1.0 - _minmax(gx), 1.0 - _minmax(gy))
+    grads = (_correlate_banded(_correlate_banded(hv[0], smooth, axis=0), deriv, axis=1),
+             _correlate_banded(_correlate_banded(hv[1], smooth, axis=1), deriv, axis=0))
+    for g in grads:  # min-max normalise in place
+        lo, hi = float(g.min()), float(g.max())
+        g -= lo
+        g *= 1.0 / (hi - lo) if hi > lo else 0.0
+    edge = np.minimum(grads[0], grads[1], out=grads[0])
+    return np.subtract(np.float32(1.0), edge, out=edge)  # max(1 - a, 1 - b) == 1 - min(a, b)
+
+
+# ------------------------------------------------------------------------------------------------ steps
+
+
+def watershed_mask(np_prob: np.ndarray, cfg: HoVerPostConfig, mpp: float) -> np.ndarray:
+    """Step 1. ``np_prob (H, W)`` float in [0, 1] → ``(H, W) bool`` nuclear mask.
+
+    Pixels with probability ≥ ``cfg.np_threshold``; holes filled if ``cfg.fill_mask_holes``; 4-connected objects
+    smaller than ``cfg.min_object_area_um2`` removed.
+    """
+    _, comp, keep = _mask_components(np_prob, cfg, mpp)
+    return keep[comp]
+
+
+def _mask_components(np_prob: np.ndarray, cfg: HoVerPostConfig,
+                     mpp: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mask before the size filter, its component labels, ``keep`` flag per component)."""
+    np_prob = _check_float(_check_2d(np_prob, "np_prob"), "np_prob", 0.0, 1.0)
+    mask = np_prob >= cfg.np_threshold
+    if cfg.fill_mask_holes:
+        mask = _fill_holes(mask)
+    return (mask, *_small_components(mask, cfg.min_object_area_um2 / _check_mpp(mpp) ** 2))
 
 
 def markers(mask: np.ndarray, edge: np.ndarray, cfg: HoVerPostConfig, mpp: float, *,
@@ -226,117 +250,112 @@ def markers(mask: np.ndarray, edge: np.ndarray, cfg: HoVerPostConfig, mpp: float
 
     hover_net: mask pixels with ``edge < cfg.marker_threshold``, holes filled, opened with a disk of
     ``cfg.marker_open_radius_um``, 4-connected markers smaller than ``cfg.min_marker_area_um2`` removed.
-    ``mask_has_no_holes=True`` (e.g. a mask from :func:`watershed_mask` with ``cfg.fill_mask_holes``) allows a
-    cheaper, equivalent hole filling.
+    ``mask_has_no_holes=True`` (true for :func:`watershed_mask` with ``cfg.fill_mask_holes``) enables a cheaper,
+    equivalent hole filling.
     """
     mask = _check_2d(mask, "mask").astype(bool, copy=False)
     edge = _check_float(_check_2d(edge, "edge", mask.shape), "edge")
-    mpp = _check_mpp(mpp)
+    return _drop(*_marker_components(mask, edge, cfg, _check_mpp(mpp), mask_has_no_holes))
+
+
+def _marker_components(mask: np.ndarray, edge: np.ndarray, cfg: HoVerPostConfig, mpp: float,
+                       mask_has_no_holes: bool) -> tuple[np.ndarray, np.ndarray]:
     seed = mask & (edge < cfg.marker_threshold)
     seed = _fill_holes_inside(seed, mask) if mask_has_no_holes else _fill_holes(seed) & mask
     seed = binary_open_disk(seed, cfg.marker_open_radius_um / mpp)
-    return _remove_small(seed, _px_area(cfg.min_marker_area_um2, mpp))[1].astype(np.int32, copy=False)
+    return _small_components(seed, cfg.min_marker_area_um2 / mpp**2)
 
 
-def _fill_holes_inside(seed: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Fill holes of ``seed ⊂ mask`` when ``mask`` has none: a hole is a component of ``mask & ~seed`` that
-    touches neither the outside of the mask nor the image border (everything outside the mask reaches the border).
-    """
-    rest, n = ndi.label(mask & ~seed)
-    if n == 0:
-        return seed
-    rim = mask & ~_erode_cross(mask)
-    open_ = np.bincount(rest[rim], minlength=n + 1) > 0
-    open_[0] = True
-    return seed | ~open_[rest]
+def _blur_weights(sigma_px: float) -> np.ndarray:
+    r = int(_BLUR_TRUNCATE_SIGMAS * sigma_px + 0.5)
+    w = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma_px) ** 2) if sigma_px > 0 else np.ones(1)
+    return w / w.sum()
 
 
-def _erode_cross(mask: np.ndarray) -> np.ndarray:
-    """4-neighbour erosion; pixels on the image border erode (the outside counts as background)."""
-    out = np.zeros_like(mask)
-    out[1:-1, 1:-1] = (mask[1:-1, 1:-1] & mask[:-2, 1:-1] & mask[2:, 1:-1] & mask[1:-1, :-2] & mask[1:-1, 2:])
-    return out
-
-
-def _surface_crop(mask: np.ndarray, edge: np.ndarray, sl: tuple[slice, slice], sigma: float) -> np.ndarray:
-    """:func:`watershed_surface` evaluated on the box ``sl`` only (exactly: the blur reads a padded crop)."""
-    r = int(_BLUR_TRUNCATE_SIGMAS * sigma + 0.5) if sigma > 0 else 0
-    r0, c0 = max(sl[0].start - r, 0), max(sl[1].start - r, 0)
-    padded = (slice(r0, sl[0].stop + r), slice(c0, sl[1].stop + r))
-    inside = np.where(mask[padded], 1.0 - edge[padded], 0.0).astype(np.float32)
-    if sigma > 0:
-        inside = ndi.gaussian_filter(inside, sigma, mode="mirror", truncate=_BLUR_TRUNCATE_SIGMAS)
-    dr, dc = sl[0].start - r0, sl[1].start - c0
-    return -inside[dr:dr + sl[0].stop - sl[0].start, dc:dc + sl[1].stop - sl[1].start]
+def _relief(mask_of: Callable[[Box], np.ndarray], edge: np.ndarray, box: Box, weights: np.ndarray) -> np.ndarray:
+    """``-blur((1 - edge) * mask)`` on ``box`` only (``mask_of(box)`` crops the mask); exact, as the blur reads a
+    crop padded by its radius."""
+    r = weights.size // 2
+    r0, c0 = max(box[0].start - r, 0), max(box[1].start - r, 0)
+    padded = (slice(r0, box[0].stop + r), slice(c0, box[1].stop + r))
+    out = np.where(mask_of(padded), 1.0 - edge[padded], 0.0).astype(np.float32)
+    if r:
+        for axis in (0, 1):
+            out = ndi.correlate1d(out, weights, axis=axis, mode="mirror")
+    dr, dc = box[0].start - r0, box[1].start - c0
+    return -out[dr:dr + box[0].stop - box[0].start, dc:dc + box[1].stop - box[1].start]
 
 
 def watershed_surface(mask: np.ndarray, edge: np.ndarray, cfg: HoVerPostConfig, mpp: float) -> np.ndarray:
-    """``(H, W) float32`` watershed relief: ``-blur((1 - edge) * mask)`` (basins at nucleus centres, hover_net)."""
+    """``(H, W) float32`` relief ``-gaussian((1 - edge) * mask, cfg.surface_blur_um)``: basins at nucleus centres."""
     mask = _check_2d(mask, "mask").astype(bool, copy=False)
     edge = _check_float(_check_2d(edge, "edge", mask.shape), "edge")
-    return _surface_crop(mask, edge, (slice(0, mask.shape[0]), slice(0, mask.shape[1])),
-                         cfg.surface_blur_um / _check_mpp(mpp))
+    box = (slice(0, mask.shape[0]), slice(0, mask.shape[1]))
+    return _relief(lambda b: mask[b], edge, box, _blur_weights(cfg.surface_blur_um / _check_mpp(mpp)))
 
 
 def watershed(mask: np.ndarray, marker_map: np.ndarray, surface: np.ndarray) -> np.ndarray:
     """Step 4. Marker-controlled watershed of ``surface`` inside ``mask`` → ``(H, W) uint32`` ids 1..N.
 
-    ``mask (H, W) bool``, ``marker_map (H, W)`` int labels (0 = none; markers outside the mask are dropped),
-    ``surface (H, W)`` float. The result equals ``skimage.segmentation.watershed(surface, markers, mask=mask)``
+    ``mask (H, W) bool``, ``marker_map (H, W)`` non-negative int labels (0 = none; outside the mask ignored),
+    ``surface (H, W)`` float. Equals ``skimage.segmentation.watershed(surface, marker_map, mask=mask)``
     (4-connected) with ids renumbered 1..N in marker-id order; mask components without a marker stay 0.
     """
     mask = _check_2d(mask, "mask").astype(bool, copy=False)
     marker_map = _check_2d(marker_map, "marker_map", mask.shape)
     surface = _check_float(_check_2d(surface, "surface", mask.shape), "surface")
-    if not np.issubdtype(marker_map.dtype, np.integer) or (marker_map.size and marker_map.min() < 0):
+    if not np.issubdtype(marker_map.dtype, np.integer) or marker_map.min() < 0:
         raise ValueError(f"marker_map must hold non-negative integer labels, got dtype {marker_map.dtype}")
     comp, n = ndi.label(mask)
-    return _watershed_components(comp, n, np.where(mask, marker_map, 0), lambda sl: surface[sl])
+    keep = np.ones(n + 1, dtype=bool)
+    keep[0] = False
+    return _flood_components(comp, keep, np.where(mask, marker_map, 0), None, lambda box: surface[box])
 
 
-def _watershed_components(comp: np.ndarray, n: int, mk: np.ndarray, surface_of) -> np.ndarray:
-    """Watershed per mask component (``comp`` labels 1..n, markers ``mk`` inside them): a component with one
-    marker becomes that marker; components with several are cut out, packed into one mosaic and flooded by a
-    single skimage call (components are independent, so this equals flooding the whole image).
-    ``surface_of(box)`` returns the relief on a bounding box.
+def _flood_components(comp: np.ndarray, keep_comp: np.ndarray, mk: np.ndarray, keep_mk: np.ndarray | None,
+                      relief_of: Callable[[Box], np.ndarray]) -> np.ndarray:
+    """Watershed per mask component (labels ``comp``, kept where ``keep_comp``) from markers ``mk`` inside them
+    (kept where ``keep_mk``; None = all). A component holding one marker becomes that marker; those holding several
+    are cut out, packed into one mosaic and flooded by one skimage call (components never interact, so this equals
+    flooding the whole image). Markers are renumbered 1..M in id order. ``relief_of(box)`` gives the relief.
     """
     idx = np.flatnonzero(mk)
-    ids = mk.ravel()[idx].astype(np.int64)
-    present = np.zeros(int(ids.max()) + 1 if ids.size else 1, dtype=bool)
-    present[ids] = True
-    relabel = (np.cumsum(present) * present).astype(np.int32)  # marker ids → 1..M in order
-    m = int(present.sum())
+    ids, comp_ids = mk.ravel()[idx].astype(np.int64), comp.ravel()[idx]
+    ok = keep_comp[comp_ids] if keep_mk is None else keep_comp[comp_ids] & keep_mk[ids]
+    present = np.zeros(keep_mk.size if keep_mk is not None else int(ids.max(initial=0)) + 1, dtype=bool)
+    present[ids[ok]] = True
+    relabel = (np.cumsum(present) * present).astype(np.int32)  # kept marker ids → 1..M in order
+    m, n = int(present.sum()), keep_comp.size - 1
     comp_of = np.zeros(m + 1, dtype=np.int64)
-    comp_of[relabel[ids]] = comp.ravel()[idx]
+    comp_of[relabel[ids[ok]]] = comp_ids[ok]
     per_comp = np.bincount(comp_of[1:], minlength=n + 1)
     lut = np.zeros(n + 1, dtype=np.uint32)
     single = per_comp[comp_of[1:]] == 1
     lut[comp_of[1:][single]] = np.arange(1, m + 1, dtype=np.uint32)[single]
     out = lut[comp]
     multi = np.flatnonzero(per_comp > 1)
-    if multi.size:
-        slices = ndi.find_objects(comp, max_label=int(multi.max()))
-        boxes = [slices[c - 1] for c in multi]
-        corners, shape = _shelf_pack([(b[0].stop - b[0].start, b[1].stop - b[1].start) for b in boxes])
-        relief = np.zeros(shape, np.float32)
-        seeds = np.zeros(shape, np.int32)
-        inside = np.zeros(shape, bool)
-        subs = []
-        for c, box, (r, q) in zip(multi, boxes, corners, strict=True):
-            sub = comp[box] == c
-            win = (slice(r, r + sub.shape[0]), slice(q, q + sub.shape[1]))
-            inside[win], seeds[win], relief[win] = sub, np.where(sub, relabel[mk[box]], 0), surface_of(box)
-            subs.append((sub, win))
-        flooded = _sk_watershed(relief, seeds, mask=inside)
-        for (sub, win), box in zip(subs, boxes, strict=True):
-            out[box][sub] = flooded[win][sub]
+    if multi.size == 0:
+        return out
+    slices = ndi.find_objects(comp, max_label=int(multi.max()))
+    boxes = [slices[c - 1] for c in multi]
+    corners, shape = _shelf_pack([(b[0].stop - b[0].start, b[1].stop - b[1].start) for b in boxes])
+    relief, seeds, inside = np.zeros(shape, np.float32), np.zeros(shape, np.int32), np.zeros(shape, bool)
+    placed = []
+    for c, box, (r, q) in zip(multi, boxes, corners, strict=True):
+        sub = comp[box] == c
+        win = (slice(r, r + sub.shape[0]), slice(q, q + sub.shape[1]))
+        inside[win], seeds[win], relief[win] = sub, np.where(sub, relabel[mk[box]], 0), relief_of(box)
+        placed.append((box, sub, win))
+    flooded = _sk_watershed(relief, seeds, mask=inside)
+    for box, sub, win in placed:
+        out[box][sub] = flooded[win][sub]
     return out
 
 
 def _shelf_pack(shapes: list[tuple[int, int]]) -> tuple[list[tuple[int, int]], tuple[int, int]]:
     """Place boxes ``(h, w)`` on shelves with 1-pixel gaps: (top-left corner of each box, mosaic shape)."""
     width = max(max(w for _, w in shapes), int(math.sqrt(sum((h + 1) * (w + 1) for h, w in shapes))) + 1)
-    corners: list[tuple[int, int]] = [(0, 0)] * len(shapes)
+    corners = [(0, 0)] * len(shapes)
     row = col = shelf = 0
     for i in sorted(range(len(shapes)), key=lambda i: -shapes[i][0]):
         h, w = shapes[i]
@@ -363,14 +382,13 @@ class HoVerPostProcessor:
 
     def instances(self, np_prob: np.ndarray, hv: np.ndarray, mpp: float) -> np.ndarray:
         """Instance map only: ``(H, W) uint32``, 0 = background, ids 1..N."""
-        mask, comp, n = _mask_components(np_prob, self.cfg, mpp)
-        hv = _check_hv(hv)
-        if hv.shape[1:] != mask.shape:
-            raise ValueError(f"hv has shape {hv.shape}, expected (2, {mask.shape[0]}, {mask.shape[1]}) like np_prob")
-        edge = hv_edge_map(hv, self.cfg, mpp)
-        mk = markers(mask, edge, self.cfg, mpp, mask_has_no_holes=self.cfg.fill_mask_holes)
-        sigma = self.cfg.surface_blur_um / mpp
-        return _watershed_components(comp, n, mk, lambda box: _surface_crop(mask, edge, box, sigma))
+        mpp = _check_mpp(mpp)
+        mask, comp, keep = _mask_components(np_prob, self.cfg, mpp)  # small objects are dropped when flooding
+        edge = hv_edge_map(_check_hv(hv, mask.shape), self.cfg, mpp)
+        mk, keep_mk = _marker_components(mask, edge, self.cfg, mpp, self.cfg.fill_mask_holes)
+        weights = _blur_weights(self.cfg.surface_blur_um / mpp)
+        return _flood_components(comp, keep, mk, keep_mk,
+                                 lambda box: _relief(lambda b: keep[comp[b]], edge, box, weights))
 
     def __call__(self, np_prob: np.ndarray, hv: np.ndarray, mpp: float,
                  nc_prob: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
@@ -383,85 +401,108 @@ class HoVerPostProcessor:
 # ------------------------------------------------------------------------------------------------ table
 
 
-def _check_nc(nc_prob: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    nc_prob = np.asarray(nc_prob)
-    if nc_prob.ndim != 3 or nc_prob.shape[0] < 2 or nc_prob.shape[1:] != tuple(shape):
-        raise ValueError(f"nc_prob must be (C >= 2, H, W) with (H, W) = {tuple(shape)}, got {nc_prob.shape}")
-    return _check_float(nc_prob, "nc_prob", 0.0, 1.0)
-
-
-def _check_instances(instances: np.ndarray) -> np.ndarray:
-    inst = _check_2d(instances, "instances")
-    if not np.issubdtype(inst.dtype, np.integer) or inst.min() < 0:
-        raise ValueError(f"instances must be a non-negative integer (H, W) map, got dtype {inst.dtype}")
-    return inst
-
-
-def _pixels(inst: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """Foreground pixels: (flat index, compact label 1..N per pixel, original ids (N,), N)."""
+def _pixels(inst: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Foreground pixels of an instance map: (flat index, label 1..N per pixel, the N original ids)."""
     idx = np.flatnonzero(inst)
     lab = inst.ravel()[idx]
-    ids, lab = np.unique(lab, return_inverse=True) if lab.size and int(lab.max()) > 4 * idx.size + 1024 else \
-        _dense_compact(lab)
-    return idx, lab.astype(np.intp) + 1, ids, int(ids.size)
-
-
-def _dense_compact(lab: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if lab.size == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.intp)
+        return idx, lab.astype(np.intp), lab.astype(np.int64)
+    if int(lab.max()) > 4 * lab.size + 1024:  # sparse huge ids
+        ids, inverse = np.unique(lab, return_inverse=True)
+        return idx, inverse.astype(np.intp) + 1, ids
     counts = np.bincount(lab)
     ids = np.flatnonzero(counts)
-    if ids.size == ids[-1] and ids[0] == 1:  # already 1..N
-        return ids, lab.astype(np.intp) - 1
     lut = np.zeros(counts.size, dtype=np.intp)
-    lut[ids] = np.arange(ids.size)
-    return ids, lut[lab]
+    lut[ids] = np.arange(1, ids.size + 1)
+    return idx, lut[lab], ids
 
 
 def instance_table(instances: np.ndarray, nc_prob: np.ndarray | None = None) -> dict:
     """Per-nucleus table of an ``(H, W)`` integer instance map (0 = background), as a dict of columns.
 
-    ``id`` (N,) uint32 instance id (ascending); ``centroid_row``, ``centroid_col`` (N,) float64;
-    ``bbox`` (N, 4) int64 ``(min_row, min_col, max_row, max_col)`` with exclusive max (skimage convention);
-    ``area_px`` (N,) int64; ``contour`` list of N ``(K, 2) float64`` closed (row, col) outer boundaries
-    (``find_contours`` at level 0.5). With ``nc_prob (C, H, W)``: ``type`` (N,) int64 — the most frequent
-    non-background per-pixel argmax type inside the nucleus (0 only if all its pixels are background) — and
+    ``id`` (N,) uint32 instance ids, ascending; ``centroid_row``, ``centroid_col`` (N,) float64;
+    ``bbox`` (N, 4) int64 ``(min_row, min_col, max_row, max_col)``, max exclusive (skimage convention);
+    ``area_px`` (N,) int64; ``contour`` list of N ``(K, 2) float64`` closed (row, col) outer boundaries: the
+    level-0.5 contour of the nucleus mask, as ``skimage.measure.find_contours`` on its crop (nuclei are
+    4-connected; with several pieces the largest is taken). With ``nc_prob (C, H, W)``: ``type`` (N,) int64, the
+    most frequent non-background per-pixel argmax type in the nucleus (0 only if all pixels are background), and
     ``type_prob`` (N,) float32, the mean probability of that type over the nucleus.
     """
     inst = _check_instances(instances)
     nc = _check_nc(nc_prob, inst.shape) if nc_prob is not None else None
-    idx, lab, ids, n = _pixels(inst)
+    idx, lab, ids = _pixels(inst)
+    n = ids.size
     rows, cols = np.divmod(idx, inst.shape[1])
     area = np.bincount(lab, minlength=n + 1)[1:]
-    table = dict(id=ids.astype(np.uint32), area_px=area.astype(np.int64),
-                 centroid_row=np.bincount(lab, rows, minlength=n + 1)[1:] / np.maximum(area, 1),
-                 centroid_col=np.bincount(lab, cols, minlength=n + 1)[1:] / np.maximum(area, 1))
     seq = np.zeros(inst.shape, dtype=np.int32)
     seq.ravel()[idx] = lab
-    slices = ndi.find_objects(seq, max_label=n)
-    table["bbox"] = np.array([[s[0].start, s[1].start, s[0].stop, s[1].stop] for s in slices],
-                             dtype=np.int64).reshape(n, 4)
-    table["contour"] = [_contour(seq[s] == i + 1, s) for i, s in enumerate(slices)]
+    table = dict(id=ids.astype(np.uint32), area_px=area.astype(np.int64),
+                 centroid_row=np.bincount(lab, rows, minlength=n + 1)[1:] / np.maximum(area, 1),
+                 centroid_col=np.bincount(lab, cols, minlength=n + 1)[1:] / np.maximum(area, 1),
+                 bbox=np.array([[s[0].start, s[1].start, s[0].stop, s[1].stop] for s in ndi.find_objects(seq, n)],
+                               dtype=np.int64).reshape(n, 4),
+                 contour=_outer_contours(seq, rows, cols, n))
     if nc is not None:
-        table.update(_types(nc, idx, lab, n, area))
+        c = nc.shape[0]
+        probs = nc.reshape(c, -1)[:, idx]  # (C, P) at the nuclear pixels
+        counts = np.bincount(lab * c + probs.argmax(0), minlength=(n + 1) * c).reshape(n + 1, c)[1:, 1:]
+        typ = np.where(counts.sum(1) > 0, counts.argmax(1) + 1, 0)
+        mean = np.bincount(lab, probs[typ[lab - 1], np.arange(idx.size)], minlength=n + 1)[1:] / np.maximum(area, 1)
+        table.update(type=typ.astype(np.int64), type_prob=mean.astype(np.float32))
     return table
 
 
-def _contour(crop: np.ndarray, sl: tuple[slice, slice]) -> np.ndarray:
-    contours = find_contours(np.pad(crop, 1).astype(np.uint8), 0.5)
-    longest = max(contours, key=len)
-    return longest + np.array([sl[0].start - 1, sl[1].start - 1], dtype=np.float64)
+# side k of a pixel, clockwise on screen: 0 top, 1 right, 2 bottom, 3 left
+_ALONG = np.array([[0, 1], [1, 0], [0, -1], [-1, 0]])  # direction a boundary edge on side k is walked
+_OUTWARD = np.array([[-1, 0], [0, 1], [1, 0], [0, -1]])  # from the pixel across side k
 
 
-def _types(nc: np.ndarray, idx: np.ndarray, lab: np.ndarray, n: int, area: np.ndarray) -> dict:
-    c = nc.shape[0]
-    probs = nc.reshape(c, -1)[:, idx]  # (C, P) at the nuclear pixels
-    pix_type = probs.argmax(0)
-    counts = np.bincount(lab * c + pix_type, minlength=(n + 1) * c).reshape(n + 1, c)[1:, 1:]
-    typ = np.where(counts.sum(1) > 0, counts.argmax(1) + 1, 0)
-    chosen = probs[typ[lab - 1], np.arange(idx.size)]
-    mean = np.bincount(lab, chosen, minlength=n + 1)[1:] / np.maximum(area, 1)
-    return dict(type=typ.astype(np.int64), type_prob=mean.astype(np.float32))
+def _outer_contours(seq: np.ndarray, rows: np.ndarray, cols: np.ndarray, n: int) -> list[np.ndarray]:
+    """Contours of labels 1..n of ``seq (H, W) int32`` (foreground at ``rows``, ``cols``) by walking the crack
+    edges between each label and the rest, all labels at once.
+
+    Vertices are crack midpoints (= marching squares at 0.5 on the binary mask); at diagonal contacts the walk
+    turns to keep the label 4-connected (``find_contours``' default). Each label keeps its largest outer loop.
+    """
+    if n == 0:
+        return []
+    lab = np.pad(seq, 1)
+    flat, width = lab.ravel(), lab.shape[1]
+    along, outward = _ALONG @ [width, 1], _OUTWARD @ [width, 1]
+    fg = (rows + 1) * width + cols + 1
+    pix = [fg[flat[fg + outward[k]] != flat[fg]] for k in range(4)]
+    key = np.sort(np.concatenate([p * 4 + k for k, p in enumerate(pix)]))
+    pix, side = np.divmod(key, 4)
+    own, ahead = flat[pix], pix + along[side]  # the pixel next along the walk
+    corner = ahead + outward[side]  # diagonally ahead, outside
+    nxt = np.where(flat[ahead] != own, pix * 4 + (side + 1) % 4,  # turn right around the same pixel
+                   np.where(flat[corner] == own, corner * 4 + (side + 3) % 4, ahead * 4 + side))
+    succ = np.searchsorted(key, nxt)
+    loop, order = _walk_loops(succ)
+    mid = np.stack(np.divmod(pix, width), 1) - 1 + 0.5 * _OUTWARD[side]
+    cross = mid[:, 1] * mid[succ, 0] - mid[:, 0] * mid[succ, 1]  # shoelace: > 0 outer loop, < 0 around a hole
+    area = np.bincount(loop, cross)
+    start = np.flatnonzero(np.r_[True, loop[order][1:] != loop[order][:-1]])  # first edge of each loop in order
+    bounds = np.r_[start, order.size]
+    loop_label = own[order[start]]
+    pick = np.lexsort((-area[loop[order[start]]], loop_label))
+    pick = pick[np.r_[True, loop_label[pick][1:] != loop_label[pick][:-1]]]  # best loop per label, label order
+    return [mid[np.r_[order[bounds[i]:bounds[i + 1]], order[bounds[i]]]] for i in pick]
+
+
+def _walk_loops(succ: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Cycles of the permutation ``succ`` by pointer jumping: (cycle id per element = its smallest member,
+    all elements ordered cycle by cycle, each cycle walked from its smallest member)."""
+    e = np.arange(succ.size)
+    rep, jump = e.copy(), succ.copy()
+    steps = max(1, int(succ.size).bit_length())
+    for _ in range(steps):
+        rep, jump = np.minimum(rep, rep[jump]), jump[jump]
+    link = np.where(succ == rep, e, succ)  # the last element of each cycle stops
+    dist = (link != e).astype(np.int64)
+    for _ in range(steps):
+        dist, link = dist + dist[link], link[link]
+    return rep, np.lexsort((dist[rep] - dist, rep))
 
 
 # ------------------------------------------------------------------------------------------------ targets
@@ -470,15 +511,16 @@ def _types(nc: np.ndarray, idx: np.ndarray, lab: np.ndarray, n: int, area: np.nd
 def hv_targets(instances: np.ndarray) -> np.ndarray:
     """HoVer-Net training targets: ``instances (H, W)`` integer map → ``hv (2, H, W) float32`` in [-1, 1].
 
-    Channel 0: horizontal (column) offset of each nuclear pixel from its nucleus' centre of mass, channel 1:
-    vertical (row) offset; negative and positive offsets are divided separately by their largest magnitude within
-    the nucleus (hover_net ``gen_instance_hv_map``); 0 outside nuclei. Unlike hover_net the centre of mass is not
+    Channel 0: horizontal (column) offset of each nuclear pixel from its nucleus' centre of mass; channel 1:
+    vertical (row) offset. Negative and positive offsets are divided separately by their largest magnitude in the
+    nucleus (hover_net ``gen_instance_hv_map``); 0 outside nuclei. Unlike hover_net the centre of mass is not
     rounded and the grid is not shifted by one pixel, so a symmetric nucleus gets an antisymmetric map.
     """
     inst = _check_instances(instances)
     h, w = inst.shape
     out = np.zeros((2, h * w), dtype=np.float32)
-    idx, lab, _, n = _pixels(inst)
+    idx, lab, ids = _pixels(inst)
+    n = ids.size
     if n == 0:
         return out.reshape(2, h, w)
     rows, cols = np.divmod(idx, w)
