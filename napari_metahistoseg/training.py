@@ -252,7 +252,7 @@ def train(cfg: TrainConfig, *, resume: bool = True) -> Generator[dict, None, Pat
         opt.step()
         step += 1
         rec = {"step": step, "phase": phase, "seconds": round(time.time() - t0, 1),
-               **{k: round(float(v), 5) for k, v in terms.items()}}
+               **{k: round(float(v.detach()), 5) for k, v in terms.items()}}
         if _rank() == 0:
             logf.write(json.dumps(rec) + "\n")
             logf.flush()
