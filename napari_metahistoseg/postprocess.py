@@ -179,7 +179,8 @@ def sobel_kernels(size_px: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _correlate_banded(x: np.ndarray, kernel: np.ndarray, axis: int) -> np.ndarray:
     """``scipy.ndimage.correlate1d(x, kernel, axis, mode="mirror")`` for ``(H, W) float32``, as thin products
-    with a banded matrix (BLAS is several times faster than a direct loop for long kernels)."""
+    with a banded matrix (BLAS is several times faster than a direct loop for long kernels). For ``axis=1`` the
+    result is a Fortran-ordered view (writing it transposed is much faster than a strided write)."""
     xt = x if axis == 0 else x.T  # work along rows of xt; the transposed views go to BLAS without copies
     r, size = kernel.size // 2, xt.shape[0]
     block = min(_BAND_BLOCK_PX, size)
@@ -187,8 +188,7 @@ def _correlate_banded(x: np.ndarray, kernel: np.ndarray, axis: int) -> np.ndarra
     for i in range(block):
         band[i, i:i + kernel.size] = kernel
     chunk = max(1, _BAND_PRODUCT_MNK // band.size)  # along the other axis
-    out = np.empty(x.shape, np.float32)
-    outt = out if axis == 0 else out.T
+    outt = np.empty(xt.shape, np.float32)  # contiguous in the working layout (axis 1: returned transposed)
     for s in range(0, size, block):
         n = min(block, size - s)
         if r <= s and s + n + r <= size:
@@ -199,7 +199,7 @@ def _correlate_banded(x: np.ndarray, kernel: np.ndarray, axis: int) -> np.ndarra
                 np.repeat(xt[lo:hi], n + 2 * r, axis=0)
         for c in range(0, xt.shape[1], chunk):
             np.matmul(band[:n, :n + 2 * r], win[:, c:c + chunk], out=outt[s:s + n, c:c + chunk])
-    return out
+    return outt if axis == 0 else outt.T
 
 
 def hv_edge_map(hv: np.ndarray, cfg: HoVerPostConfig, mpp: float) -> np.ndarray:
@@ -272,26 +272,18 @@ def _blur_weights(sigma_px: float) -> np.ndarray:
     return w / w.sum()
 
 
-def _relief(mask_of: Callable[[Box], np.ndarray], edge: np.ndarray, box: Box, weights: np.ndarray) -> np.ndarray:
-    """``-blur((1 - edge) * mask)`` on ``box`` only (``mask_of(box)`` crops the mask); exact, as the blur reads a
-    crop padded by its radius."""
-    r = weights.size // 2
-    r0, c0 = max(box[0].start - r, 0), max(box[1].start - r, 0)
-    padded = (slice(r0, box[0].stop + r), slice(c0, box[1].stop + r))
-    out = np.where(mask_of(padded), 1.0 - edge[padded], 0.0).astype(np.float32)
-    if r:
-        for axis in (0, 1):
-            out = ndi.correlate1d(out, weights, axis=axis, mode="mirror")
-    dr, dc = box[0].start - r0, box[1].start - c0
-    return -out[dr:dr + box[0].stop - box[0].start, dc:dc + box[1].stop - box[1].start]
-
-
 def watershed_surface(mask: np.ndarray, edge: np.ndarray, cfg: HoVerPostConfig, mpp: float) -> np.ndarray:
     """``(H, W) float32`` relief ``-gaussian((1 - edge) * mask, cfg.surface_blur_um)``: basins at nucleus centres."""
     mask = _check_2d(mask, "mask").astype(bool, copy=False)
     edge = _check_float(_check_2d(edge, "edge", mask.shape), "edge")
-    box = (slice(0, mask.shape[0]), slice(0, mask.shape[1]))
-    return _relief(lambda b: mask[b], edge, box, _blur_weights(cfg.surface_blur_um / _check_mpp(mpp)))
+    weights = _blur_weights(cfg.surface_blur_um / _check_mpp(mpp))
+    return _blur(np.where(mask, edge - 1.0, 0.0).astype(np.float32), weights)
+
+
+def _blur(x: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    for axis in (0, 1) if weights.size > 1 else ():
+        x = ndi.correlate1d(x, weights, axis=axis, mode="mirror")
+    return x
 
 
 def watershed(mask: np.ndarray, marker_map: np.ndarray, surface: np.ndarray) -> np.ndarray:
@@ -309,15 +301,15 @@ def watershed(mask: np.ndarray, marker_map: np.ndarray, surface: np.ndarray) -> 
     comp, n = ndi.label(mask)
     keep = np.ones(n + 1, dtype=bool)
     keep[0] = False
-    return _flood_components(comp, keep, np.where(mask, marker_map, 0), None, lambda box: surface[box])
+    return _flood_components(comp, keep, np.where(mask, marker_map, 0), None, lambda box: surface[box], np.ones(1))
 
 
 def _flood_components(comp: np.ndarray, keep_comp: np.ndarray, mk: np.ndarray, keep_mk: np.ndarray | None,
-                      relief_of: Callable[[Box], np.ndarray]) -> np.ndarray:
+                      raw_of: Callable[[Box], np.ndarray], weights: np.ndarray) -> np.ndarray:
     """Watershed per mask component (labels ``comp``, kept where ``keep_comp``) from markers ``mk`` inside them
-    (kept where ``keep_mk``; None = all). A component holding one marker becomes that marker; those holding several
-    are cut out, packed into one mosaic and flooded by one skimage call (components never interact, so this equals
-    flooding the whole image). Markers are renumbered 1..M in id order. ``relief_of(box)`` gives the relief.
+    (kept where ``keep_mk``; None = all), renumbered 1..M in id order. A component holding one marker becomes that
+    marker; those holding several are flooded together in a mosaic (:func:`_flood_mosaic`). The relief is
+    ``raw_of(box)`` blurred with the 1D ``weights`` along both axes.
     """
     idx = np.flatnonzero(mk)
     ids, comp_ids = mk.ravel()[idx].astype(np.int64), comp.ravel()[idx]
@@ -334,22 +326,35 @@ def _flood_components(comp: np.ndarray, keep_comp: np.ndarray, mk: np.ndarray, k
     lut[comp_of[1:][single]] = np.arange(1, m + 1, dtype=np.uint32)[single]
     out = lut[comp]
     multi = np.flatnonzero(per_comp > 1)
-    if multi.size == 0:
-        return out
+    if multi.size:
+        _flood_mosaic(out, comp, multi, lambda box: relabel[mk[box]], raw_of, weights)
+    return out
+
+
+def _flood_mosaic(out: np.ndarray, comp: np.ndarray, multi: np.ndarray, seeds_of: Callable[[Box], np.ndarray],
+                  raw_of: Callable[[Box], np.ndarray], weights: np.ndarray) -> None:
+    """Flood components ``multi`` with one skimage call on a mosaic of their boxes, each grown by the blur radius
+    (mirrored beyond the image) so the relief is exact; components never interact, so this equals flooding the
+    whole image. Writes the result into ``out``."""
+    r = weights.size // 2
     slices = ndi.find_objects(comp, max_label=int(multi.max()))
     boxes = [slices[c - 1] for c in multi]
-    corners, shape = _shelf_pack([(b[0].stop - b[0].start, b[1].stop - b[1].start) for b in boxes])
-    relief, seeds, inside = np.zeros(shape, np.float32), np.zeros(shape, np.int32), np.zeros(shape, bool)
+    corners, shape = _shelf_pack([(b[0].stop - b[0].start + 2 * r, b[1].stop - b[1].start + 2 * r) for b in boxes])
+    raw, seeds, inside = np.zeros(shape, np.float32), np.zeros(shape, np.int32), np.zeros(shape, bool)
     placed = []
-    for c, box, (r, q) in zip(multi, boxes, corners, strict=True):
+    for c, box, (y, x) in zip(multi, boxes, corners, strict=True):
         sub = comp[box] == c
-        win = (slice(r, r + sub.shape[0]), slice(q, q + sub.shape[1]))
-        inside[win], seeds[win], relief[win] = sub, np.where(sub, relabel[mk[box]], 0), relief_of(box)
+        grown = [(b.start - r, b.stop + r, size) for b, size in zip(box, comp.shape, strict=True)]
+        crop = raw_of(tuple(slice(max(lo, 0), min(hi, size)) for lo, hi, size in grown))
+        pads = [(max(0, -lo), max(0, hi - size)) for lo, hi, size in grown]
+        raw[y:y + sub.shape[0] + 2 * r, x:x + sub.shape[1] + 2 * r] = \
+            np.pad(crop, pads, mode="reflect") if any(map(any, pads)) else crop
+        win = (slice(y + r, y + r + sub.shape[0]), slice(x + r, x + r + sub.shape[1]))
+        inside[win], seeds[win] = sub, np.where(sub, seeds_of(box), 0)
         placed.append((box, sub, win))
-    flooded = _sk_watershed(relief, seeds, mask=inside)
+    flooded = _sk_watershed(_blur(raw, weights), seeds, mask=inside)
     for box, sub, win in placed:
         out[box][sub] = flooded[win][sub]
-    return out
 
 
 def _shelf_pack(shapes: list[tuple[int, int]]) -> tuple[list[tuple[int, int]], tuple[int, int]]:
@@ -386,9 +391,8 @@ class HoVerPostProcessor:
         mask, comp, keep = _mask_components(np_prob, self.cfg, mpp)  # small objects are dropped when flooding
         edge = hv_edge_map(_check_hv(hv, mask.shape), self.cfg, mpp)
         mk, keep_mk = _marker_components(mask, edge, self.cfg, mpp, self.cfg.fill_mask_holes)
-        weights = _blur_weights(self.cfg.surface_blur_um / mpp)
-        return _flood_components(comp, keep, mk, keep_mk,
-                                 lambda box: _relief(lambda b: keep[comp[b]], edge, box, weights))
+        raw = lambda box: np.where(keep[comp[box]], edge[box] - 1.0, 0.0).astype(np.float32)  # noqa: E731
+        return _flood_components(comp, keep, mk, keep_mk, raw, _blur_weights(self.cfg.surface_blur_um / mpp))
 
     def __call__(self, np_prob: np.ndarray, hv: np.ndarray, mpp: float,
                  nc_prob: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
