@@ -203,10 +203,10 @@ def test_aji_pq_fast_on_a_full_tile():
     rng = np.random.default_rng(0)
     t = random_instances(rng)
     p = np.roll(random_instances(rng), 3, axis=0)
-    start = time.perf_counter()
+    start = time.process_time()  # CPU time: robust to other jobs on a shared machine
     aji(t, p)
     panoptic_quality(t, p)
-    assert time.perf_counter() - start < 0.5
+    assert time.process_time() - start < 0.5
 
 
 def test_instance_accumulator():
