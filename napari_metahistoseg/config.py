@@ -125,12 +125,15 @@ class TilingConfig:
 
     tile_px: int = 512  # tile side in model pixels
     halo_px: int = 32  # overlap on each side, blended with a cosine ramp
-    batch_size: int = 4
-    channels_last: bool = True
+    batch_size: int = 4  # tiles per forward pass and device
+    channels_last: bool = True  # NHWC tensors (faster convolutions on CPU and CUDA)
     autocast_bf16: bool = False  # bf16 autocast on CUDA
+    instance_window_px: int = 1024  # core side of the HoVer post-processing windows (image pixels)
+    instance_margin_um: float = 24.0  # context around each window; must exceed the largest nucleus diameter
+    stream_above_mp: float = 16.0  # images above this many megapixels are predicted streamed, into zarr
 
     def __post_init__(self) -> None:
-        _positive(self, "tile_px", "batch_size")
+        _positive(self, "tile_px", "batch_size", "instance_window_px", "instance_margin_um", "stream_above_mp")
         if not 0 <= 2 * self.halo_px < self.tile_px:
             raise ValueError("TilingConfig needs 0 <= 2*halo_px < tile_px")
 

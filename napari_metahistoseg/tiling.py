@@ -1,40 +1,60 @@
 """Tiled inference: overlapping tiles with a halo, blended with a smooth (cosine) ramp, batched, split across a
-device set, under ``torch.inference_mode()``. A generator yielding ``{"stage", "done", "total"}`` per batch
-(cancel by closing it between tiles) and returning the blended maps.
+device set, under ``torch.inference_mode()``; and stitching of per-window instance maps into one.
+
+Pieces, used by :func:`predict_tiled` (in memory) and by :func:`napari_metahistoseg.inference.predict_large`
+(streamed, bounded memory):
+
+* :func:`tile_grid` / :func:`blend_window` — where the tiles are and how they are weighted.
+* :class:`TileRunner` — a batch of equal-size crops → blended-ready maps, optionally resampled to the model's
+  resolution and back, the batch split across the devices (all devices are launched before any result is
+  fetched, so CUDA devices run concurrently).
+* :class:`BandBlender` — accumulates one row of tiles at a time and releases the rows that no later tile touches.
+* :class:`InstanceStitcher` — HoVer post-processing in overlapping windows; each nucleus is kept by the window
+  whose core holds its centroid and relabelled to a global id, so nuclei crossing window borders appear once and
+  whole.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Generator, Iterator, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .config import TilingConfig
 
 Forward = Callable[[torch.Tensor], dict[str, torch.Tensor]]
+Segment = Callable[[int, int, int, int], tuple[np.ndarray, dict]]
+_EPS = 1e-6  # floor of the blend-weight sum (the cosine ramp is > 0 everywhere, this only guards rounding)
 
 
 def tile_grid(shape: tuple[int, int], tile: int, halo: int) -> list[tuple[int, int, int, int]]:
-    """Tiles ``(r0, c0, r1, c1)`` covering ``shape``; neighbours overlap by ``2*halo``; every tile is
-    ``tile`` wide unless the image is smaller."""
+    """Tiles ``(r0, c0, r1, c1)`` covering ``shape``, row by row; neighbours overlap by at least ``2*halo``;
+    every tile is ``tile`` wide unless the image is smaller."""
     h, w = shape
     step = tile - 2 * halo
     if step <= 0:
         raise ValueError(f"tile {tile} px must exceed twice the halo {halo} px")
+    return [(r, c, min(r + tile, h), min(c + tile, w)) for r in _starts(h, tile, step) for c in _starts(w, tile, step)]
 
-    def starts(n: int) -> list[int]:
-        if n <= tile:
-            return [0]
-        s = list(range(0, n - tile, step)) + [n - tile]
-        return sorted(set(s))
 
-    return [(r, c, min(r + tile, h), min(c + tile, w)) for r in starts(h) for c in starts(w)]
+def _starts(n: int, tile: int, step: int) -> list[int]:
+    if n <= tile:
+        return [0]
+    return sorted(set(range(0, n - tile, step)) | {n - tile})
+
+
+def image_tiling(cfg: TilingConfig, scale: float) -> tuple[int, int]:
+    """``(tile, halo)`` in image pixels for a model seeing ``scale`` model pixels per image pixel."""
+    halo = math.ceil(cfg.halo_px / scale) if cfg.halo_px else 0
+    return max(2 * halo + 1, round(cfg.tile_px / scale)), halo
 
 
 def blend_window(th: int, tw: int, halo: int, edges: tuple[bool, bool, bool, bool]) -> np.ndarray:
-    """``(th, tw)`` weights: cosine ramp over ``halo`` px on sides that touch another tile (``edges`` =
-    top, bottom, left, right touch the image border → weight 1 there)."""
+    """``(th, tw)`` float32 weights: cosine ramp over ``halo`` px on sides that touch another tile (``edges`` =
+    top, bottom, left, right touch the image border → weight 1 there). Every weight is > 0."""
 
     def ramp(n: int, lo_border: bool, hi_border: bool) -> np.ndarray:
         w = np.ones(n, np.float32)
@@ -48,6 +68,68 @@ def blend_window(th: int, tw: int, halo: int, edges: tuple[bool, bool, bool, boo
         return w
 
     return np.outer(ramp(th, edges[0], edges[1]), ramp(tw, edges[2], edges[3]))
+
+
+class TileRunner:
+    """Run a batch of crops ``(N, h, w, 3) uint8`` through ``forwards[d]`` on ``devices[d]``.
+
+    ``channels`` names the outputs to keep and their channel counts; ``activations`` maps output names to a
+    function applied on the device (e.g. softmax). With ``model_hw`` the crops are resized (bilinear, antialiased
+    when shrinking) to it before the forward and the outputs resized back to ``(h, w)``. Returns
+    ``{name: (N, C, h, w) float32}``. Inputs are made channels-last (``cfg.channels_last``) on CUDA, and on the CPU
+    only with ``cpu_channels_last`` (faster when the model's weights are channels-last too, slower otherwise).
+    """
+
+    def __init__(self, forwards: Sequence[Forward], devices: Sequence[torch.device], cfg: TilingConfig,
+                 channels: dict[str, int], activations: dict[str, Callable] | None = None, *,
+                 cpu_channels_last: bool = False) -> None:
+        if len(forwards) != len(devices):
+            raise ValueError(f"{len(forwards)} forwards for {len(devices)} devices")
+        self.forwards, self.devices, self.cfg = list(forwards), list(devices), cfg
+        self.channels, self.acts = dict(channels), dict(activations or {})
+        self.cpu_channels_last = cpu_channels_last
+
+    def __call__(self, crops: np.ndarray, model_hw: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
+        n, h, w = crops.shape[:3]
+        parts = np.array_split(np.arange(n), len(self.devices))
+        pending = [(idx, self._launch(dev, fwd, crops[idx], model_hw))
+                   for dev, fwd, idx in zip(self.devices, self.forwards, parts, strict=False) if len(idx)]
+        outs = {k: np.empty((n, c, h, w), np.float32) for k, c in self.channels.items()}
+        for idx, res in pending:
+            for k in outs:
+                outs[k][idx] = res[k].cpu().numpy()
+        return outs
+
+    def _launch(self, dev: torch.device, fwd: Forward, crops: np.ndarray,
+                model_hw: tuple[int, int] | None) -> dict[str, torch.Tensor]:
+        h, w = crops.shape[1:3]
+        x = torch.from_numpy(np.ascontiguousarray(crops)).to(dev, non_blocking=True).permute(0, 3, 1, 2)
+        x = x.float().div_(255.0)
+        resize = model_hw is not None and tuple(model_hw) != (h, w)
+        if resize:
+            x = F.interpolate(x, size=tuple(model_hw), mode="bilinear", align_corners=False,
+                              antialias=model_hw[0] < h)
+        if self.cfg.channels_last and (dev.type == "cuda" or self.cpu_channels_last):
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16,
+                                                    enabled=self.cfg.autocast_bf16 and dev.type == "cuda"):
+            out = fwd(x)
+            res = {}
+            for k in self.channels:
+                t = out[k].float()
+                t = self.acts[k](t) if k in self.acts else t
+                if resize:
+                    t = F.interpolate(t, size=(h, w), mode="bilinear", align_corners=False)
+                res[k] = t.contiguous()
+        return res
+
+
+def group_by_shape(tiles: Sequence[tuple[int, int, int, int]]) -> list[list[tuple[int, int, int, int]]]:
+    """Tiles grouped by ``(height, width)`` (each group can be stacked into one batch), in first-seen order."""
+    groups: dict[tuple[int, int], list] = {}
+    for t in tiles:
+        groups.setdefault((t[2] - t[0], t[3] - t[1]), []).append(t)
+    return list(groups.values())
 
 
 def _batches(tiles: list, n: int) -> Iterator[list]:
@@ -64,47 +146,157 @@ def predict_tiled(
     channels: dict[str, int],
     activations: dict[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
     forwards: Sequence[Forward] | None = None,
+    cpu_channels_last: bool = False,
 ) -> Generator[dict, None, dict[str, np.ndarray]]:
     """Run ``forward`` over ``image (H,W,3) uint8`` (or any array-like readable by slicing) tile by tile.
 
     ``channels`` names the outputs to keep and their channel counts; ``activations`` maps output names to a
     function applied on the device before blending (e.g. softmax). ``forwards[d]`` is the forward on
     ``devices[d]`` (default: ``forward`` for every device; tiles of a batch are split across devices).
-    Returns ``{name: (C, H, W) float32}``.
+    ``cpu_channels_last``: see :class:`TileRunner`. Yields ``{"stage": "predict", "done", "total"}`` per batch;
+    returns ``{name: (C, H, W) float32}``.
     """
     h, w = image.shape[:2]
     tiles = tile_grid((h, w), cfg.tile_px, cfg.halo_px)
     acc = {k: np.zeros((c, h, w), np.float32) for k, c in channels.items()}
     wsum = np.zeros((h, w), np.float32)
     fwds = list(forwards) if forwards is not None else [forward] * len(devices)
-    acts = activations or {}
+    runner = TileRunner(fwds, devices, cfg, channels, activations, cpu_channels_last=cpu_channels_last)
     done = 0
-    per_batch = cfg.batch_size * len(devices)
-    for batch in _batches(tiles, per_batch):
-        shapes = {(r1 - r0, c1 - c0) for r0, c0, r1, c1 in batch}
-        groups = [[t for t in batch if (t[2] - t[0], t[3] - t[1]) == s] for s in shapes]
-        for group in groups:
-            crops = np.stack([np.asarray(image[r0:r1, c0:c1]) for r0, c0, r1, c1 in group])
-            parts = np.array_split(np.arange(len(group)), len(devices))
-            for dev, fwd, idx in zip(devices, fwds, parts):
-                if len(idx) == 0:
-                    continue
-                x = torch.from_numpy(crops[idx]).to(dev).permute(0, 3, 1, 2).float().div_(255.0)
-                if cfg.channels_last and dev.type == "cuda":
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16,
-                                                            enabled=cfg.autocast_bf16 and dev.type == "cuda"):
-                    out = fwd(x)
-                    out = {k: (acts[k](out[k].float()) if k in acts else out[k].float()).cpu().numpy()
-                           for k in channels}
-                for j, ti in enumerate(idx):
-                    r0, c0, r1, c1 = group[ti]
-                    win = blend_window(r1 - r0, c1 - c0, cfg.halo_px, (r0 == 0, r1 == h, c0 == 0, c1 == w))
-                    for k in channels:
-                        acc[k][:, r0:r1, c0:c1] += out[k][j] * win
-                    wsum[r0:r1, c0:c1] += win
+    for batch in _batches(tiles, cfg.batch_size * len(devices)):
+        for group in group_by_shape(batch):
+            out = runner(np.stack([np.asarray(image[r0:r1, c0:c1]) for r0, c0, r1, c1 in group]))
+            for j, (r0, c0, r1, c1) in enumerate(group):
+                win = blend_window(r1 - r0, c1 - c0, cfg.halo_px, (r0 == 0, r1 == h, c0 == 0, c1 == w))
+                for k in channels:
+                    acc[k][:, r0:r1, c0:c1] += out[k][j] * win
+                wsum[r0:r1, c0:c1] += win
         done += len(batch)
         yield {"stage": "predict", "done": done, "total": len(tiles)}
     for k in acc:
-        acc[k] /= np.maximum(wsum, 1e-6)
+        acc[k] /= np.maximum(wsum, _EPS)
     return acc
+
+
+class BandBlender:
+    """Blend tiles of ``rows`` px height into ``(C, rows, width)`` buffers, one row of tiles at a time.
+
+    Buffer row 0 is image row ``top``. :meth:`release` hands back the finished rows ``[top, until)`` normalised by
+    the blend-weight sum and shifts the rest up, so memory stays ``(sum C + 1) * rows * width * 4`` bytes.
+    """
+
+    def __init__(self, width: int, rows: int, channels: dict[str, int]) -> None:
+        self.top, self.rows = 0, rows
+        self.acc = {k: np.zeros((c, rows, width), np.float32) for k, c in channels.items()}
+        self.wsum = np.zeros((rows, width), np.float32)
+
+    def add(self, maps: dict[str, np.ndarray], win: np.ndarray, r0: int, c0: int) -> None:
+        """Add ``maps {name: (C, h, w)}`` weighted by ``win (h, w)`` at image position ``(r0, c0)``."""
+        h, w = win.shape
+        rr = r0 - self.top
+        if rr < 0 or rr + h > self.rows:
+            raise ValueError(f"tile rows {r0}:{r0 + h} outside the band {self.top}:{self.top + self.rows}")
+        for k, a in self.acc.items():
+            a[:, rr:rr + h, c0:c0 + w] += maps[k] * win
+        self.wsum[rr:rr + h, c0:c0 + w] += win
+
+    def release(self, until: int) -> dict[str, np.ndarray]:
+        """Rows ``[top, until)`` normalised (``{name: (C, until - top, width)}``); the buffer moves down."""
+        n = until - self.top
+        if not 0 <= n <= self.rows:
+            raise ValueError(f"cannot release rows {self.top}:{until} of a {self.rows}-row band")
+        norm = np.maximum(self.wsum[:n], _EPS)
+        out = {k: a[:, :n] / norm for k, a in self.acc.items()}
+        for a in [*self.acc.values(), self.wsum[None]]:
+            a[:, :self.rows - n] = a[:, n:]  # numpy buffers overlapping copies
+            a[:, self.rows - n:] = 0
+        self.top = until
+        return out
+
+
+class InstanceStitcher:
+    """Instance segmentation in overlapping windows, stitched into one map of shape ``(H, W)`` with global ids.
+
+    Windows tile the image with cores of ``core`` px and ``margin`` px of context on every side. ``segment(r0, c0,
+    r1, c1)`` segments one window and returns ``(instances (h, w) uint32, table)`` with the table of
+    :func:`napari_metahistoseg.postprocess.instance_table` in window coordinates. An instance is kept only by the
+    window whose core holds its centroid, so a nucleus crossing a core border is kept once, and whole as long as
+    ``margin`` exceeds its diameter. Kept instances get ids 1, 2, ... in processing order and are pasted onto
+    pixels that no earlier instance holds. Finished rows go to ``write(r0, block (h, W) uint32)``, per-window
+    tables (global ids and coordinates, without contours) to ``emit(table)``.
+
+    Call :meth:`advance` with the number of image rows whose maps are final; it processes every window row whose
+    context is then available (yielding progress per window).
+    """
+
+    def __init__(self, shape: tuple[int, int], *, core: int, margin: int, segment: Segment,
+                 write: Callable[[int, np.ndarray], None], emit: Callable[[dict], None]) -> None:
+        if core <= 0 or margin < 0:
+            raise ValueError(f"instance windows need core > 0 and margin >= 0, got {core} and {margin}")
+        self.h, self.w = shape
+        self.core, self.margin = core, margin
+        self.segment, self.write, self.emit = segment, write, emit
+        self.rows = [(a, min(a + core, self.h)) for a in range(0, self.h, core)]
+        self.cols = [(c, min(c + core, self.w)) for c in range(0, self.w, core)]
+        self.total = len(self.rows) * len(self.cols)
+        self.next_row = 0
+        self.done = 0
+        self.n_instances = 0
+        self.buf_top = 0
+        self.buf = np.zeros((min(self.h, core + 2 * margin), self.w), np.uint32)
+
+    @property
+    def finished(self) -> bool:
+        return self.next_row >= len(self.rows)
+
+    def needs(self) -> int:
+        """Image rows that must be final before the next window row can run."""
+        return min(self.h, self.rows[self.next_row][1] + self.margin) if not self.finished else self.h
+
+    def advance(self, available_rows: int) -> Generator[dict, None, None]:
+        while not self.finished and self.needs() <= available_rows:
+            yield from self._row(self.next_row)
+            self.next_row += 1
+
+    def _row(self, j: int) -> Generator[dict, None, None]:
+        a, b = self.rows[j]
+        e0, e1 = max(0, a - self.margin), min(self.h, b + self.margin)
+        if e0 != self.buf_top:
+            raise RuntimeError(f"window row {j} starts at row {e0}, the buffer at {self.buf_top}")
+        for c, d in self.cols:
+            x0, x1 = max(0, c - self.margin), min(self.w, d + self.margin)
+            inst, table = self.segment(e0, x0, e1, x1)
+            self._paste(inst, table, (e0, x0), (a, b, c, d))
+            self.done += 1
+            yield {"stage": "instances", "done": self.done, "total": self.total}
+        last = j == len(self.rows) - 1
+        fin = e1 if last else max(e0, b - self.margin)
+        self.write(e0, self.buf[:fin - e0].copy())
+        n = fin - e0
+        self.buf[:self.buf.shape[0] - n] = self.buf[n:]
+        self.buf[self.buf.shape[0] - n:] = 0
+        self.buf_top = fin
+
+    def _paste(self, inst: np.ndarray, table: dict, origin: tuple[int, int], core: tuple[int, int, int, int]) -> None:
+        (r0, c0), (a, b, c, d) = origin, core
+        cy = np.asarray(table["centroid_row"], np.float64) + r0
+        cx = np.asarray(table["centroid_col"], np.float64) + c0
+        keep = (cy >= a) & (cy < b) & (cx >= c) & (cx < d)
+        ids = np.asarray(table["id"], np.int64)
+        if not keep.any():
+            return
+        lut = np.zeros(int(inst.max()) + 1, np.uint32)
+        new_ids = np.arange(self.n_instances + 1, self.n_instances + 1 + int(keep.sum()), dtype=np.uint32)
+        lut[ids[keep]] = new_ids
+        self.n_instances += int(keep.sum())
+        new = lut[inst]
+        view = self.buf[r0 - self.buf_top:r0 - self.buf_top + inst.shape[0], c0:c0 + inst.shape[1]]
+        free = (view == 0) & (new > 0)
+        view[free] = new[free]
+        out = {"id": new_ids, "centroid_row": cy[keep], "centroid_col": cx[keep],
+               "bbox": np.asarray(table["bbox"], np.int64).reshape(-1, 4)[keep] + np.array([r0, c0, r0, c0]),
+               "area_px": np.asarray(table["area_px"], np.int64)[keep]}
+        for k in ("type", "type_prob"):
+            if k in table:
+                out[k] = np.asarray(table[k])[keep]
+        self.emit(out)
