@@ -1,25 +1,45 @@
 """Prediction with an adapted head: semantic classes, HoVer instances and point detections.
 
-:func:`predict` is a generator (yields progress per batch of tiles, returns a :class:`Prediction`). The image is
-rescaled to the backbone's mpp, predicted in overlapping blended tiles on a device set, and the maps are
-brought back to the image's own resolution before arg-max and instance post-processing.
+* :func:`predict` — in memory, for images that fit (fields of view, tiles): a generator yielding progress per
+  batch of tiles and returning a :class:`Prediction`. The image is rescaled to the backbone's mpp, predicted in
+  overlapping blended tiles on a device set, and the maps are brought back to the image's own resolution before
+  arg-max and instance post-processing.
+* :func:`predict_large` — streamed, for slides: tiles are read lazily (:mod:`.slide`), resampled to the model's
+  mpp one by one, predicted in batches split across the devices, blended one row of tiles at a time and written
+  to a zarr group as soon as no later tile touches them; HoVer instances are segmented in overlapping windows and
+  stitched (:class:`.tiling.InstanceStitcher`); the per-nucleus table is appended to a CSV. Memory is bounded by
+  one row of tiles, whatever the image size. Closing the generator cancels between tiles.
 """
 
 from __future__ import annotations
 
+import csv
+import logging
+import math
+import os
 import time
-from collections.abc import Generator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Generator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from .config import HoVerPostConfig, PointsConfig, TilingConfig
+from .config import HoVerPostConfig, PointsConfig, TilingConfig, to_dict
 from .data.io import to_rgb_uint8
 from .devices import resolve_devices
 from .pipeline import AdaptedHead, Backbone, replica, rescale
 from .postprocess import HoVerPostProcessor
-from .tiling import predict_tiled
+from .slide import LazyImage, create_outputs, open_image
+from .tiling import BandBlender, InstanceStitcher, TileRunner, blend_window, group_by_shape, image_tiling, predict_tiled
+
+log = logging.getLogger(__name__)
+
+SCALE_TOLERANCE = 0.02  # image and model mpp within 2 % are treated as equal (no resampling)
+NP_LEVELS, HV_LEVELS, NC_LEVELS = 255, 127, 255  # stored maps: np uint8 = p*255, hv int8 = hv*127, nc uint8
+NUCLEI_COLUMNS = ("id", "centroid_row", "centroid_col", "bbox_min_row", "bbox_min_col", "bbox_max_row",
+                  "bbox_max_col", "area_px", "area_um2", "type", "type_name", "type_prob")
 
 
 @dataclass
@@ -37,12 +57,40 @@ class Prediction:
     seconds: float = 0.0
 
 
+@dataclass
+class LargePrediction:
+    """Result of :func:`predict_large`: where the outputs are and what they hold.
+
+    The zarr group ``store`` holds ``semantic (H,W) uint8`` class ids at image resolution and, with instances,
+    ``instances (H,W) uint32``, ``np (H,W) uint8`` (nuclear probability × 255), ``hv (2,H,W) int8`` (HV × 127) and,
+    when the backbone has a type branch, ``nc (T,H,W) uint8`` (type probabilities × 255). Its attributes repeat
+    ``classes``, ``mpp``, the tiling and ``complete`` (False until the prediction finished).
+    """
+
+    store: Path
+    shape: tuple[int, int]
+    classes: list[str]
+    mpp: float
+    tiles: int
+    nuclei_csv: Path | None = None
+    n_instances: int = 0
+    seconds: float = 0.0
+    roi: tuple[int, int, int, int] | None = None
+    complete: bool = True
+    type_names: list[str] = field(default_factory=list)
+
+
 def _resize_maps(maps: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """Bilinear resize of ``(C,h,w)`` float maps to ``(C,H,W)``."""
     if maps.shape[1:] == tuple(shape):
         return maps
     t = torch.from_numpy(np.ascontiguousarray(maps))[None]
     return torch.nn.functional.interpolate(t, size=shape, mode="bilinear", align_corners=False)[0].numpy()
+
+
+def _inference_model(backbone: Backbone, head: AdaptedHead, tiling: TilingConfig) -> torch.nn.Module:
+    model = head.module_for(backbone)  # a fresh copy: converting its layout touches nobody else's model
+    return model.to(memory_format=torch.channels_last) if tiling.channels_last else model
 
 
 def predict(
@@ -69,7 +117,7 @@ def predict(
     h, w = image.shape[:2]
     f = (mpp or backbone.mpp) / backbone.mpp
     small = rescale(image, f, order=1)
-    model = head.module_for(backbone)
+    model = _inference_model(backbone, head, tiling)
     reps = [replica(model, d) for d in devs]
     n_cls = len(head.classes)
     channels = {"seg": n_cls}
@@ -88,7 +136,8 @@ def predict(
         return fwd
 
     maps = yield from predict_tiled(fwd_for(reps[0]), small, cfg=tiling, devices=devs, channels=channels,
-                                    activations=acts, forwards=[fwd_for(r) for r in reps])
+                                    activations=acts, forwards=[fwd_for(r) for r in reps],
+                                    cpu_channels_last=tiling.channels_last)
     probs = _resize_maps(maps["seg"], (h, w))
     pred = Prediction(probs.argmax(0).astype(np.uint8), probs, list(head.classes))
     if instances:
@@ -96,7 +145,8 @@ def predict(
         np_prob = probs[1:].sum(0) if np_source == "adapted" else _resize_maps(maps["np"], (h, w))[1]
         hv = np.clip(_resize_maps(maps["hv"], (h, w)), -1, 1)
         post = HoVerPostProcessor(hover or HoVerPostConfig())
-        pred.instances, pred.table = post(np_prob.astype(np.float32), hv.astype(np.float32), mpp or backbone.mpp)
+        pred.instances, pred.table = post(np.clip(np_prob, 0, 1).astype(np.float32), hv.astype(np.float32),
+                                          mpp or backbone.mpp)
         pred.np_prob, pred.hv = np_prob, hv
         yield {"stage": "instances", "done": 1, "total": 1}
     pred.seconds = time.time() - t0
@@ -116,3 +166,284 @@ def detect_points(
     pts = peak_local_max(sm, min_distance=max(1, int(r / 2)), threshold_abs=threshold, exclude_border=False)
     pts = pts.astype(np.float64).reshape(-1, 2)
     return pts, sm[pts[:, 0].astype(int), pts[:, 1].astype(int)] if len(pts) else np.zeros(0)
+
+
+# ------------------------------------------------------------------------------------------ nuclei CSV
+
+
+def hover_type_names(backbone: Backbone) -> list[str]:
+    """Names of the HoVer type branch's classes (index 0 = background), from the backbone's description."""
+    heads = backbone.desc.get("heads") or {}
+    names = (heads.get("hover") or {}).get("classes") if isinstance(heads, dict) else None
+    return [str(n) for n in names] if isinstance(names, list) else []
+
+
+class NucleiCSV:
+    """Append per-nucleus rows (:data:`NUCLEI_COLUMNS`) to a CSV file, one table at a time."""
+
+    def __init__(self, path: str | os.PathLike, *, mpp: float, type_names: Sequence[str] = ()) -> None:
+        self.path, self.mpp, self.type_names = Path(path), mpp, list(type_names)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(self.path, "w", newline="")  # noqa: SIM115 - closed by close()
+        self._w = csv.writer(self._f)
+        self._w.writerow(NUCLEI_COLUMNS)
+        self.rows = 0
+
+    def write(self, table: dict, offset: tuple[int, int] = (0, 0)) -> None:
+        n = len(table["id"])
+        bbox = np.asarray(table["bbox"], np.int64).reshape(n, 4) + np.array([*offset, *offset])
+        typ = table.get("type")
+        for i in range(n):
+            t = int(typ[i]) if typ is not None else ""
+            name = self.type_names[t] if typ is not None and t < len(self.type_names) else ""
+            prob = f"{float(table['type_prob'][i]):.4f}" if typ is not None else ""
+            area = int(table["area_px"][i])
+            self._w.writerow([int(table["id"][i]), f"{table['centroid_row'][i] + offset[0]:.2f}",
+                              f"{table['centroid_col'][i] + offset[1]:.2f}", *bbox[i].tolist(), area,
+                              f"{area * self.mpp ** 2:.3f}", t, name, prob])
+        self.rows += n
+
+    def close(self) -> None:
+        if not self._f.closed:
+            self._f.close()
+
+
+# ------------------------------------------------------------------------------------------ streamed
+
+
+def _forward_for(m: torch.nn.Module, instances: bool, np_source: str, nc: bool) -> Callable:
+    def fwd(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        feats = m.features(x)
+        seg = m.heads["user"](feats)["seg"].float().softmax(1)
+        out = {"seg": seg}
+        if instances:
+            hov = m.heads["hover"](feats)
+            out["np"] = 1 - seg[:, :1] if np_source == "adapted" else hov["np"].float().softmax(1)[:, 1:]
+            out["hv"] = hov["hv"].float().clamp(-1, 1)
+            if nc:
+                out["nc"] = hov["nc"].float().softmax(1)
+        return out
+    return fwd
+
+
+@dataclass
+class _Job:
+    """Everything a band pass needs (one object instead of a dozen arguments)."""
+
+    image: LazyImage
+    root: object  # the zarr group
+    runner: TileRunner
+    tiling: TilingConfig
+    tile: int
+    halo: int
+    scale: float
+    pool: ThreadPoolExecutor
+
+    def model_hw(self, h: int, w: int) -> tuple[int, int] | None:
+        if self.scale == 1.0:
+            return None
+        return max(1, round(h * self.scale)), max(1, round(w * self.scale))
+
+
+def _band_pass(job: _Job, region: tuple[int, int, int, int], write: tuple[int, int, int, int],
+               after: Callable[[int], Generator[dict, None, None]] | None = None) -> Generator[dict, None, int]:
+    """Predict ``region (r0, c0, r1, c1)`` of the image row of tiles by row of tiles; write the part inside
+    ``write`` to the zarr arrays; call ``after(rows_final)`` (global row) after each row of tiles."""
+    from .tiling import tile_grid
+
+    R0, C0, R1, C1 = region
+    H, W = R1 - R0, C1 - C0
+    tiles = [(r0 + R0, c0 + C0, r1 + R0, c1 + C0) for r0, c0, r1, c1 in tile_grid((H, W), job.tile, job.halo)]
+    starts = sorted({t[0] for t in tiles})
+    blender = BandBlender(W, min(job.tile, H), job.runner.channels)
+    per_batch = job.tiling.batch_size * len(job.runner.devices)
+    batches = [b for s in starts for b in _chunks([t for t in tiles if t[0] == s], per_batch)]
+    reads = [job.pool.submit(_read_batch, job.image, batches[0])] if batches else []
+    done, i = 0, 0
+    for k, s in enumerate(starts):
+        while i < len(batches) and batches[i][0][0] == s:
+            crops = reads.pop(0).result()
+            if i + 1 < len(batches):
+                reads.append(job.pool.submit(_read_batch, job.image, batches[i + 1]))
+            for group, stack in crops:
+                out = job.runner(stack, job.model_hw(*stack.shape[1:3]))
+                for j, (r0, c0, r1, c1) in enumerate(group):
+                    win = blend_window(r1 - r0, c1 - c0, job.halo, (r0 == R0, r1 == R1, c0 == C0, c1 == C1))
+                    blender.add({n: v[j] for n, v in out.items()}, win, r0 - R0, c0 - C0)
+                    done += 1
+                    yield {"stage": "predict", "done": done, "total": len(tiles), "tile": (r0, c0, r1, c1)}
+            i += 1
+        until = starts[k + 1] - R0 if k + 1 < len(starts) else H
+        top = blender.top
+        _write_rows(job.root, blender.release(until), (top + R0, C0), write)
+        if after is not None:
+            yield from after(until + R0)
+    return len(tiles)
+
+
+def _chunks(items: list, n: int) -> list[list]:
+    return [items[i:i + n] for i in range(0, len(items), n)]
+
+
+def _read_batch(image: LazyImage, batch: list) -> list[tuple[list, np.ndarray]]:
+    return [(g, np.stack([image.read(*t) for t in g])) for g in group_by_shape(batch)]
+
+
+def _write_rows(root, maps: dict[str, np.ndarray], origin: tuple[int, int], write: tuple[int, int, int, int]) -> None:
+    """Write blended maps whose top-left pixel is image ``origin``, clipped to the ``write`` rectangle."""
+    wr0, wc0, wr1, wc1 = write
+    n, w = maps["seg"].shape[1:]
+    r0, c0 = max(origin[0], wr0), max(origin[1], wc0)
+    r1, c1 = min(origin[0] + n, wr1), min(origin[1] + w, wc1)
+    if r1 <= r0 or c1 <= c0:
+        return
+    sl = (slice(r0 - origin[0], r1 - origin[0]), slice(c0 - origin[1], c1 - origin[1]))
+    root["semantic"][r0:r1, c0:c1] = maps["seg"][(slice(None), *sl)].argmax(0).astype(np.uint8)
+    if "np" in maps:
+        root["np"][r0:r1, c0:c1] = np.rint(np.clip(maps["np"][0][sl], 0, 1) * NP_LEVELS).astype(np.uint8)
+        root["hv"][:, r0:r1, c0:c1] = np.rint(np.clip(maps["hv"][(slice(None), *sl)], -1, 1) * HV_LEVELS
+                                              ).astype(np.int8)
+    if "nc" in maps:
+        root["nc"][:, r0:r1, c0:c1] = np.rint(maps["nc"][(slice(None), *sl)] * NC_LEVELS).astype(np.uint8)
+
+
+def _segmenter(root, post: HoVerPostProcessor, mpp: float, offset: tuple[int, int]) -> Callable:
+    """``segment(r0, c0, r1, c1)`` on the stored NP/HV(/NC) maps (window coordinates relative to ``offset``)."""
+    has_nc = "nc" in root
+
+    def segment(r0: int, c0: int, r1: int, c1: int) -> tuple[np.ndarray, dict]:
+        r0, r1, c0, c1 = r0 + offset[0], r1 + offset[0], c0 + offset[1], c1 + offset[1]
+        np_prob = root["np"][r0:r1, c0:c1].astype(np.float32) / NP_LEVELS
+        hv = root["hv"][:, r0:r1, c0:c1].astype(np.float32) / HV_LEVELS
+        nc = np.clip(root["nc"][:, r0:r1, c0:c1].astype(np.float32) / NC_LEVELS, 0, 1) if has_nc else None
+        return post(np_prob, hv, mpp, nc)
+
+    return segment
+
+
+def _check_roi(roi: Sequence[int], shape: tuple[int, int]) -> tuple[int, int, int, int]:
+    r0, c0, r1, c1 = (int(v) for v in roi)
+    r0, c0, r1, c1 = max(0, r0), max(0, c0), min(shape[0], r1), min(shape[1], c1)
+    if r1 <= r0 or c1 <= c0:
+        raise ValueError(f"roi {tuple(roi)} (r0, c0, r1, c1) does not overlap the image of {shape[0]}x{shape[1]}")
+    return r0, c0, r1, c1
+
+
+def predict_large(
+    backbone: Backbone,
+    head: AdaptedHead,
+    source: str | os.PathLike | LazyImage | np.ndarray,
+    *,
+    out_dir: str | os.PathLike,
+    mpp: float | None = None,
+    devices: str | Sequence[str] | None = "cpu",
+    tiling: TilingConfig | None = None,
+    instances: bool = False,
+    hover: HoVerPostConfig | None = None,
+    roi: Sequence[int] | None = None,
+    roi_only: bool = False,
+    np_source: str = "adapted",
+    nuclei_csv: str | os.PathLike | None = None,
+) -> Generator[dict, None, LargePrediction]:
+    """Predict a large image streamed into the zarr group ``out_dir`` (see :class:`LargePrediction`).
+
+    ``source``: a path (:func:`.slide.open_image`), an open :class:`.slide.LazyImage` or an array. ``mpp``: µm per
+    pixel of the image (default: its metadata, else the backbone's, with a warning). ``roi = (r0, c0, r1, c1)``
+    (image pixels, e.g. the visible field of view) is predicted first and announced by a ``{"stage": "roi"}``
+    progress event; its tiles are computed again by the full pass, which ``roi_only`` skips. The nuclei table
+    goes to ``nuclei_csv`` (default ``<out_dir without .zarr>.nuclei.csv``). Progress: ``{"stage": "predict" |
+    "instances", "done", "total"}`` per tile / per instance window. Close the generator to cancel.
+    """
+    if np_source not in ("adapted", "hover"):
+        raise ValueError(f"np_source must be 'adapted' or 'hover', got {np_source!r}")
+    t0 = time.time()
+    tiling = tiling or TilingConfig()
+    devs = resolve_devices(devices)
+    image = source if isinstance(source, LazyImage) else open_image(source)
+    try:
+        res = yield from _predict_large(backbone, head, image, Path(out_dir), mpp, devs, tiling, instances,
+                                        hover or HoVerPostConfig(), roi, roi_only, np_source, nuclei_csv)
+    finally:
+        if image is not source:
+            image.close()
+    res.seconds = time.time() - t0
+    return res
+
+
+def _predict_large(backbone, head, image, out, mpp, devs, tiling, instances, hover, roi, roi_only, np_source,
+                   nuclei_csv) -> Generator[dict, None, LargePrediction]:
+    if mpp is None and image.mpp is None:
+        log.warning("%s: no µm-per-pixel in the metadata; assuming the backbone's %.3f", image.name, backbone.mpp)
+    mpp = float(mpp or image.mpp or backbone.mpp)
+    scale = backbone.mpp / mpp  # model pixels per image pixel
+    scale = 1.0 if abs(scale - 1) < SCALE_TOLERANCE else scale
+    tile, halo = image_tiling(tiling, scale)
+    H, W = image.height, image.width
+    model = _inference_model(backbone, head, tiling)
+    has_nc = instances and getattr(model.heads["hover"], "nc", None) is not None
+    fwds = [_forward_for(replica(model, d), instances, np_source, has_nc) for d in devs]
+    channels = {"seg": len(head.classes)}
+    arrays = {"semantic": ((), "uint8")}
+    if instances:
+        n_types = model.heads["hover"].nc[-1].out_channels if has_nc else 0
+        channels.update({"np": 1, "hv": 2, **({"nc": n_types} if has_nc else {})})
+        arrays.update({"instances": ((), "uint32"), "np": ((), "uint8"), "hv": ((2,), "int8"),
+                       **({"nc": ((n_types,), "uint8")} if has_nc else {})})
+    types = hover_type_names(backbone) if has_nc else []
+    root = create_outputs(out, (H, W), arrays, chunk_px=tile - 2 * halo, attrs={
+        "classes": list(head.classes), "mpp": mpp, "source": image.name, "backbone_sha256": backbone.sha256,
+        "tiling": to_dict(tiling), "hover_types": types, "np_source": np_source,
+        "scales": {"np": 1 / NP_LEVELS, "hv": 1 / HV_LEVELS, "nc": 1 / NC_LEVELS}})
+    res = LargePrediction(out, (H, W), list(head.classes), mpp, 0, type_names=types, complete=False)
+    post = HoVerPostProcessor(hover)
+    core, margin = tiling.instance_window_px, math.ceil(tiling.instance_margin_um / mpp)
+    table = None
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tile-reader") as pool:
+        runner = TileRunner(fwds, devs, tiling, channels, cpu_channels_last=tiling.channels_last)
+        job = _Job(image, root, runner, tiling, tile, halo, scale, pool)
+        try:
+            if roi is not None:
+                res.roi = _check_roi(roi, (H, W))
+                yield from _roi_pass(job, res.roi, instances, post, mpp, core, margin)
+                if roi_only:
+                    return res
+            if instances:
+                table = NucleiCSV(Path(nuclei_csv) if nuclei_csv else out.with_suffix(".nuclei.csv"), mpp=mpp,
+                                  type_names=types)
+                res.nuclei_csv = table.path
+                stitch = InstanceStitcher((H, W), core=core, margin=margin, segment=_segmenter(root, post, mpp, (0, 0)),
+                                          write=lambda r, block: root["instances"].__setitem__(
+                                              (slice(r, r + block.shape[0]), slice(None)), block),
+                                          emit=table.write)
+                res.tiles = yield from _band_pass(job, (0, 0, H, W), (0, 0, H, W), after=stitch.advance)
+                res.n_instances = stitch.n_instances
+            else:
+                res.tiles = yield from _band_pass(job, (0, 0, H, W), (0, 0, H, W))
+        finally:
+            if table is not None:
+                table.close()
+    res.complete = True
+    root.attrs["complete"] = True
+    root.attrs["n_instances"] = res.n_instances
+    log.info("%s: %d tiles, %d nuclei", image.name, res.tiles, res.n_instances)
+    return res
+
+
+def _roi_pass(job: _Job, roi, instances: bool, post, mpp: float, core: int, margin: int) -> Generator[dict, None, None]:
+    """Predict the ROI (with a halo of context) and segment its nuclei, before the full pass."""
+    r0, c0, r1, c1 = roi
+    region = (max(0, r0 - job.halo), max(0, c0 - job.halo), min(job.image.height, r1 + job.halo),
+              min(job.image.width, c1 + job.halo))
+    gen = _band_pass(job, region, roi)
+    for p in gen:
+        yield {**p, "stage": "roi-predict"}
+    if instances:
+        root = job.root
+        stitch = InstanceStitcher((r1 - r0, c1 - c0), core=core, margin=margin,
+                                  segment=_segmenter(root, post, mpp, (r0, c0)),
+                                  write=lambda r, block: root["instances"].__setitem__(
+                                      (slice(r0 + r, r0 + r + block.shape[0]), slice(c0, c1)), block),
+                                  emit=lambda table: None)
+        for p in stitch.advance(r1 - r0):
+            yield {**p, "stage": "roi-instances"}
+    yield {"stage": "roi", "done": 1, "total": 1, "region": roi}

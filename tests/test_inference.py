@@ -1,0 +1,187 @@
+"""Prediction in memory and streamed: streamed equals in-memory, resampling, instances + CSV, ROI first,
+cancellation, bounded buffers, device sets."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+import zarr
+
+from napari_metahistoseg import inference
+from napari_metahistoseg.checkpoints import save_model
+from napari_metahistoseg.config import MAMLConfig, ModelConfig, PointsConfig, TilingConfig
+from napari_metahistoseg.data.synthetic import synthetic_tile
+from napari_metahistoseg.inference import NUCLEI_COLUMNS, detect_points, predict, predict_large
+from napari_metahistoseg.models import MetaHistoSegNet
+from napari_metahistoseg.pipeline import AdaptedHead, initial_head, load_backbone
+
+HOVER_TYPES = ["background", "other", "inflammatory", "epithelial", "spindle"]
+TILING = TilingConfig(tile_px=128, halo_px=32, batch_size=2, instance_window_px=96, instance_margin_um=12.0)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on a small shared machine two OpenMP threads spin against other processes."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def backbone(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("bb") / "bb"
+    save_model(MetaHistoSegNet(ModelConfig(base_channels=8, depth=3), {"generic": 2}, hover_types=5), path,
+               head_classes={"generic": ["background", "foreground"], "hover": HOVER_TYPES})
+    return load_backbone(str(path))
+
+
+@pytest.fixture(scope="module")
+def head(backbone):
+    return AdaptedHead(["background", "nucleus"], initial_head(backbone, 2), backbone.sha256, MAMLConfig(),
+                       backbone.mpp)
+
+
+@pytest.fixture(scope="module")
+def image():
+    return synthetic_tile((200, 264), seed=2, mpp=0.5).image
+
+
+def run(gen):
+    events = []
+    while True:
+        try:
+            events.append(next(gen))
+        except StopIteration as stop:
+            return stop.value, events
+
+
+def test_predict_in_memory(backbone, head, image):
+    pred, events = run(predict(backbone, head, image, mpp=0.5, tiling=TILING, instances=True))
+    assert pred.semantic.shape == image.shape[:2] and pred.semantic.dtype == np.uint8
+    assert pred.probs.shape == (2, *image.shape[:2])
+    np.testing.assert_allclose(pred.probs.sum(0), 1, atol=1e-4)
+    assert pred.instances.shape == image.shape[:2] and pred.instances.dtype == np.uint32
+    assert len(pred.table["id"]) == len(np.unique(pred.instances)) - 1
+    assert events[-1]["stage"] == "instances"
+
+
+def test_streamed_semantic_equals_in_memory(backbone, head, image, tmp_path):
+    mem, _ = run(predict(backbone, head, image, mpp=0.5, tiling=TILING))
+    res, events = run(predict_large(backbone, head, image, out_dir=tmp_path / "s.zarr", mpp=0.5, tiling=TILING))
+    root = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")
+    assert root.attrs["complete"] is True and res.complete and res.nuclei_csv is None
+    assert "instances" not in root
+    # same tiles, same blending: identical up to float rounding at exact ties
+    assert (root["semantic"][:] == mem.semantic).mean() > 0.999
+    predict_events = [e for e in events if e["stage"] == "predict"]
+    assert [e["done"] for e in predict_events] == list(range(1, res.tiles + 1))  # progress per tile
+
+
+def test_streamed_resamples_to_model_mpp(backbone, head, tmp_path):
+    img = synthetic_tile((300, 260), seed=5, mpp=0.25).image  # 0.25 µm/px: the model sees it at half size
+    res, _ = run(predict_large(backbone, head, img, out_dir=tmp_path / "r.zarr", mpp=0.25, tiling=TILING))
+    mem, _ = run(predict(backbone, head, img, mpp=0.25, tiling=TILING))
+    sem = zarr.open_group(str(tmp_path / "r.zarr"), mode="r")["semantic"][:]
+    assert sem.shape == img.shape[:2] and res.mpp == 0.25
+    assert (sem == mem.semantic).mean() > 0.9  # resampled per tile vs whole image: close, not identical
+
+
+def test_streamed_instances_and_nuclei_csv(backbone, head, image, tmp_path):
+    out = tmp_path / "i.zarr"
+    res, events = run(predict_large(backbone, head, image, out_dir=out, mpp=0.5, tiling=TILING, instances=True,
+                                    np_source="hover"))
+    root = zarr.open_group(str(out), mode="r")
+    inst = root["instances"][:]
+    assert inst.dtype == np.uint32 and root["np"].dtype == np.uint8 and root["hv"].shape == (2, *image.shape[:2])
+    assert root["nc"].shape == (5, *image.shape[:2])
+    assert res.nuclei_csv == tmp_path / "i.nuclei.csv" and res.type_names == HOVER_TYPES
+    with open(res.nuclei_csv, newline="") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    assert tuple(reader.fieldnames) == NUCLEI_COLUMNS
+    ids = sorted(int(r["id"]) for r in rows)
+    assert ids == list(range(1, res.n_instances + 1)) and res.n_instances > 0
+    assert set(np.unique(inst).tolist()) - {0} <= set(ids)
+    for r in rows:
+        assert r["type_name"] == HOVER_TYPES[int(r["type"])]
+        assert 0 <= float(r["centroid_row"]) < image.shape[0] and 0 <= float(r["centroid_col"]) < image.shape[1]
+    assert any(e["stage"] == "instances" for e in events)
+
+
+def test_roi_is_predicted_first(backbone, head, image, tmp_path):
+    roi = (40, 50, 120, 170)
+    res, events = run(predict_large(backbone, head, image, out_dir=tmp_path / "a.zarr", mpp=0.5, tiling=TILING,
+                                    instances=True, roi=roi))
+    stages = [e["stage"] for e in events]
+    k = stages.index("roi")
+    assert set(stages[:k]) <= {"roi-predict", "roi-instances"} and "predict" in stages[k:]
+    assert events[k]["region"] == roi and res.roi == roi
+    only, _ = run(predict_large(backbone, head, image, out_dir=tmp_path / "b.zarr", mpp=0.5, tiling=TILING, roi=roi,
+                                roi_only=True))
+    root = zarr.open_group(str(tmp_path / "b.zarr"), mode="r")
+    sem = root["semantic"][:]
+    full = zarr.open_group(str(tmp_path / "a.zarr"), mode="r")["semantic"][:]
+    outside = np.ones(sem.shape, bool)
+    outside[40:120, 50:170] = False
+    assert not sem[outside].any()
+    assert (sem[40:120, 50:170] == full[40:120, 50:170]).mean() > 0.95  # a halo of context: close to the full pass
+    assert root.attrs["complete"] is False
+
+
+def test_closing_the_generator_cancels(backbone, head, image, tmp_path):
+    gen = predict_large(backbone, head, image, out_dir=tmp_path / "c.zarr", mpp=0.5, tiling=TILING, instances=True)
+    first = [next(gen) for _ in range(2)]
+    gen.close()
+    assert all(e["stage"] == "predict" for e in first)
+    assert zarr.open_group(str(tmp_path / "c.zarr"), mode="r").attrs["complete"] is False
+    with open(tmp_path / "c.nuclei.csv") as f:  # the CSV was closed with its header
+        assert f.readline().startswith("id,")
+
+
+def test_band_buffers_are_one_tile_row_high(backbone, head, tmp_path, monkeypatch):
+    shapes = []
+    orig = inference.BandBlender.__init__
+
+    def spy(self, width, rows, channels):
+        shapes.append((width, rows))
+        orig(self, width, rows, channels)
+
+    monkeypatch.setattr(inference.BandBlender, "__init__", spy)
+    img = np.full((700, 150, 3), 200, np.uint8)
+    run(predict_large(backbone, head, img, out_dir=tmp_path / "m.zarr", mpp=0.5, tiling=TILING))
+    assert shapes == [(150, 128)]  # not the 700 image rows
+
+
+def test_lazy_tiff_source_and_device_set(backbone, head, image, tmp_path):
+    tifffile.imwrite(tmp_path / "img.tif", image, tile=(64, 64), photometric="rgb",
+                     resolution=(1 / 0.5e-4, 1 / 0.5e-4), resolutionunit="CENTIMETER")
+    one, _ = run(predict_large(backbone, head, tmp_path / "img.tif", out_dir=tmp_path / "1.zarr", tiling=TILING))
+    two, _ = run(predict_large(backbone, head, tmp_path / "img.tif", out_dir=tmp_path / "2.zarr", tiling=TILING,
+                               devices=["cpu", "cpu"]))
+    assert one.mpp == 0.5  # from the TIFF tags
+    a = zarr.open_group(str(tmp_path / "1.zarr"), mode="r")["semantic"][:]
+    b = zarr.open_group(str(tmp_path / "2.zarr"), mode="r")["semantic"][:]
+    np.testing.assert_array_equal(a, b)
+
+
+def test_bad_arguments(backbone, head, image, tmp_path):
+    with pytest.raises(ValueError, match="np_source"):
+        run(predict_large(backbone, head, image, out_dir=tmp_path / "x.zarr", np_source="nope"))
+    with pytest.raises(ValueError, match="does not overlap"):
+        run(predict_large(backbone, head, image, out_dir=tmp_path / "x.zarr", mpp=0.5, tiling=TILING,
+                          roi=(500, 500, 600, 600)))
+
+
+def test_detect_points_finds_blobs():
+    prob = np.zeros((80, 80), np.float32)
+    for r, c in ((20, 20), (20, 60), (60, 40)):
+        prob[r - 4:r + 5, c - 4:c + 5] = 1.0
+    pts, p = detect_points(prob, PointsConfig(radius=6))
+    assert sorted(map(tuple, pts.astype(int).tolist())) == [(20, 20), (20, 60), (60, 40)]
+    assert (p > 0.5).all()
