@@ -90,7 +90,7 @@ def binary_variant(sem: np.ndarray, n_classes: int, rng: np.random.Generator) ->
 
 def hover_targets(batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """NP targets (0/1/IGNORE), HV targets and a validity flag per crop (instance truth of nuclear tasks)."""
-    from .targets import hv_targets
+    from .postprocess import hv_targets
 
     valid = np.array([h and t in NUCLEI_TASKS for h, t in zip(batch.has_instances, batch.tasks)])
     np_t = np.where(batch.semantic == IGNORE, IGNORE, (batch.semantic > 0)).astype(np.int64)

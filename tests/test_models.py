@@ -11,7 +11,7 @@ from napari_metahistoseg.config import ModelConfig
 from napari_metahistoseg.data.task import IGNORE
 from napari_metahistoseg.losses import hover_loss, seg_loss, soft_dice_loss
 from napari_metahistoseg.models import MetaHistoSegNet, adapted_param_names
-from napari_metahistoseg.targets import hv_targets
+from napari_metahistoseg.postprocess import hv_targets
 
 TINY = ModelConfig(base_channels=8, depth=3)
 HOVER = ["background", "other", "inflammatory", "epithelial", "spindle"]

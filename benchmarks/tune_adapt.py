@@ -1,0 +1,106 @@
+"""Pick the GUI's default head-only adaptation settings (steps, inner lr, learned per-tensor lrs) on DEV data.
+
+Features of support and query images are computed once per task; every setting then only re-runs the head's
+inner loop and the head on the cached query features, so a grid costs seconds per point.
+
+    .venv/bin/python benchmarks/tune_adapt.py --backbone napari_metahistoseg/weights/backbone
+
+Writes benchmarks/results/tune_adapt.json and .md (dev splits only; the held-out split is never seen).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from napari_metahistoseg.config import MAMLConfig, TilingConfig  # noqa: E402
+from napari_metahistoseg.data import open_dataset  # noqa: E402
+from napari_metahistoseg.maml import adapt_head_on_pixels, head_pixel_logits, pixel_support, run  # noqa: E402
+from napari_metahistoseg.metrics import ConfusionAccumulator  # noqa: E402
+from napari_metahistoseg.models import PixelHead  # noqa: E402
+from napari_metahistoseg.pipeline import _features, _learned_lrs, initial_head, load_backbone, rescale  # noqa: E402
+
+DATA = ROOT / ".." / "shared" / "data"
+TASKS = {"monuseg": (1, 4), "glas": (4, 8), "bm_graz_cells": (1, 3), "cpm15": (2, 6), "consep_tiles": (8, 24)}
+
+
+def cached(bb, samples):
+    out = []
+    for s in samples:
+        f = (s.mpp or bb.mpp) / bb.mpp
+        im, lab = rescale(s.image, f, order=1), rescale(s.semantic, f, order=0)
+        out.append((_features(bb.model, im, torch.device("cpu"), TilingConfig()), lab, s.semantic))
+    return out
+
+
+def score(bb, sup, qry, n_cls, cfg: MAMLConfig) -> float:
+    xs, ys = zip(*[pixel_support(f[None], torch.from_numpy(lab)[None], n_cls, max_pixels=cfg.max_support_pixels
+                                 // len(sup), seed=cfg.seed) for f, lab, _ in sup])
+    x, y = torch.cat(xs), torch.cat(ys)
+    head = PixelHead(bb.model.backbone.out_channels, n_cls, bb.model.cfg.head_hidden)
+    init = {k.split("heads.user.")[1]: v for k, v in initial_head(bb, n_cls, seed=cfg.seed).items()}
+    fast = run(adapt_head_on_pixels(head, init, x, y, n_classes=n_cls, steps=cfg.steps, lr=cfg.inner_lr,
+                                    balance=cfg.class_balance, lrs=_learned_lrs(bb, init, cfg)))
+    acc = ConfusionAccumulator(n_cls)
+    with torch.no_grad():
+        for f, _, truth in qry:
+            logits = head_pixel_logits(head, fast, f.reshape(f.shape[0], -1).t())
+            prob = logits.softmax(1).t().reshape(n_cls, *f.shape[1:])
+            prob = torch.nn.functional.interpolate(prob[None], size=truth.shape, mode="bilinear")[0]
+            acc.update(prob.argmax(0).numpy().astype(np.uint8), truth)
+    return acc.miou()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--backbone", default="default")
+    ap.add_argument("--draws", type=int, default=2)
+    ap.add_argument("--tasks", default=",".join(TASKS))
+    a = ap.parse_args()
+    torch.set_num_threads(2)
+    bb = load_backbone(a.backbone)
+    grid = list(itertools.product([5, 20, 50, 100], [0.01, 0.1, 0.5, 1.0], [False, True]))
+    results: dict = {}
+    for task in a.tasks.split(","):
+        ds = open_dataset(DATA / task)
+        k, nq = TASKS[task]
+        for d in range(a.draws):
+            rng = np.random.default_rng(d)
+            ids = list(rng.permutation(ds.ids))
+            sup = cached(bb, [ds.load(i) for i in ids[:k]])
+            qry = cached(bb, [ds.load(i) for i in ids[k:k + nq]])
+            for steps, lr, learned in grid:
+                cfg = MAMLConfig(steps=steps, inner_lr=lr, learn_inner_lr=learned, seed=d)
+                m = score(bb, sup, qry, len(ds.class_names), cfg)
+                results.setdefault(f"{steps}|{lr}|{learned}", {}).setdefault(task, []).append(m)
+            print(task, d, "done", file=sys.stderr, flush=True)
+    rows = []
+    for key, per_task in results.items():
+        means = {t: float(np.mean(v)) for t, v in per_task.items()}
+        rows.append((float(np.mean(list(means.values()))), key, means))
+    rows.sort(reverse=True)
+    out = ROOT / "benchmarks" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tune_adapt.json").write_text(json.dumps({"backbone": a.backbone, "rows": rows}, indent=1))
+    tasks = a.tasks.split(",")
+    lines = ["| steps | inner lr | learned lrs | mean mIoU | " + " | ".join(tasks) + " |",
+             "|---" * (4 + len(tasks)) + "|"]
+    for mean, key, means in rows:
+        s, lr, le = key.split("|")
+        lines.append(f"| {s} | {lr} | {le} | {mean:.3f} | " + " | ".join(f"{means.get(t, float('nan')):.3f}"
+                                                                          for t in tasks) + " |")
+    (out / "tune_adapt.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines[:12]))
+
+
+if __name__ == "__main__":
+    main()
