@@ -48,3 +48,33 @@ def test_support_to_layer_and_colormap():
     cm = sd.labels_colormap(["#000000", "#ffffff"], offset=1)
     assert cm[0] == "transparent" and cm[1] == "#000000" and cm[2] == "#ffffff"
     assert sd.class_colours(14)[12] == sd.PALETTE[0]
+
+
+def test_sample_data_folder_is_regenerated_exactly(tmp_path):
+    """The committed files in sample_data/ are what scripts/make_sample_data.py writes."""
+    import runpy
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    script = runpy.run_path(str(root / "scripts" / "make_sample_data.py"))
+    script["main"](["--out", str(tmp_path)])
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert written == ["tile.png", "tile_nuclei.tif", "tile_points.csv", "tile_support.png", "tile_truth.png"]
+    for name in written:
+        assert (root / "sample_data" / name).read_bytes() == (tmp_path / name).read_bytes(), name
+
+
+def test_sample_files_read_with_the_core_readers():
+    from pathlib import Path
+
+    from napari_metahistoseg.data.io import read_mask, read_points_csv, read_rgb
+
+    folder = Path(__file__).resolve().parents[1] / "sample_data"
+    img = read_rgb(folder / "tile.png")
+    sup = read_mask(folder / "tile_support.png", dtype=np.uint8, shape=img.shape[:2])
+    truth = read_mask(folder / "tile_truth.png", dtype=np.uint8, shape=img.shape[:2])
+    pts, cls = read_points_csv(folder / "tile_points.csv", shape=img.shape[:2])
+    assert set(np.unique(sup)) == {0, 1, IGNORE}
+    np.testing.assert_array_equal(truth[sup == 1], 1)
+    assert len(pts) == 20 and set(cls) == {0, 1}
+    assert np.all(truth[pts[cls == 0, 0].astype(int), pts[cls == 0, 1].astype(int)] == 0)

@@ -1,0 +1,194 @@
+"""Adapt & predict: adapt a head on the support strokes, then predict classes, nuclei and mitosis candidates.
+
+Everything long runs in a generator ``thread_worker`` (:mod:`.workers`): progress bar, ETA, live loss curve,
+Cancel. The visible field is predicted first (a temporary preview layer), then the full image; a cancelled or
+failed run removes the preview and adds nothing. "Live" re-adapts 1 s after the last stroke.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import napari
+from qtpy.QtCore import QTimer
+from qtpy.QtWidgets import QFormLayout, QLabel, QProgressBar, QPushButton, QVBoxLayout, QWidget
+
+from ..sample_data import class_colours
+from . import display, jobs
+from .adapt_settings import AdaptSettings
+from .common import LayerCombo, row
+from .layers import find_layers, image_array, image_mpp, merged_support, plugin_meta
+from .plot import LossCurve
+from .state import state_for
+from .workers import JobRunner
+
+LIVE_DELAY_MS = 1000  # live mode: re-adapt this long after the last stroke
+
+
+class AdaptWidget(QWidget):
+    def __init__(self, napari_viewer: napari.Viewer) -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self.state = state_for(napari_viewer)
+        self._preview: Any = None
+        self._live_layer: Any = None
+        self._live_pending = False
+        self.last_created: list[Any] = []  # layers added by the last finished run
+        self._build()
+        self.state.backbone_changed.connect(self._sync_backbone)
+        self.state.head_changed.connect(self._sync_head)
+        self._sync_head(self.state.head)
+
+    # ------------------------------------------------------------------------------------------ UI
+
+    def _build(self) -> None:
+        v = self.viewer
+        self.image_combo = LayerCombo(v, napari.layers.Image)
+        self.support_combo = LayerCombo(v, napari.layers.Labels, kinds=("support",))
+        self.settings = s = AdaptSettings(self.state.backbone_spec)
+        s.backbone_edit.editingFinished.connect(self._set_backbone)
+        s.live.toggled.connect(self._watch_live)
+        self.support_combo.currentIndexChanged.connect(lambda *_: self._watch_live(s.live.isChecked()))
+        s.threshold.valueChanged.connect(self._apply_threshold)
+        self.adapt_button = QPushButton("Adapt && predict")
+        self.adapt_button.clicked.connect(lambda: self.run_adapt())
+        self.predict_button = QPushButton("Predict")
+        self.predict_button.clicked.connect(lambda: self.run_predict())
+        self.cancel_button = QPushButton("Cancel", enabled=False)
+        self.bar, self.status, self.curve, self.head_label = QProgressBar(), QLabel("idle"), LossCurve(), QLabel()
+        self.status.setWordWrap(True)
+        self.runner = JobRunner(self.bar, self.status, self)
+        self.cancel_button.clicked.connect(self.runner.cancel)
+        self.runner.started.connect(lambda: self._busy(True))
+        self.runner.stopped.connect(lambda *_: self._busy(False))
+        self._live_timer = QTimer(self, singleShot=True, interval=LIVE_DELAY_MS)
+        self._live_timer.timeout.connect(self._live_fire)
+        form = QFormLayout()
+        form.addRow("image", self.image_combo)
+        form.addRow("support", self.support_combo)
+        lay = QVBoxLayout(self)
+        lay.addLayout(form)
+        for w in (s, row(self.adapt_button, self.predict_button, self.cancel_button), self.bar, self.status,
+                  self.curve, self.head_label):
+            lay.addWidget(w)
+        lay.addStretch()
+
+    def _busy(self, busy: bool) -> None:
+        self.adapt_button.setEnabled(not busy)
+        self.predict_button.setEnabled(not busy)
+        self.cancel_button.setEnabled(busy)
+
+    def _set_backbone(self) -> None:
+        self.state.backbone_spec = self.settings.backbone_edit.text()
+
+    def _sync_backbone(self, spec: str) -> None:
+        self.settings.backbone_edit.setText(spec)
+
+    def _sync_head(self, head: Any) -> None:
+        self.head_label.setText("no head yet" if head is None else
+                                f"head: {', '.join(head.classes)} ({self.state.head_source})")
+
+    def _image(self) -> Any:
+        layer = self.image_combo.layer()
+        if layer is None:
+            raise ValueError("no image layer: open an image first")
+        return layer
+
+    # ------------------------------------------------------------------------------------------ runs
+
+    def run_adapt(self, predict: bool = True) -> Any:
+        """Adapt a head on the selected support (then predict); returns the worker (None if refused)."""
+        return self.runner.guarded("Adapt", lambda: self._start_adapt(predict))
+
+    def _start_adapt(self, predict: bool) -> Any:
+        self._set_backbone()
+        image_layer, support_layer = self._image(), self.support_combo.layer()
+        if support_layer is None:
+            raise ValueError("no support layer: create one in the Annotate widget and paint some strokes")
+        meta = plugin_meta(support_layer)
+        circles = find_layers(self.viewer, "circles", group=meta.get("group")) if meta.get("group") else []
+        support = merged_support(support_layer, circles[0] if circles else None)
+        image = image_array(image_layer)
+        if support.shape != image.shape[:2]:
+            raise ValueError(f"support {support.shape} and image {image.shape[:2]} differ in size")
+        classes = list(meta.get("classes") or [])
+        colours = list(meta.get("colours") or class_colours(len(classes)))
+        head = self.state.head
+        init = head if self.settings.start_from_current() else None
+        then = self.settings.predict_settings(image_layer) if predict else None
+        self.curve.clear()
+        self._colours = colours
+        return self.runner.run("Adapt", jobs.adapt_job, self.state.backbone, image, support, classes, colours,
+                               self.settings.maml_config(), self.settings.devices(), init, image_mpp(image_layer), then,
+                               on_yield=lambda p: self._progress(p, image_layer),
+                               on_return=lambda r: self._show(r, image_layer), on_stop=self._stopped)
+
+    def run_predict(self) -> Any:
+        """Predict with the current head; returns the worker (None if refused)."""
+        return self.runner.guarded("Predict", self._start_predict)
+
+    def _start_predict(self) -> Any:
+        self._set_backbone()
+        head = self.state.head
+        if head is None:
+            raise ValueError("no adapted head: press Adapt or import a head")
+        image_layer = self._image()
+        self._colours = list(head.colours or class_colours(len(head.classes)))
+        return self.runner.run("Predict", jobs.predict_job, self.state.backbone, head, image_array(image_layer),
+                               self.settings.predict_settings(image_layer),
+                               on_yield=lambda p: self._progress(p, image_layer),
+                               on_return=lambda r: self._show(r, image_layer), on_stop=self._stopped)
+
+    def _progress(self, p: dict, image_layer: Any) -> None:
+        stage = p.get("stage")
+        if stage == "adapt" and p.get("loss") is not None:
+            self.curve.add(p["loss"])
+        elif stage == "adapted":
+            self.state.set_head(p["head"], "adapted")
+            self.state.autosaver.save_head(p["head"], image_layer)
+        elif stage == "preview":
+            self._drop_preview()
+            self._preview = display.show_preview(self.viewer, image_layer, p["prediction"], p["region"],
+                                                 self._colours)
+
+    def _show(self, result: Any, image_layer: Any) -> None:
+        self.last_created = display.show_result(self.viewer, image_layer, result, self._colours) if result else []
+        if result is not None and result.mitosis_points is not None:
+            self._apply_threshold(self.settings.threshold.value())
+
+    def _drop_preview(self) -> None:
+        if self._preview is not None and self._preview in self.viewer.layers:
+            self.viewer.layers.remove(self._preview)
+        self._preview = None
+
+    def _stopped(self, outcome: str) -> None:
+        self._drop_preview()
+        if self._live_pending and outcome != "aborted":
+            self._live_pending = False
+            self._live_timer.start()
+
+    def _apply_threshold(self, value: int) -> None:
+        for ly in find_layers(self.viewer, "mitosis"):
+            display.apply_threshold(ly, value / 100)
+
+    # ------------------------------------------------------------------------------------------ live mode
+
+    def _watch_live(self, on: bool) -> None:
+        if self._live_layer is not None:
+            for ev in (self._live_layer.events.paint, self._live_layer.events.data):
+                ev.disconnect(self._on_stroke)
+            self._live_layer = None
+        layer = self.support_combo.layer()
+        if on and layer is not None:
+            for ev in (layer.events.paint, layer.events.data):
+                ev.connect(self._on_stroke)
+            self._live_layer = layer
+
+    def _on_stroke(self, event: Any = None) -> None:
+        self._live_timer.start()
+
+    def _live_fire(self) -> None:
+        if self.runner.busy:
+            self._live_pending = True
+        elif self.settings.live.isChecked():
+            self.run_adapt()

@@ -1,0 +1,75 @@
+"""The settings panel of the Adapt & predict widget: backbone, start head, mode, inner loop, devices, outputs.
+
+It turns the controls into the core configs (:class:`MAMLConfig`, :class:`~.jobs.PredictSettings`); the
+post-processing and tiling configs are attributes (``hover``, ``tiling``) with the library defaults.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QLineEdit, QSlider, QSpinBox, QWidget
+
+from ..config import HoVerPostConfig, MAMLConfig, TilingConfig
+from ..devices import available_devices, device_label
+from . import jobs
+from .common import path_row, row
+from .layers import image_mpp, visible_region
+
+MODES = {"fast: head only": "head", "full: MAML steps on decoder + head": "decoder"}
+
+
+class AdaptSettings(QWidget):
+    def __init__(self, backbone_spec: str, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.hover = HoVerPostConfig()  # NP/HV post-processing thresholds used by Predict
+        self.tiling = TilingConfig()
+        self.backbone_edit = QLineEdit(backbone_spec, placeholderText="backbone checkpoint (bundled: default)")
+        self.start_combo = QComboBox()
+        self.start_combo.addItems(["new head", "current head"])
+        self.mode_combo = QComboBox()
+        self.mode_combo.addItems(list(MODES))
+        self.steps = QSpinBox(minimum=0, maximum=10000, value=MAMLConfig.steps)
+        self.inner_lr = QDoubleSpinBox(decimals=4, minimum=1e-4, maximum=10.0, singleStep=0.005,
+                                       value=MAMLConfig.inner_lr)
+        self.first_order = QCheckBox("first-order", checked=MAMLConfig.first_order)
+        self.device_boxes = {d: QCheckBox(device_label(d), checked=(d == "cpu")) for d in available_devices()}
+        self.instances = QCheckBox("nuclei instances (HoVer)", checked=True)
+        self.fov_first = QCheckBox("visible field first", checked=True)
+        self.live = QCheckBox("live: re-adapt after each stroke")
+        on = jobs.MITOSIS_AVAILABLE
+        self.mitosis = QCheckBox("mitosis candidates", visible=on)
+        self.mitosis_edit = QLineEdit(visible=on, placeholderText="mitosis model (bundled)")
+        self.threshold = QSlider(Qt.Orientation.Horizontal, minimum=0, maximum=100, value=50, visible=on,
+                                 toolTip="mitosis probability threshold")
+        form = QFormLayout(self)
+        form.setContentsMargins(0, 0, 0, 0)
+        for label, w in [("backbone", path_row(self.backbone_edit, "Backbone", "Backbone (*.safetensors *.json)")),
+                         ("start from", self.start_combo), ("mode", self.mode_combo),
+                         ("steps / inner lr", row(self.steps, self.inner_lr, self.first_order)),
+                         ("devices", row(*self.device_boxes.values())), ("", self.instances),
+                         ("", row(self.fov_first, self.live)), ("", row(self.mitosis, self.mitosis_edit)),
+                         ("threshold", self.threshold)]:
+            form.addRow(label, w)
+        form.labelForField(self.threshold).setVisible(on)
+
+    def devices(self) -> list[str]:
+        devs = [d for d, box in self.device_boxes.items() if box.isChecked()]
+        if not devs:
+            raise ValueError("no device selected: tick the CPU or a GPU")
+        return devs
+
+    def maml_config(self) -> MAMLConfig:
+        return MAMLConfig(steps=self.steps.value(), inner_lr=self.inner_lr.value(),
+                          first_order=self.first_order.isChecked(), adapt=MODES[self.mode_combo.currentText()])
+
+    def start_from_current(self) -> bool:
+        return self.start_combo.currentText() == "current head"
+
+    def predict_settings(self, image_layer: Any) -> jobs.PredictSettings:
+        mitosis = self.mitosis_edit.text().strip() if jobs.MITOSIS_AVAILABLE and self.mitosis.isChecked() else None
+        region = visible_region(image_layer) if self.fov_first.isChecked() else None
+        return jobs.PredictSettings(mpp=image_mpp(image_layer), devices=self.devices(), tiling=self.tiling,
+                                    instances=self.instances.isChecked(), hover=self.hover, region=region,
+                                    mitosis_model=mitosis)

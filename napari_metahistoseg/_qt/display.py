@@ -1,0 +1,79 @@
+"""Show predictions in the viewer: classes, nuclei (with the per-nucleus table as features), mitosis candidates.
+
+Final results replace the data of the plugin's layers for the same image (or add them); the visible-field
+preview goes to one temporary layer that the Adapt widget removes when the run ends, so a cancelled or failed
+run leaves the viewer as it was.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import napari
+import numpy as np
+
+from ..sample_data import labels_colormap
+from .jobs import Result
+from .layers import META, find_layers, placement, table_features, upsert_labels
+
+MITOSIS_THRESHOLD = 0.5  # initial value of the candidate threshold slider
+MITOSIS_POINT_SIZE_PX = 10.0
+
+
+def show_preview(viewer: napari.Viewer, image_layer: Any, prediction: Any, region: tuple[int, int, int, int],
+                 colours: list[str]) -> Any:
+    """The visible-field prediction pasted into a full-size temporary Labels layer (returned)."""
+    from .layers import image_shape
+
+    r0, r1, c0, c1 = region
+    full = np.zeros(image_shape(image_layer), np.uint8)
+    full[r0:r1, c0:c1] = prediction.semantic
+    return viewer.add_labels(full, name="prediction (visible field, preview)", opacity=0.5,
+                             colormap=labels_colormap(colours, offset=0),
+                             metadata={META: {"kind": "preview", "image": image_layer.name}},
+                             **placement(image_layer))
+
+
+def show_result(viewer: napari.Viewer, image_layer: Any, result: Result, colours: list[str]) -> list[Any]:
+    """Add or update the prediction layers; returns the layers that were created (not merely updated)."""
+    pred = result.prediction
+    created = []
+    meta = {"classes": list(pred.classes), "colours": list(colours)}
+    sem, new = upsert_labels(viewer, "prediction", pred.semantic, name=f"classes ({image_layer.name})",
+                             image_layer=image_layer, meta=meta, opacity=0.5,
+                             colormap=labels_colormap(colours, offset=0))
+    created += [sem] if new else []
+    if pred.instances is not None:
+        inst, new = upsert_labels(viewer, "instances", pred.instances, name=f"nuclei ({image_layer.name})",
+                                  image_layer=image_layer, opacity=0.6)
+        inst.features = table_features(pred.table)
+        inst.contour = 1
+        created += [inst] if new else []
+    if result.mitosis_points is not None:
+        created += show_mitosis(viewer, image_layer, result.mitosis_points, result.mitosis_probs)
+    return created
+
+
+def show_mitosis(viewer: napari.Viewer, image_layer: Any, points: np.ndarray, probs: np.ndarray) -> list[Any]:
+    """Candidates as Points with a ``probability`` feature; shown = probability ≥ ``metadata threshold``."""
+    feats = {"probability": np.asarray(probs, np.float32)}
+    for ly in find_layers(viewer, "mitosis"):
+        if ly.metadata[META].get("image") == image_layer.name:
+            ly.data = points
+            ly.features = feats
+            apply_threshold(ly, ly.metadata[META].get("threshold", MITOSIS_THRESHOLD))
+            return []
+    ly = viewer.add_points(points, features=feats, name=f"mitosis candidates ({image_layer.name})",
+                           size=MITOSIS_POINT_SIZE_PX, face_color="transparent", border_color="probability",
+                           border_colormap="magma", border_width=0.15,
+                           metadata={META: {"kind": "mitosis", "image": image_layer.name,
+                                            "threshold": MITOSIS_THRESHOLD}}, **placement(image_layer))
+    apply_threshold(ly, MITOSIS_THRESHOLD)
+    return [ly]
+
+
+def apply_threshold(layer: Any, threshold: float) -> None:
+    """Show only candidates with probability ≥ ``threshold`` (the data and features stay complete)."""
+    layer.metadata = {**layer.metadata, META: {**layer.metadata[META], "threshold": float(threshold)}}
+    probs = np.asarray(layer.features.get("probability", np.zeros(len(layer.data))))
+    layer.shown = probs >= threshold

@@ -1,0 +1,135 @@
+"""Conversion between napari layers and the core arrays (conventions in :mod:`napari_metahistoseg.sample_data`).
+
+* support Labels: layer value 0 = unknown, class k painted as k + 1  ↔  core class ids with IGNORE (255);
+* prediction Labels: class ids (0 = first class, shown transparent); instance Labels: ids with the per-nucleus
+  table as ``features`` (column ``index`` = instance id, as napari expects);
+* plugin layers carry ``metadata[META] = {"kind", "classes", "colours", "group", "image"}``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import napari
+import numpy as np
+
+from ..data.task import IGNORE
+from ..sample_data import META, class_colours, labels_colormap, support_to_layer
+
+__all__ = ["META", "class_colours", "support_to_layer"]
+
+FOV_MAX_FRACTION = 0.8  # predict the visible field first only when it shows less than this share of the image
+
+
+def plugin_meta(layer: Any) -> dict:
+    return dict(layer.metadata.get(META) or {}) if layer is not None else {}
+
+
+def kind_of(layer: Any) -> str | None:
+    return plugin_meta(layer).get("kind")
+
+
+def find_layers(viewer: napari.Viewer, kind: str, group: str | None = None) -> list:
+    return [ly for ly in viewer.layers
+            if kind_of(ly) == kind and (group is None or plugin_meta(ly).get("group") == group)]
+
+
+def new_group() -> str:
+    return uuid.uuid4().hex[:8]
+
+
+def layer_to_support(values: np.ndarray) -> np.ndarray:
+    """Support layer values ``(H, W)`` (0 unknown, k + 1 = class k) → ``(H, W) uint8`` class ids, IGNORE unknown."""
+    v = np.asarray(values)
+    if v.size and int(v.max()) > IGNORE:
+        raise ValueError(f"support label {int(v.max())} is too large (at most {IGNORE} classes)")
+    out = v.astype(np.int32) - 1
+    out[v == 0] = IGNORE
+    return out.astype(np.uint8)
+
+
+def merged_support(support: Any, circles: Any | None) -> np.ndarray:
+    """Painted support with the point circles filled in where nothing was painted (strokes win)."""
+    sup = layer_to_support(support.data)
+    if circles is not None:
+        circ = layer_to_support(circles.data)
+        if circ.shape != sup.shape:
+            raise ValueError(f"circles layer {circles.name!r} {circ.shape} does not match the support {sup.shape}")
+        fill = (sup == IGNORE) & (circ != IGNORE)
+        sup[fill] = circ[fill]
+    return sup
+
+
+def image_array(layer: Any) -> np.ndarray:
+    """The image as a numpy array (level 0 of a multiscale image)."""
+    data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
+    return np.asarray(data)
+
+
+def image_shape(layer: Any) -> tuple[int, int]:
+    data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
+    return tuple(int(s) for s in data.shape[:2])
+
+
+def image_mpp(layer: Any) -> float | None:
+    """µm per pixel from ``metadata["mpp"]`` (None if unknown)."""
+    mpp = layer.metadata.get("mpp") if layer is not None else None
+    return float(mpp) if mpp else None
+
+
+def visible_region(layer: Any, max_fraction: float = FOV_MAX_FRACTION) -> tuple[int, int, int, int] | None:
+    """``(r0, r1, c0, c1)`` of the image shown on the canvas (from the layer's ``corner_pixels``), or None if
+    it is not known yet or covers more than ``max_fraction`` of the image."""
+    h, w = image_shape(layer)
+    cp = np.asarray(layer.corner_pixels)[:, -2:]
+    r0, c0 = (int(x) for x in cp[0])
+    r1, c1 = (min(int(x) + 1, s) for x, s in zip(cp[1], (h, w), strict=True))
+    if r1 - r0 < 2 or c1 - c0 < 2 or (r1 - r0) * (c1 - c0) > max_fraction * h * w:
+        return None
+    return r0, r1, c0, c1
+
+
+def placement(image_layer: Any) -> dict:
+    """``scale``/``translate`` of the image's last two axes, so overlays stay registered with it."""
+    if image_layer is None:
+        return {}
+    return {"scale": tuple(image_layer.scale[-2:]), "translate": tuple(image_layer.translate[-2:])}
+
+
+def set_classes(layer: Any, classes: list[str], colours: list[str], *, offset: int) -> None:
+    """Store the class list in the layer's metadata and colour class k as label k + ``offset``."""
+    meta = {**layer.metadata, META: {**plugin_meta(layer), "classes": list(classes), "colours": list(colours)}}
+    layer.metadata = meta
+    layer.colormap = labels_colormap(list(colours), offset=offset)
+
+
+def table_features(table: dict | None) -> dict[str, np.ndarray]:
+    """The per-nucleus table as Labels features: ``index`` (= id), centroid, bbox, area, type/type_prob."""
+    if not table or len(table.get("id", ())) == 0:
+        return {}
+    out: dict[str, np.ndarray] = {"index": np.asarray(table["id"], np.int64)}
+    for k in ("centroid_row", "centroid_col", "area_px", "type", "type_prob"):
+        if k in table:
+            out[k] = np.asarray(table[k])
+    if "bbox" in table:
+        bbox = np.asarray(table["bbox"]).reshape(-1, 4)
+        for i, name in enumerate(("bbox_min_row", "bbox_min_col", "bbox_max_row", "bbox_max_col")):
+            out[name] = bbox[:, i]
+    return out
+
+
+def upsert_labels(viewer: napari.Viewer, kind: str, data: np.ndarray, *, name: str, image_layer: Any,
+                  meta: dict | None = None, **kwargs: Any) -> tuple[Any, bool]:
+    """Replace the data of the plugin layer of ``kind`` made for ``image_layer`` or add a new one.
+    Returns ``(layer, created)``."""
+    image_name = image_layer.name if image_layer is not None else None
+    for ly in find_layers(viewer, kind):
+        if plugin_meta(ly).get("image") == image_name and isinstance(ly, napari.layers.Labels):
+            ly.data = data
+            ly.metadata = {**ly.metadata, META: {**plugin_meta(ly), **(meta or {})}}
+            for k, v in kwargs.items():
+                setattr(ly, k, v)
+            return ly, False
+    full_meta = {META: {"kind": kind, "image": image_name, **(meta or {})}}
+    return viewer.add_labels(data, name=name, metadata=full_meta, **placement(image_layer), **kwargs), True

@@ -1,0 +1,163 @@
+"""Adapt & predict end to end on a tiny random backbone: layers, features, preview, cancel, errors, live mode."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_metahistoseg._qt import adapt_settings
+from napari_metahistoseg._qt.layers import find_layers, kind_of
+from napari_metahistoseg.config import HoVerPostConfig, TilingConfig
+
+from .conftest import PLUGIN, small_demo
+
+TIMEOUT_MS = 120_000
+
+
+@pytest.fixture
+def adapt(viewer, backbone_path):
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Adapt & predict")
+    widget.settings.backbone_edit.setText(backbone_path)
+    widget.settings.steps.setValue(2)
+    widget.settings.fov_first.setChecked(False)
+    widget.settings.tiling = TilingConfig(tile_px=128, halo_px=16)
+    # random HV maps mark edges everywhere: let every mask pixel seed a marker so that nuclei come out
+    widget.settings.hover = HoVerPostConfig(marker_threshold=1.0)
+    return widget
+
+
+def run(qtbot, worker):
+    assert worker is not None
+    with qtbot.waitSignal(worker.finished, timeout=TIMEOUT_MS):
+        pass
+
+
+def prediction_layers(viewer):
+    return [ly for ly in viewer.layers if kind_of(ly) in ("prediction", "instances", "preview", "mitosis")]
+
+
+def test_adapt_then_predict_end_to_end(viewer, qtbot, adapt, errors):
+    img, sup, truth, tile = small_demo(viewer)
+    run(qtbot, adapt.run_adapt())
+    assert errors == []
+    assert adapt.state.head is not None and adapt.state.head.classes == ["background", "nucleus"]
+    assert adapt.state.head.colours == sup.metadata["metahistoseg"]["colours"]
+    assert len(adapt.curve.values) == 2 and adapt.status.text() == "Adapt: done"
+    [sem] = find_layers(viewer, "prediction")
+    [inst] = find_layers(viewer, "instances")
+    assert sem.data.shape == (128, 128) and set(np.unique(sem.data)) <= {0, 1}
+    assert inst.data.max() > 0
+    feats = inst.features
+    assert {"index", "centroid_row", "centroid_col", "area_px"} <= set(feats.columns)
+    assert sorted(feats["index"]) == sorted(np.unique(inst.data[inst.data > 0]))
+    assert adapt.last_created == [sem, inst]
+    # Predict again with the same head: layers are updated in place, not duplicated
+    adapt.settings.instances.setChecked(False)
+    run(qtbot, adapt.run_predict())
+    assert len(find_layers(viewer, "prediction")) == 1 and adapt.last_created == []
+
+
+def test_full_mode_adapts_decoder(viewer, qtbot, adapt, errors):
+    small_demo(viewer)
+    adapt.settings.mode_combo.setCurrentIndex(1)
+    adapt.settings.instances.setChecked(False)
+    run(qtbot, adapt.run_adapt(predict=False))
+    assert errors == [] and adapt.state.head.maml.adapt == "decoder"
+    assert any(k.startswith("backbone.") for k in adapt.state.head.state)
+    assert prediction_layers(viewer) == []
+
+
+def test_visible_field_first(viewer, qtbot, adapt, monkeypatch):
+    small_demo(viewer)
+    adapt.settings.fov_first.setChecked(True)
+    monkeypatch.setattr(adapt_settings, "visible_region", lambda layer: (0, 64, 32, 96))
+    seen = []
+    worker = adapt.run_adapt()
+    worker.yielded.connect(lambda p: seen.append(p["stage"]) if p["stage"] == "preview" else None)
+    worker.yielded.connect(lambda p: seen.append(len(find_layers(viewer, "preview"))) if p["stage"] == "preview"
+                           else None)
+    run(qtbot, worker)
+    assert seen == ["preview", 1]
+    assert find_layers(viewer, "preview") == []  # the preview is replaced by the full prediction
+    assert find_layers(viewer, "prediction")[0].data.shape == (128, 128)
+
+
+def test_cancel_leaves_viewer_consistent(viewer, qtbot, adapt):
+    small_demo(viewer)
+    names = [ly.name for ly in viewer.layers]
+    worker = adapt.run_adapt()
+    adapt.cancel_button.click()
+    run(qtbot, worker)
+    assert [ly.name for ly in viewer.layers] == names
+    assert adapt.status.text() == "Adapt: cancelled" and adapt.adapt_button.isEnabled()
+
+
+def test_cancel_after_preview_removes_it(viewer, qtbot, adapt, monkeypatch):
+    small_demo(viewer)
+    adapt.settings.fov_first.setChecked(True)
+    monkeypatch.setattr(adapt_settings, "visible_region", lambda layer: (0, 64, 0, 64))
+    names = [ly.name for ly in viewer.layers]
+    worker = adapt.run_adapt()
+    worker.yielded.connect(lambda p: adapt.runner.cancel() if p["stage"] == "preview" else None)
+    run(qtbot, worker)
+    assert [ly.name for ly in viewer.layers] == names
+    assert adapt.state.head is not None  # the head adapted before the cancel is kept
+
+
+def test_errors_are_notified_not_raised(viewer, qtbot, adapt, errors, tmp_path):
+    assert adapt.run_adapt() is None and "no image layer" in errors[-1]
+    img, sup, truth, tile = small_demo(viewer)
+    sup.data = np.zeros_like(sup.data)
+    run(qtbot, adapt.run_adapt())
+    assert "no labelled pixels" in errors[-1] and prediction_layers(viewer) == []
+    adapt.settings.backbone_edit.setText(str(tmp_path / "missing"))
+    sup.data = (np.arange(128 * 128).reshape(128, 128) % 3).astype(np.uint8)
+    run(qtbot, adapt.run_adapt())
+    assert "missing.json" in errors[-1] and errors[-1].startswith("Adapt failed")
+    assert adapt.run_predict() is None and "no adapted head" in errors[-1]
+    for box in adapt.settings.device_boxes.values():
+        box.setChecked(False)
+    assert adapt.run_adapt() is None and "no device selected" in errors[-1]
+
+
+def test_live_mode_readapts_after_strokes(viewer, qtbot, adapt):
+    img, sup, truth, tile = small_demo(viewer)
+    adapt.settings.instances.setChecked(False)
+    adapt.settings.live.setChecked(True)
+    sup.events.paint(value=[])
+    assert adapt._live_timer.isActive()
+    with qtbot.waitSignal(adapt.runner.stopped, timeout=TIMEOUT_MS):
+        pass
+    assert adapt.state.head is not None and len(find_layers(viewer, "prediction")) == 1
+    adapt.settings.live.setChecked(False)
+    sup.events.paint(value=[])
+    assert not adapt._live_timer.isActive()
+
+
+def test_device_checkboxes_list_available_devices(adapt):
+    from napari_metahistoseg.devices import available_devices
+
+    assert list(adapt.settings.device_boxes) == available_devices()
+    assert adapt.settings.devices() == ["cpu"]
+
+
+def test_mitosis_candidates_with_threshold(viewer, qtbot, adapt, tmp_path, errors):
+    from napari_metahistoseg._qt import jobs
+    from napari_metahistoseg.config import MitosisConfig
+    from napari_metahistoseg.mitosis import MitosisNet, save_mitosis_model
+
+    assert jobs.MITOSIS_AVAILABLE and adapt.settings.mitosis.isVisibleTo(adapt)
+    save_mitosis_model(MitosisNet(MitosisConfig(channels=(8, 8))).eval(), tmp_path / "mit")
+    small_demo(viewer)
+    adapt.settings.mitosis.setChecked(True)
+    adapt.settings.mitosis_edit.setText(str(tmp_path / "mit"))
+    run(qtbot, adapt.run_adapt())
+    assert errors == []
+    [inst] = find_layers(viewer, "instances")
+    [mit] = find_layers(viewer, "mitosis")
+    probs = mit.features["probability"].to_numpy()
+    assert len(mit.data) == len(inst.features) > 0 and np.all((probs >= 0) & (probs <= 1))
+    adapt.settings.threshold.setValue(0)
+    assert mit.shown.all()
+    adapt.settings.threshold.setValue(100)
+    assert not mit.shown.any() and len(mit.data) == len(probs)  # hidden, not deleted

@@ -1,0 +1,58 @@
+"""Evaluate widget: mIoU/Dice against a truth layer, AJI/PQ against truth nuclei, F1 against truth points."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_metahistoseg.sample_data import META
+
+from .conftest import PLUGIN
+
+
+@pytest.fixture
+def evaluate(viewer):
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Evaluate")
+    return widget
+
+
+def _truth(viewer):
+    sem = np.zeros((32, 32), np.uint8)
+    sem[8:16, 8:16] = 1
+    inst = (sem > 0).astype(np.uint32)
+    viewer.add_labels(sem, name="truth", metadata={META: {"kind": "truth"}})
+    viewer.add_labels(inst, name="truth nuclei", metadata={META: {"kind": "truth_instances"}})
+    viewer.add_points([[11.5, 11.5]], name="truth points")
+    return sem, inst
+
+
+def test_perfect_prediction_scores_one(viewer, evaluate):
+    sem, inst = _truth(viewer)
+    viewer.add_labels(sem.copy(), name="pred", metadata={META: {"kind": "prediction", "classes": ["b", "n"]}})
+    viewer.add_labels(inst.copy(), name="pred nuclei", metadata={META: {"kind": "instances"}},
+                      features={"index": [1], "centroid_row": [11.5], "centroid_col": [11.5]})
+    evaluate.points_combo.set_layer(viewer.layers["truth points"])
+    res = evaluate.evaluate()
+    assert res["mIoU"] == 1.0 and res["Dice"] == 1.0 and res["AJI"] == 1.0 and res["PQ"] == 1.0
+    assert res["F1"] == 1.0 and "mIoU" in evaluate.table.text()
+
+
+def test_partial_prediction_and_support_as_truth(viewer, evaluate):
+    sem, _ = _truth(viewer)
+    pred = np.zeros_like(sem)
+    pred[8:16, 8:12] = 1
+    viewer.add_labels(pred, name="pred", metadata={META: {"kind": "prediction"}})
+    res = evaluate.evaluate()
+    assert res["Dice"] == pytest.approx(2 * 32 / (64 + 32)) and "AJI" not in res
+    support = np.zeros_like(sem)
+    support[8:16, 8:12] = 2  # nucleus where it was predicted; the rest unknown → skipped
+    viewer.add_labels(support, name="support", metadata={META: {"kind": "support"}})
+    evaluate.truth_combo.set_layer(viewer.layers["support"])
+    assert evaluate.evaluate()["mIoU"] == 1.0
+
+
+def test_errors(viewer, evaluate, errors):
+    assert evaluate.evaluate() == {} and "no prediction layer" in errors[-1]
+    _truth(viewer)
+    viewer.add_labels(np.zeros((8, 8), np.uint8), name="pred", metadata={META: {"kind": "prediction"}})
+    assert evaluate.evaluate() == {} and "differ in size" in errors[-1]
