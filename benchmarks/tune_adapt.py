@@ -68,7 +68,7 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(2)
     bb = load_backbone(a.backbone)
-    grid = list(itertools.product([5, 20, 50, 100], [0.01, 0.1, 0.5, 1.0], [False, True]))
+    grid = list(itertools.product([10, 30, 100], [0.1, 0.5, 1.0], [False, True]))
     results: dict = {}
     for task in a.tasks.split(","):
         ds = open_dataset(DATA / task)
