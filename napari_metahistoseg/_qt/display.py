@@ -46,7 +46,7 @@ def show_result(viewer: napari.Viewer, image_layer: Any, result: Result, colours
     if pred.instances is not None:
         inst, new = upsert_labels(viewer, "instances", pred.instances, name=f"nuclei ({image_layer.name})",
                                   image_layer=image_layer, opacity=0.6)
-        inst.features = table_features(pred.table)
+        inst.features = table_features(pred.table, result.type_names)
         inst.contour = 1
         created += [inst] if new else []
     if result.mitosis_points is not None:

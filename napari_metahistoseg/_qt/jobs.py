@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..config import HoVerPostConfig, MAMLConfig, MitosisConfig, TilingConfig
-from ..inference import Prediction, predict
+from ..inference import Prediction, hover_type_names, predict
 from ..pipeline import AdaptedHead, Backbone, adapt
 
 MITOSIS_AVAILABLE = importlib.util.find_spec("napari_metahistoseg.mitosis") is not None
@@ -41,6 +41,7 @@ class Result:
     prediction: Prediction
     mitosis_points: np.ndarray | None = None  # (N, 2) row, col
     mitosis_probs: np.ndarray | None = None  # (N,) probability of "mitotic"
+    type_names: list[str] = field(default_factory=list)  # HoVer nucleus types (index 0 = background)
 
 
 def _predict_region(backbone: Backbone, head: AdaptedHead, image: np.ndarray, s: PredictSettings,
@@ -72,7 +73,7 @@ def predict_job(backbone: Backbone | Callable[[], Backbone], head: AdaptedHead, 
         part = yield from _predict_region(bb, head, image[r0:r1, c0:c1], settings)
         yield {"stage": "preview", "prediction": part, "region": settings.region}
     pred = yield from _predict_region(bb, head, image, settings)
-    result = Result(pred)
+    result = Result(pred, type_names=hover_type_names(bb))
     if settings.mitosis_model is not None and MITOSIS_AVAILABLE:
         result.mitosis_points, result.mitosis_probs = yield from _mitosis(image, pred.table, settings,
                                                                             settings.mpp or bb.mpp)

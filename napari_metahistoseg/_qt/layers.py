@@ -104,14 +104,17 @@ def set_classes(layer: Any, classes: list[str], colours: list[str], *, offset: i
     layer.colormap = labels_colormap(list(colours), offset=offset)
 
 
-def table_features(table: dict | None) -> dict[str, np.ndarray]:
-    """The per-nucleus table as Labels features: ``index`` (= id), centroid, bbox, area, type/type_prob."""
+def table_features(table: dict | None, type_names: list[str] | None = None) -> dict[str, np.ndarray]:
+    """The per-nucleus table as Labels features: ``index`` (= id), centroid, bbox, area, type/type_prob and,
+    with ``type_names`` (index 0 = background), ``type_name``."""
     if not table or len(table.get("id", ())) == 0:
         return {}
     out: dict[str, np.ndarray] = {"index": np.asarray(table["id"], np.int64)}
     for k in ("centroid_row", "centroid_col", "area_px", "type", "type_prob"):
         if k in table:
             out[k] = np.asarray(table[k])
+    if "type" in table and type_names:
+        out["type_name"] = np.array([type_names[t] if 0 <= t < len(type_names) else str(t) for t in table["type"]])
     if "bbox" in table:
         bbox = np.asarray(table["bbox"]).reshape(-1, 4)
         for i, name in enumerate(("bbox_min_row", "bbox_min_col", "bbox_max_row", "bbox_max_col")):

@@ -9,7 +9,7 @@ from napari_metahistoseg._qt import adapt_settings
 from napari_metahistoseg._qt.layers import find_layers, kind_of
 from napari_metahistoseg.config import HoVerPostConfig, TilingConfig
 
-from .conftest import PLUGIN, small_demo
+from ._helpers import HOVER_NAMES, PLUGIN, small_demo
 
 TIMEOUT_MS = 120_000
 
@@ -48,7 +48,8 @@ def test_adapt_then_predict_end_to_end(viewer, qtbot, adapt, errors):
     assert sem.data.shape == (128, 128) and set(np.unique(sem.data)) <= {0, 1}
     assert inst.data.max() > 0
     feats = inst.features
-    assert {"index", "centroid_row", "centroid_col", "area_px"} <= set(feats.columns)
+    assert {"index", "centroid_row", "centroid_col", "area_px", "type", "type_prob", "type_name"} <= set(feats.columns)
+    assert set(feats["type_name"]) <= set(HOVER_NAMES)
     assert sorted(feats["index"]) == sorted(np.unique(inst.data[inst.data > 0]))
     assert adapt.last_created == [sem, inst]
     # Predict again with the same head: layers are updated in place, not duplicated

@@ -9,7 +9,7 @@ from napari_metahistoseg._qt.layers import kind_of, layer_to_support
 from napari_metahistoseg.data.task import IGNORE
 from napari_metahistoseg.sample_data import META
 
-from .conftest import PLUGIN
+from ._helpers import PLUGIN
 
 
 @pytest.fixture

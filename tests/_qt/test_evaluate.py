@@ -7,7 +7,7 @@ import pytest
 
 from napari_metahistoseg.sample_data import META
 
-from .conftest import PLUGIN
+from ._helpers import PLUGIN
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import pytest
 from napari_metahistoseg._qt.io import get_reader
 from napari_metahistoseg.config import MAMLConfig
 
-from .conftest import PLUGIN
+from ._helpers import PLUGIN
 
 
 @pytest.fixture

@@ -28,6 +28,8 @@ def test_table_features():
     f = table_features(table)
     assert list(f["index"]) == [3, 5] and list(f["bbox_max_col"]) == [3, 7] and "contour" not in f
     assert table_features({"id": np.zeros(0)}) == {}
+    f = table_features({**table, "type": np.array([0, 2]), "type_prob": np.array([0.5, 0.9])}, ["bg", "a", "b"])
+    assert list(f["type_name"]) == ["bg", "b"] and list(f["type_prob"]) == [0.5, 0.9]
 
 
 def test_describe_progress():

@@ -9,7 +9,7 @@ from napari_metahistoseg._qt.annotate import AnnotateWidget
 from napari_metahistoseg._qt.evaluate import EvaluateWidget
 from napari_metahistoseg._qt.heads import HeadsWidget
 
-from .conftest import PLUGIN
+from ._helpers import PLUGIN
 
 WIDGETS = {"Annotate support": AnnotateWidget, "Adapt & predict": AdaptWidget,
            "Export / import head": HeadsWidget, "Evaluate": EvaluateWidget}

@@ -7,7 +7,7 @@ import numpy as np
 from napari_metahistoseg._qt.layers import layer_to_support
 from napari_metahistoseg.session import SessionStore
 
-from .conftest import PLUGIN
+from ._helpers import PLUGIN
 
 
 def _image(seed: int = 0) -> np.ndarray:
@@ -50,7 +50,7 @@ def test_autosave_and_restore(viewer, qtbot, _sessions_in_tmp):
 def test_head_autosaved_after_adapt_and_restored(viewer, qtbot, backbone_path, _sessions_in_tmp, errors):
     from napari_metahistoseg.config import TilingConfig
 
-    from .conftest import small_demo
+    from ._helpers import small_demo
 
     img, sup, truth, tile = small_demo(viewer)
     _, adapt = viewer.window.add_plugin_dock_widget(PLUGIN, "Adapt & predict")
