@@ -45,7 +45,8 @@ NUCLEI_COLUMNS = ("id", "centroid_row", "centroid_col", "bbox_min_row", "bbox_mi
 @dataclass
 class Prediction:
     """``semantic (H,W) uint8``; ``probs (C,H,W) float32``; with instances: ``np_prob (H,W)``,
-    ``hv (2,H,W)``, ``instances (H,W) uint32`` and the per-nucleus ``table`` (dict of columns)."""
+    ``hv (2,H,W)``, ``instances (H,W) uint32`` and the per-nucleus ``table`` (dict of columns; with ``type`` and
+    ``type_prob`` when the backbone has a HoVer type branch)."""
 
     semantic: np.ndarray
     probs: np.ndarray
@@ -122,9 +123,13 @@ def predict(
     n_cls = len(head.classes)
     channels = {"seg": n_cls}
     acts = {"seg": lambda t: t.softmax(1)}
+    has_nc = instances and getattr(model.heads["hover"], "nc", None) is not None
     if instances:
         channels.update({"np": 2, "hv": 2})
         acts["np"] = lambda t: t.softmax(1)
+        if has_nc:
+            channels["nc"] = model.heads["hover"].nc[-1].out_channels
+            acts["nc"] = lambda t: t.softmax(1)
 
     def fwd_for(m):
         def fwd(x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -144,9 +149,10 @@ def predict(
         yield {"stage": "instances", "done": 0, "total": 1}
         np_prob = probs[1:].sum(0) if np_source == "adapted" else _resize_maps(maps["np"], (h, w))[1]
         hv = np.clip(_resize_maps(maps["hv"], (h, w)), -1, 1)
+        nc = np.clip(_resize_maps(maps["nc"], (h, w)), 0, 1) if has_nc else None
         post = HoVerPostProcessor(hover or HoVerPostConfig())
         pred.instances, pred.table = post(np.clip(np_prob, 0, 1).astype(np.float32), hv.astype(np.float32),
-                                          mpp or backbone.mpp)
+                                          mpp or backbone.mpp, nc)
         pred.np_prob, pred.hv = np_prob, hv
         yield {"stage": "instances", "done": 1, "total": 1}
     pred.seconds = time.time() - t0

@@ -233,7 +233,7 @@ def _open_tiff(path: Path) -> LazyImage:
         raise ValueError(f"{path}: cannot read TIFF, file is corrupt or truncated ({type(e).__name__}: {e})") from None
     try:
         if not tf.series:
-            raise ValueError(f"{path}: TIFF has no images")
+            raise ValueError(f"{path}: TIFF has no images (file is corrupt or truncated)")
         series = tf.series[0]
         page = series.levels[0].keyframe
         _check_not_truncated(path, series.levels[0].pages, page)

@@ -1,0 +1,333 @@
+"""``metahistoseg predict INPUT... --head HEAD --out DIR``: predict images with an adapted head.
+
+INPUT: image files, folders (their images, not recursive) or list files (``.txt``/``.lst``, one path per line,
+relative to the list). Per image ``<stem>``, in ``DIR``:
+
+* ``<stem>.semantic.tif`` — ``(H, W) uint8`` class ids (class names in the TIFF description), or for images above
+  ``TilingConfig.stream_above_mp`` megapixels (or with ``--stream``) ``<stem>.zarr`` with ``semantic`` (and
+  ``instances``, ``np``, ``hv``, ``nc``), predicted streamed with bounded memory;
+* ``<stem>.points.csv`` — cell points detected on each class's probability (in-memory images only);
+* with ``--instances``: ``<stem>.instances.tif`` ``(H, W) uint32`` (or in the zarr) and ``<stem>.nuclei.csv``;
+* with ``--mitosis`` (needs :mod:`napari_metahistoseg.mitosis`; implies ``--instances``): ``<stem>.mitosis.csv``,
+  every nucleus centroid classified as a patch (probability and call).
+
+Several images share the device set (with several devices, one image per device at a time). Under ``torchrun``
+(``WORLD_SIZE``/``RANK``) each rank predicts ``files[rank::world]``. Progress goes to stderr, a JSON summary to
+the last line of stdout. A bad image is reported on one line naming it and the others are still predicted; the
+exit code is then 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+IMAGE_SUFFIXES = (".tif", ".tiff", ".svs", ".btf", ".png", ".jpg", ".jpeg", ".bmp", ".zarr")
+LIST_SUFFIXES = (".txt", ".lst")
+PROGRESS_EVERY_S = 1.0  # at most one progress line per image and second (plus the last)
+MITOSIS_BLOCK_PX = 2048  # mitosis patches are cut from image blocks of this side (plus a patch of margin)
+_print_lock = threading.Lock()
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("predict", help="predict images, folders or lists of images with an adapted head")
+    p.add_argument("inputs", nargs="+", help="image files, folders or .txt lists of paths")
+    p.add_argument("--head", help="adapted head (from `metahistoseg adapt` or the GUI's export)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--backbone", default=None,
+                   help="backbone the head was adapted on (default: the one recorded in the head, else 'default')")
+    p.add_argument("--instances", action="store_true", help="also nuclei instances and the per-nucleus table")
+    p.add_argument("--np-source", choices=["adapted", "hover"], default="adapted",
+                   help="nuclear-pixel map for instances: the adapted head's foreground or the HoVer NP branch")
+    p.add_argument("--mitosis", action="store_true", help="classify every nucleus as mitotic or not")
+    p.add_argument("--mitosis-model", default=None, help="mitosis classifier (default: the bundled one)")
+    p.add_argument("--mpp", type=float, default=None, help="µm per pixel of the inputs (default: their metadata)")
+    p.add_argument("--devices", default="cpu", help="cpu | cuda:0 | cuda:0,cuda:1 | auto")
+    p.add_argument("--tile", type=int, default=None, help="tile side in model pixels (TilingConfig.tile_px)")
+    p.add_argument("--batch", type=int, default=None, help="tiles per forward and device (TilingConfig.batch_size)")
+    p.add_argument("--stream", action="store_true", help="always predict streamed into <stem>.zarr")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.set_defaults(func=run)
+
+
+def expand_inputs(inputs: list[str]) -> list[Path]:
+    """Files, folders (their images) and list files → image paths, in order, without duplicates."""
+    out: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if not p.exists():
+            raise ValueError(f"{p}: not found")
+        if p.is_dir() and p.suffix.lower() != ".zarr":
+            found = sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES and not q.name.startswith("."))
+            if not found:
+                raise ValueError(f"{p}: folder holds no images ({', '.join(IMAGE_SUFFIXES)})")
+            out += found
+        elif p.suffix.lower() in LIST_SUFFIXES:
+            lines = [ln.strip() for ln in p.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+            if not lines:
+                raise ValueError(f"{p}: list of images is empty")
+            out += [(p.parent / ln) if not Path(ln).is_absolute() else Path(ln) for ln in lines]
+        else:
+            out.append(p)
+    seen: set[Path] = set()
+    files = [f for f in out if not (f.resolve() in seen or seen.add(f.resolve()))]
+    stems: dict[str, Path] = {}
+    for f in files:
+        if stem(f) in stems:
+            raise ValueError(f"{f} and {stems[stem(f)]} would write the same outputs ({stem(f)}.*); rename one")
+        stems[stem(f)] = f
+    return files
+
+
+def stem(path: Path) -> str:
+    name = path.name
+    for ext in (".ome.tiff", ".ome.tif"):
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return path.stem
+
+
+def shard(files: list[Path]) -> tuple[list[Path], int, int]:
+    """``files[rank::world]`` under torchrun (``WORLD_SIZE``/``RANK``), else all files."""
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"bad torchrun environment: RANK={rank}, WORLD_SIZE={world}")
+    return files[rank::world], rank, world
+
+
+def say(msg: str) -> None:
+    with _print_lock:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    if not args.head:
+        raise ValueError("no --head given: adapt a head first (metahistoseg adapt IMAGE --labels LABELS.tif "
+                         "--out HEAD, or export one from the GUI), then pass --head HEAD")
+    mitosis = _load_mitosis(args) if args.mitosis else None
+    import torch
+
+    from ..devices import resolve_devices
+    from ..pipeline import AdaptedHead, load_backbone
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    files, rank, world = shard(expand_inputs(args.inputs))
+    recorded = _recorded_backbone(args.head)
+    backbone = load_backbone(args.backbone or recorded)
+    head = AdaptedHead.load(args.head, backbone)
+    devices = args.devices
+    if world > 1 and devices == "auto" and torch.cuda.is_available():
+        devices = f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % torch.cuda.device_count()}"
+    devs = [str(d) for d in resolve_devices(devices)]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    say(f"[predict] rank {rank}/{world}: {len(files)} image(s) on {', '.join(devs)}")
+    pred = Predictor(args, backbone, head, out, mitosis)
+    results: dict[str, dict] = {}
+    if len(devs) > 1 and len(files) > 1:  # one image per device at a time
+        threads = [threading.Thread(target=_work, args=(pred, files[i::len(devs)], [d], results, len(files)))
+                   for i, d in enumerate(devs)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    else:
+        _work(pred, files, devs, results, len(files))
+    failed = [k for k, v in results.items() if "error" in v]
+    print(json.dumps({"rank": rank, "world": world, "images": results}))
+    return 2 if failed else 0
+
+
+def _work(pred, files: list[Path], devices: list[str], results: dict, total: int) -> None:
+    from . import error
+
+    for f in files:
+        t0 = time.time()
+        try:
+            results[str(f)] = pred(f, devices)
+            say(f"[predict] {f.name}: done in {time.time() - t0:.1f} s")
+        except (ValueError, OSError) as e:
+            results[str(f)] = {"error": str(e)}
+            with _print_lock:
+                error(str(e) if str(f) in str(e) else f"{f}: {e}")
+
+
+def _recorded_backbone(head_path: str) -> str:
+    """The backbone name/path recorded in a head's provenance, if it can be loaded from here; else 'default'.
+    A missing head file is reported here, before any backbone is loaded."""
+    from ..checkpoints import stem_paths
+
+    _, jpath = stem_paths(head_path, ".mhshead")
+    if not jpath.exists():
+        raise ValueError(f"{jpath}: head not found (adapt one with `metahistoseg adapt` or export it from the GUI)")
+    try:
+        rec = (json.loads(jpath.read_text()).get("provenance") or {}).get("backbone")
+    except (OSError, ValueError):
+        return "default"  # AdaptedHead.load reports the problem with the head file itself
+    if isinstance(rec, str) and (rec in ("default", "transfer", "scratch") or Path(rec + ".json").exists()
+                                 or Path(rec).exists()):
+        return rec
+    return "default"
+
+
+def _load_mitosis(args: argparse.Namespace):
+    import importlib
+    import importlib.util
+
+    if importlib.util.find_spec(f"{__package__.rsplit('.', 1)[0]}.mitosis") is None:
+        raise ValueError("--mitosis needs the mitosis module (napari_metahistoseg.mitosis), which this "
+                         "installation does not have; predict without --mitosis")
+    mod = importlib.import_module(f"{__package__.rsplit('.', 1)[0]}.mitosis")
+    try:
+        model, _ = mod.load_mitosis_model(args.mitosis_model)
+    except ValueError as e:
+        which = args.mitosis_model or "the bundled mitosis classifier"
+        raise ValueError(f"--mitosis: cannot load {which} ({e}); give --mitosis-model PATH") from None
+    args.instances = True  # candidates are nucleus centroids
+    return mod, model
+
+
+class Predictor:
+    """Predict one image into the output folder (in memory or streamed) and return what was written."""
+
+    def __init__(self, args: argparse.Namespace, backbone, head, out: Path, mitosis) -> None:
+        import dataclasses
+
+        from ..config import TilingConfig
+
+        self.args, self.backbone, self.head, self.out, self.mitosis = args, backbone, head, out, mitosis
+        self.tiling = dataclasses.replace(TilingConfig(), **{k: v for k, v in (("tile_px", args.tile),
+                                                                                ("batch_size", args.batch))
+                                                               if v is not None})
+
+    def __call__(self, path: Path, devices: list[str]) -> dict:
+        from ..slide import open_image
+
+        with open_image(path, mpp=self.args.mpp) as img:
+            mpp = img.mpp
+            if mpp is None:
+                say(f"[predict] {path.name}: no µm-per-pixel in the metadata; assuming the backbone's "
+                    f"{self.backbone.mpp} (give --mpp)")
+                mpp = self.backbone.mpp
+            big = self.args.stream or img.height * img.width > self.tiling.stream_above_mp * 1e6
+            return (self._large if big else self._small)(path, img, mpp, devices)
+
+    def _progress(self, path: Path, gen):
+        last = 0.0
+        while True:
+            try:
+                p = next(gen)
+            except StopIteration as stop:
+                return stop.value
+            now = time.time()
+            if now - last >= PROGRESS_EVERY_S or p.get("done") == p.get("total"):
+                last = now
+                say(f"[{p['stage']}] {path.name}: {p.get('done', 0)}/{p.get('total', '?')}")
+
+    def _small(self, path: Path, img, mpp: float, devices: list[str]) -> dict:
+        import numpy as np
+        import tifffile
+
+        from ..inference import NucleiCSV, hover_type_names, predict
+
+        image = img[:, :]
+        pred = self._progress(path, predict(self.backbone, self.head, image, mpp=mpp, devices=devices,
+                                            tiling=self.tiling, instances=self.args.instances,
+                                            np_source=self.args.np_source))
+        s = stem(path)
+        res = {"mode": "in-memory", "shape": list(image.shape[:2]), "mpp": mpp, "classes": self.head.classes}
+        tags = {"resolution": (1e4 / mpp, 1e4 / mpp), "resolutionunit": "CENTIMETER", "compression": "zlib"}
+        res["semantic"] = str(self.out / f"{s}.semantic.tif")
+        tifffile.imwrite(res["semantic"], pred.semantic, description=json.dumps({"classes": self.head.classes}),
+                         **tags)
+        res["points"] = str(self._points(s, pred.probs, mpp))
+        if pred.instances is not None:
+            res["instances"] = str(self.out / f"{s}.instances.tif")
+            tifffile.imwrite(res["instances"], pred.instances.astype(np.uint32), **tags)
+            table = NucleiCSV(self.out / f"{s}.nuclei.csv", mpp=mpp, type_names=hover_type_names(self.backbone))
+            table.write(pred.table)
+            table.close()
+            res.update(nuclei=str(table.path), n_nuclei=table.rows)
+            if self.mitosis is not None:
+                pts = np.stack([pred.table["centroid_row"], pred.table["centroid_col"]], 1).reshape(-1, 2)
+                res["mitosis"] = str(self._mitosis(s, lambda box: image[box[0]:box[2], box[1]:box[3]], image.shape,
+                                                   pred.table["id"], pts, mpp, devices[0]))
+        return res
+
+    def _points(self, s: str, probs, mpp: float) -> Path:
+        import csv
+
+        from ..config import PointsConfig
+        from ..inference import detect_points
+
+        cfg = PointsConfig()
+        r_model = self.head.provenance.get("points_radius_model_px")
+        radius = float(r_model) * self.backbone.mpp / mpp if r_model else cfg.radius
+        path = self.out / f"{s}.points.csv"
+        with open(path, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["row", "col", "class", "class_name", "prob"])
+            for c in range(1, probs.shape[0]):
+                pts, p = detect_points(probs[c], cfg, radius_px=radius)
+                for (r, cc), pr in zip(pts, p, strict=True):
+                    w.writerow([f"{r:.1f}", f"{cc:.1f}", c, self.head.classes[c], f"{float(pr):.4f}"])
+        return path
+
+    def _large(self, path: Path, img, mpp: float, devices: list[str]) -> dict:
+        import csv
+
+        import numpy as np
+
+        from ..inference import predict_large
+
+        s = stem(path)
+        res = self._progress(path, predict_large(self.backbone, self.head, img, out_dir=self.out / f"{s}.zarr",
+                                                 mpp=mpp, devices=devices, tiling=self.tiling,
+                                                 instances=self.args.instances, np_source=self.args.np_source,
+                                                 nuclei_csv=self.out / f"{s}.nuclei.csv"))
+        out = {"mode": "streamed", "shape": list(res.shape), "mpp": mpp, "classes": res.classes,
+               "zarr": str(res.store), "tiles": res.tiles}
+        if res.nuclei_csv is not None:
+            out.update(nuclei=str(res.nuclei_csv), n_nuclei=res.n_instances)
+            if self.mitosis is not None:
+                with open(res.nuclei_csv, newline="") as f:
+                    rows = list(csv.DictReader(f))
+                ids = np.array([int(r["id"]) for r in rows], np.int64)
+                pts = np.array([[float(r["centroid_row"]), float(r["centroid_col"])] for r in rows]).reshape(-1, 2)
+                out["mitosis"] = str(self._mitosis(s, lambda box: img.read(*box), img.shape, ids, pts, mpp,
+                                                   devices[0]))
+        return out
+
+    def _mitosis(self, s: str, read, shape, ids, pts, mpp: float, device: str) -> Path:
+        """Classify a patch around every centroid, reading the image block by block (never all of it)."""
+        import csv
+
+        import numpy as np
+
+        mod, model = self.mitosis
+        cfg = model.cfg
+        side = mod.patch_side_px(mpp, cfg) + 2
+        block = MITOSIS_BLOCK_PX
+        probs = np.zeros(len(pts), np.float32)
+        keys = (np.floor(pts / block).astype(np.int64) if len(pts) else np.zeros((0, 2), np.int64))
+        for key in {tuple(k) for k in keys.tolist()}:
+            sel = np.flatnonzero((keys == key).all(1))
+            r0, c0 = max(0, key[0] * block - side), max(0, key[1] * block - side)
+            r1, c1 = min(shape[0], (key[0] + 1) * block + side), min(shape[1], (key[1] + 1) * block + side)
+            crop = np.asarray(read((r0, c0, r1, c1)))
+            patches, _ = mod.extract_patches(crop, pts[sel] - [r0, c0], mpp, cfg)
+            probs[sel] = mod.classify(model, patches, device=device)
+        calls = mod.decide(probs, cfg)
+        path = self.out / f"{s}.mitosis.csv"
+        with open(path, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["id", "row", "col", "prob", "mitotic"])
+            for i, (r, c), p, k in zip(ids, pts, probs, calls, strict=True):
+                w.writerow([int(i), f"{r:.2f}", f"{c:.2f}", f"{float(p):.4f}", int(k)])
+        return path

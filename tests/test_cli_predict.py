@@ -1,0 +1,297 @@
+"""``metahistoseg adapt`` and ``metahistoseg predict`` end to end with a tiny random backbone; bad input gives one
+line naming the file and exit code 2; torchrun-style sharding with two processes."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+import zarr
+
+from napari_metahistoseg.checkpoints import save_model
+from napari_metahistoseg.cli import main
+from napari_metahistoseg.config import ModelConfig
+from napari_metahistoseg.data.synthetic import synthetic_points_tile, synthetic_tile
+from napari_metahistoseg.models import MetaHistoSegNet
+
+REPO = Path(__file__).resolve().parents[1]
+HOVER_TYPES = ["background", "other", "inflammatory", "epithelial", "spindle"]
+FAST = ["--steps", "3", "--threads", "1"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_backbone(path: Path, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    save_model(MetaHistoSegNet(ModelConfig(base_channels=8, depth=3), {"generic": 2}, hover_types=5), path,
+               head_classes={"generic": ["background", "foreground"], "hover": HOVER_TYPES})
+    return path
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    """A backbone, three synthetic images (0.5 µm/px in the TIFF tags), labels and points."""
+    d = tmp_path_factory.mktemp("cli")
+    tiny_backbone(d / "bb")
+    tags = {"resolution": (2e4, 2e4), "resolutionunit": "CENTIMETER"}
+    s = synthetic_tile((160, 192), seed=1, mpp=0.5)
+    tifffile.imwrite(d / "a.tif", s.image, **tags)
+    lab = np.full(s.semantic.shape, 255, np.uint8)
+    lab[::3, ::3] = s.semantic[::3, ::3]
+    tifffile.imwrite(d / "a_labels.tif", lab)
+    p = synthetic_points_tile((160, 192), seed=2, mpp=0.5)
+    tifffile.imwrite(d / "b.tif", p.image, **tags)
+    with open(d / "b_points.csv", "w") as f:
+        f.write("row,col,class\n" + "".join(f"{r:.1f},{c:.1f},1\n" for r, c in p.points))
+    imgs = d / "images"
+    imgs.mkdir()
+    for i in range(3):
+        tifffile.imwrite(imgs / f"q{i}.tif", synthetic_tile((144, 176), seed=10 + i, mpp=0.5).image, **tags)
+    return d
+
+
+@pytest.fixture(scope="module")
+def head(work) -> Path:
+    code = main(["adapt", str(work / "a.tif"), "--labels", str(work / "a_labels.tif"), "--backbone",
+                 str(work / "bb"), *FAST, "--classes", "background,nucleus", "--out", str(work / "head")])
+    assert code == 0
+    return work / "head"
+
+
+def cli(capsys, *args: str) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    return code, out, err
+
+
+def one_error_line(err: str) -> str:
+    lines = [ln for ln in err.splitlines() if ln.startswith("metahistoseg: error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+# ------------------------------------------------------------------------------------------ adapt
+
+
+def test_adapt_with_labels_writes_a_head_with_provenance(head):
+    desc = json.loads((head.parent / "head.mhshead.json").read_text())
+    assert desc["classes"] == ["background", "nucleus"]
+    prov = desc["provenance"]
+    assert prov["support_kind"] == "labels" and prov["image_mpp"] == 0.5 and prov["backbone"].endswith("bb")
+    assert (head.parent / "head.mhshead.safetensors").exists()
+
+
+def test_adapt_with_points(work, capsys):
+    code, out, err = cli(capsys, "adapt", work / "b.tif", "--points", work / "b_points.csv", "--points-exhaustive",
+                         "--radius", "3", "--radius-unit", "um", "--backbone", work / "bb", *FAST,
+                         "--out", work / "headP")
+    assert code == 0, err
+    assert out.strip().splitlines()[-1].endswith("headP.mhshead.json")
+    prov = json.loads((work / "headP.mhshead.json").read_text())["provenance"]
+    assert prov["support_kind"] == "points" and prov["points_radius_model_px"] == pytest.approx(6.0)
+
+
+def test_adapt_points_need_a_contrast(work, capsys):
+    code, _, err = cli(capsys, "adapt", work / "b.tif", "--points", work / "b_points.csv", "--backbone", work / "bb",
+                       *FAST, "--out", work / "headX")
+    assert code == 2
+    line = one_error_line(err)
+    assert "b_points.csv" in line and "--points-exhaustive" in line and "class 0" in line
+
+
+def test_adapt_with_napari_style_labels(work, capsys, tmp_path):
+    lab = tifffile.imread(work / "a_labels.tif")
+    napari = np.where(lab == 255, 0, lab + 1).astype(np.uint8)  # 0 unknown, k = class k-1
+    tifffile.imwrite(tmp_path / "n.tif", napari)
+    code, _, err = cli(capsys, "adapt", work / "a.tif", "--labels", tmp_path / "n.tif", "--unlabelled", "0",
+                       "--backbone", work / "bb", *FAST, "--out", tmp_path / "h")
+    assert code == 0, err
+    code, _, err = cli(capsys, "adapt", work / "a.tif", "--labels", tmp_path / "n.tif", "--backbone", work / "bb",
+                       "--classes", "background,nucleus", *FAST, "--out", tmp_path / "h2")  # 255-convention: 0..2
+    assert code == 2 and "class ids up to 2" in one_error_line(err)
+
+
+# ------------------------------------------------------------------------------------------ predict
+
+
+def test_predict_in_memory_outputs(work, head, capsys, tmp_path):
+    code, out, err = cli(capsys, "predict", work / "images", "--head", head, "--instances", "--threads", "1",
+                         "--out", tmp_path)
+    assert code == 0, err
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert len(summary["images"]) == 3 and summary["world"] == 1
+    for i in range(3):
+        sem = tifffile.imread(tmp_path / f"q{i}.semantic.tif")
+        inst = tifffile.imread(tmp_path / f"q{i}.instances.tif")
+        assert sem.shape == inst.shape == (144, 176) and sem.dtype == np.uint8 and inst.dtype == np.uint32
+        with open(tmp_path / f"q{i}.nuclei.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+        assert len(rows) == len(np.unique(inst)) - 1
+        assert (tmp_path / f"q{i}.points.csv").read_text().startswith("row,col,class,class_name,prob")
+    with tifffile.TiffFile(tmp_path / "q0.semantic.tif") as tf:
+        assert json.loads(tf.pages[0].description)["classes"] == ["background", "nucleus"]
+    assert "[predict] q0.tif" in err  # progress on stderr
+
+
+def test_predict_streamed_matches_in_memory(work, head, capsys, tmp_path):
+    args = ["predict", work / "images" / "q1.tif", "--head", head, "--threads", "1", "--tile", "128"]
+    assert cli(capsys, *args, "--out", tmp_path / "mem")[0] == 0
+    code, out, err = cli(capsys, *args, "--stream", "--instances", "--out", tmp_path / "zarr")
+    assert code == 0, err
+    root = zarr.open_group(str(tmp_path / "zarr" / "q1.zarr"), mode="r")
+    assert root.attrs["complete"] is True
+    mem = tifffile.imread(tmp_path / "mem" / "q1.semantic.tif")
+    assert (root["semantic"][:] == mem).mean() > 0.999
+    assert (tmp_path / "zarr" / "q1.nuclei.csv").exists() and "instances" in root
+
+
+def test_predict_list_file_and_device_set(work, head, capsys, tmp_path):
+    lst = tmp_path / "list.txt"
+    lst.write_text("# images\n" + "".join(f"{work / 'images' / f'q{i}.tif'}\n" for i in range(3)))
+    code, out, err = cli(capsys, "predict", lst, "--head", head, "--devices", "cpu,cpu", "--threads", "1",
+                         "--out", tmp_path / "o")
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "o").glob("*.semantic.tif")) == [f"q{i}.semantic.tif" for i in range(3)]
+
+
+def test_predict_needs_a_head(work, capsys, tmp_path):
+    code, _, err = cli(capsys, "predict", work / "a.tif", "--out", tmp_path)
+    assert code == 2 and "adapt a head first" in one_error_line(err)
+
+
+def test_predict_mitosis_without_the_module(work, head, capsys, tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name.endswith(".mitosis") else real(name, *a))
+    code, _, err = cli(capsys, "predict", work / "a.tif", "--head", head, "--mitosis", "--out", tmp_path)
+    assert code == 2 and "--mitosis needs the mitosis module" in one_error_line(err)
+
+
+def test_predict_mitosis_classifies_every_nucleus(work, head, capsys, tmp_path):
+    mitosis = pytest.importorskip("napari_metahistoseg.mitosis")
+    from napari_metahistoseg.config import MitosisConfig
+
+    torch.manual_seed(0)
+    mitosis.save_mitosis_model(mitosis.MitosisNet(MitosisConfig()), tmp_path / "mit")
+    code, out, err = cli(capsys, "predict", work / "a.tif", "--head", head, "--mitosis", "--mitosis-model",
+                         tmp_path / "mit", "--np-source", "hover", "--threads", "1", "--out", tmp_path)
+    assert code == 0, err
+    with open(tmp_path / "a.mitosis.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    with open(tmp_path / "a.nuclei.csv", newline="") as f:
+        nuclei = list(csv.DictReader(f))
+    assert len(rows) == len(nuclei) and all(0 <= float(r["prob"]) <= 1 for r in rows)
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+def _bad_files(d: Path) -> dict[str, tuple[Path, str]]:
+    a = (np.random.default_rng(0).random((200, 200, 3)) * 255).astype(np.uint8)
+    tifffile.imwrite(d / "truncated.tif", a, tile=(64, 64), photometric="rgb")
+    data = (d / "truncated.tif").read_bytes()
+    (d / "truncated.tif").write_bytes(data[: len(data) // 2])
+    (d / "garbage.tif").write_bytes(b"II*\x00garbage" * 20)
+    (d / "empty.tif").write_bytes(b"")
+    tifffile.imwrite(d / "five.tif", np.zeros((50, 50, 5), np.uint8), photometric="minisblack", planarconfig="contig")
+    return {"truncated": (d / "truncated.tif", "truncated"), "garbage": (d / "garbage.tif", "corrupt"),
+            "empty": (d / "empty.tif", "empty"), "five": (d / "five.tif", "RGB or RGBA")}
+
+
+@pytest.mark.parametrize("case", ["truncated", "garbage", "empty", "five"])
+def test_predict_bad_image_one_line(work, head, capsys, tmp_path, case):
+    path, problem = _bad_files(tmp_path)[case]
+    code, _, err = cli(capsys, "predict", path, "--head", head, "--out", tmp_path / "o")
+    assert code == 2
+    line = one_error_line(err)
+    assert str(path) in line and problem in line
+
+
+def test_predict_goes_on_after_a_bad_image(work, head, capsys, tmp_path):
+    path, _ = _bad_files(tmp_path)["garbage"]
+    code, out, err = cli(capsys, "predict", path, work / "a.tif", "--head", head, "--threads", "1",
+                         "--out", tmp_path / "o")
+    assert code == 2 and "garbage.tif" in one_error_line(err)
+    assert (tmp_path / "o" / "a.semantic.tif").exists()
+
+
+def test_predict_converts_uint16_and_greyscale(work, head, capsys, tmp_path):
+    img = tifffile.imread(work / "a.tif")
+    tifffile.imwrite(tmp_path / "u16.tif", img.astype(np.uint16) * 257)
+    tifffile.imwrite(tmp_path / "grey.tif", img[..., 1])
+    code, _, err = cli(capsys, "predict", tmp_path / "u16.tif", tmp_path / "grey.tif", "--head", head,
+                       "--mpp", "0.5", "--threads", "1", "--out", tmp_path / "o")
+    assert code == 0, err
+    ref = tifffile.imread(tmp_path / "o" / "u16.semantic.tif")
+    assert ref.shape == img.shape[:2]
+
+
+def test_predict_head_for_another_backbone(work, head, capsys, tmp_path):
+    other = tiny_backbone(tmp_path / "other", seed=1)
+    code, _, err = cli(capsys, "predict", work / "a.tif", "--head", head, "--backbone", other, "--out", tmp_path)
+    assert code == 2
+    line = one_error_line(err)
+    assert "head.mhshead.json" in line and "adapted on backbone" in line
+
+
+def test_adapt_points_outside_the_image(work, capsys, tmp_path):
+    (tmp_path / "p.csv").write_text("row,col,class\n10,10,1\n20,20,0\n500,30,1\n")
+    code, _, err = cli(capsys, "adapt", work / "b.tif", "--points", tmp_path / "p.csv", "--backbone", work / "bb",
+                       *FAST, "--out", tmp_path / "h")
+    assert code == 2
+    line = one_error_line(err)
+    assert "p.csv" in line and "line 4" in line and "outside the image" in line
+
+
+def test_adapt_labels_of_the_wrong_size(work, capsys, tmp_path):
+    tifffile.imwrite(tmp_path / "l.tif", np.zeros((10, 10), np.uint8))
+    code, _, err = cli(capsys, "adapt", work / "a.tif", "--labels", tmp_path / "l.tif", "--backbone", work / "bb",
+                       *FAST, "--out", tmp_path / "h")
+    assert code == 2 and "l.tif" in one_error_line(err) and "does not match" in one_error_line(err)
+
+
+def test_predict_missing_head_and_input(work, head, capsys, tmp_path):
+    code, _, err = cli(capsys, "predict", work / "a.tif", "--head", tmp_path / "nohead", "--out", tmp_path)
+    assert code == 2 and "nohead" in one_error_line(err)
+    code, _, err = cli(capsys, "predict", tmp_path / "missing.tif", "--head", head, "--out", tmp_path)
+    assert code == 2 and "missing.tif: not found" in one_error_line(err)
+
+
+# ------------------------------------------------------------------------------------------ torchrun sharding
+
+
+def test_torchrun_style_sharding_with_two_processes(work, head, tmp_path):
+    """Two processes with torchrun's RANK/WORLD_SIZE each predict their shard ``files[rank::2]``."""
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "napari_metahistoseg", "predict", str(work / "images"), str(work / "a.tif"),
+             "--head", str(head), "--threads", "1", "--out", str(tmp_path)],
+            env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    results = [p.communicate(timeout=900) for p in procs]
+    files = [str(work / "images" / f"q{i}.tif") for i in range(3)] + [str(work / "a.tif")]
+    for rank, (p, (out, err)) in enumerate(zip(procs, results, strict=True)):
+        assert p.returncode == 0, err
+        summary = json.loads(out.strip().splitlines()[-1])
+        assert summary["rank"] == rank and summary["world"] == 2
+        assert sorted(summary["images"]) == sorted(files[rank::2])
+    assert sorted(p.name for p in tmp_path.glob("*.semantic.tif")) == ["a.semantic.tif"] + [
+        f"q{i}.semantic.tif" for i in range(3)]
