@@ -241,8 +241,11 @@ def load_model(path: str | os.PathLike) -> tuple[MetaHistoSegNet, dict, dict[str
     except (RuntimeError, TypeError, ValueError, OverflowError) as e:
         raise ValueError(f"{jpath}: cannot build the network it describes ({e})") from None
     _check_fits(skeleton.state_dict(), state, f"{wpath}: weights do not match the network described in {jpath.name}")
-    model = MetaHistoSegNet(cfg, n_classes, hover_types=hover)
-    model.load_state_dict(state, strict=True)
+    try:
+        model = MetaHistoSegNet(cfg, n_classes, hover_types=hover)
+        model.load_state_dict(state, strict=True)
+    except (RuntimeError, TypeError, ValueError, OverflowError) as e:
+        raise ValueError(f"{jpath}: cannot build the network it describes ({e})") from None
     model.eval()
     return model, desc, lrs
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import tempfile
 import typing
@@ -234,13 +235,27 @@ def from_dict(cls: type[T], data: dict, *, source: str = "config") -> T:
 
 
 def _check_type(v: Any, hint: Any, where: str) -> Any:
+    """``v`` checked against ``hint`` (elements of ``tuple[...]``/``dict[...]`` too); ints become floats where a
+    float is expected; NaN/inf are refused (JSON has no such numbers)."""
     base = typing.get_origin(hint) or hint
+    args = typing.get_args(hint)
     if hint is float and isinstance(v, int) and not isinstance(v, bool):
-        return float(v)
+        v = float(v)
+    if base is tuple and isinstance(v, list):
+        v = tuple(v)
     if base in (int, float, str, bool, dict, tuple) and not isinstance(v, base):
         raise ValueError(f"{where}: expected {getattr(base, '__name__', base)}, got {type(v).__name__} ({v!r})")
     if base is int and isinstance(v, bool):
         raise ValueError(f"{where}: expected int, got bool")
+    if base is float and not math.isfinite(v):
+        raise ValueError(f"{where}: expected a finite number, got {v!r}")
+    if base is tuple and args:
+        hints = [args[0]] * len(v) if len(args) == 2 and args[1] is Ellipsis else list(args)
+        if len(hints) != len(v):
+            raise ValueError(f"{where}: expected {len(hints)} values, got {len(v)}")
+        v = tuple(_check_type(x, h, f"{where}[{i}]") for i, (x, h) in enumerate(zip(v, hints, strict=True)))
+    if base is dict and len(args) == 2:
+        v = {_check_type(k, args[0], f"{where} key"): _check_type(x, args[1], f"{where}[{k!r}]") for k, x in v.items()}
     return v
 
 
@@ -261,6 +276,8 @@ def load_json(cls: type[T], path: str | os.PathLike) -> T:
         data = json.loads(path.read_text())
     except FileNotFoundError:
         raise ValueError(f"{path}: config file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path}: is a folder, not a config file") from None
     return from_dict(cls, data, source=str(path))

@@ -6,7 +6,9 @@ imports light (numpy at most) and import torch and friends inside ``func``, so t
 ``metahistoseg inspect`` start quickly.
 
 Errors: a ``ValueError`` or ``OSError`` raised by a command is printed as one line,
-``metahistoseg: error: <message>``, on stderr and the exit code is 2; ``--debug`` shows the traceback instead.
+``metahistoseg: error: <message>``, on stderr and the exit code is 2; any other exception (a bug, or running out
+of memory) is printed as one line too, ``metahistoseg: error: unexpected <Type>: <message> ...``, with exit code
+1. ``--debug`` shows the traceback instead. No command ever ends with a traceback without ``--debug``.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ SUBCOMMANDS: tuple[str, ...] = ("inspect", "train", "evaluate", "adapt", "predic
 
 EXIT_OK = 0
 EXIT_ERROR = 2  # bad input (as argparse uses for usage errors)
+EXIT_INTERNAL = 1  # an unexpected exception: a bug (please report it with --debug's traceback) or no memory left
 EXIT_INTERRUPTED = 130
 
 log = logging.getLogger(__name__)
@@ -65,11 +68,11 @@ def _configure_logging(args: argparse.Namespace) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
-def error(message: str) -> int:
-    """Print ``metahistoseg: error: <message>`` (one line) to stderr and return the error exit code."""
+def error(message: str, code: int = EXIT_ERROR) -> int:
+    """Print ``metahistoseg: error: <message>`` (one line) to stderr and return ``code``."""
     one_line = " ".join(str(message).split())
     print(f"{PROG}: error: {one_line}", file=sys.stderr)
-    return EXIT_ERROR
+    return code
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -94,4 +97,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         error("interrupted")
         return EXIT_INTERRUPTED
+    except Exception as e:  # noqa: BLE001 - the last line of defence: one line, never a traceback
+        if args.debug:
+            raise
+        return error(f"unexpected {type(e).__name__}: {e} (rerun with --debug for the traceback and please report "
+                     "it)", EXIT_INTERNAL)
     return EXIT_OK if code is None else int(code)

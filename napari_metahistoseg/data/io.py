@@ -5,14 +5,19 @@ Conversion rule for images (:func:`to_rgb_uint8`), applied everywhere an image e
 * ``(H, W)`` greyscale → replicated to 3 channels.
 * ``(H, W, 4)`` RGBA → alpha-composited onto white (slides' empty glass is white).
 * ``(H, W, 2)`` grey+alpha → the same, after replicating grey.
-* ``(3, H, W)``/``(4, H, W)`` channel-first (only when the last axis is not 3/4) → moved last.
+* ``(1, H, W)``/``(3, H, W)``/``(4, H, W)`` channel-first (only when the last axis is not 1–4) → moved last.
 * ``uint16``/other integers → linearly scaled by the dtype's maximum value if any value exceeds 255,
-  else cast.
+  else cast. Signed integers holding negative values are first shifted so that their minimum is 0 and then
+  scaled by the dtype's full range (``max - min``) if any shifted value exceeds 255.
 * floats → NaN/inf rejected; values in [0, 1] scaled by 255, otherwise clipped to [0, 255].
 * bool → 0/255.
 * More channels (e.g. CMYK as 4 colour channels is *not* detectable from the array alone; TIFFs that declare
-  ``photometric=SEPARATED`` are converted by :func:`read_rgb`) or more dimensions (multi-page stacks)
-  → ``ValueError``; for multi-page TIFFs the first page (level 0) is read.
+  ``photometric=SEPARATED`` are converted by :func:`read_rgb`: ``RGB = max * (1 - C/max) * (1 - K/max)``
+  scaled to 0–255, with ``max`` the dtype's maximum) or more dimensions (multi-page stacks) → ``ValueError``;
+  for multi-page TIFFs the first page (level 0) is read.
+
+Every failure is a ``ValueError`` naming the file (or ``source``) and the problem; an image too large to hold
+in memory is reported as such (open whole slides with :mod:`napari_metahistoseg.slide` instead).
 """
 
 from __future__ import annotations
@@ -26,7 +31,11 @@ import numpy as np
 
 def to_rgb_uint8(arr: np.ndarray, *, source: str = "image") -> np.ndarray:
     """Convert an array to ``(H, W, 3) uint8`` RGB by the module's documented rule or raise ValueError."""
-    a = np.asarray(arr)
+    try:
+        a = np.asarray(arr)
+    except (ValueError, TypeError) as e:  # ragged nested lists and the like
+        raise ValueError(f"{source}: not an image array ({e})") from None
+    dtype = a.dtype
     if a.dtype == object or a.size == 0 and a.ndim != 3:
         raise ValueError(f"{source}: not an image array (shape {a.shape}, dtype {a.dtype})")
     if a.ndim == 3 and a.shape[-1] not in (1, 2, 3, 4) and a.shape[0] in (1, 3, 4):
@@ -50,11 +59,14 @@ def to_rgb_uint8(arr: np.ndarray, *, source: str = "image") -> np.ndarray:
         a = np.clip(np.rint(a), 0, 255).astype(np.uint8)
     elif np.issubdtype(a.dtype, np.integer):
         if a.dtype != np.uint8:
+            info = np.iinfo(dtype)
+            scale = float(info.max)
             if a.min() < 0:
-                a = a.astype(np.int64) - int(a.min())  # in int64: shifting int8/int16 in place overflows
-            mx = int(a.max()) if a.size else 0
+                # shift in float64: int64 - min(int64) overflows any integer type
+                a = a.astype(np.float64) - float(a.min())
+                scale = float(info.max) - float(info.min)
+            mx = float(a.max()) if a.size else 0.0
             if mx > 255:
-                scale = float(np.iinfo(arr.dtype).max) if np.iinfo(arr.dtype).max > 0 else float(mx)
                 a = np.rint(a.astype(np.float64) / scale * 255.0)
             a = np.clip(a, 0, 255).astype(np.uint8)
     else:
@@ -73,6 +85,8 @@ def to_rgb_uint8(arr: np.ndarray, *, source: str = "image") -> np.ndarray:
 def _read_any(path: Path) -> np.ndarray:
     if not path.exists():
         raise ValueError(f"{path}: file not found")
+    if path.is_dir():
+        raise ValueError(f"{path}: is a folder, not an image file")
     if path.stat().st_size == 0:
         raise ValueError(f"{path}: file is empty (0 bytes)")
     suffix = path.suffix.lower()
@@ -84,7 +98,9 @@ def _read_any(path: Path) -> np.ndarray:
                 page = tf.pages[0]
                 arr = page.asarray()
                 if getattr(page, "photometric", None) == tifffile.PHOTOMETRIC.SEPARATED and arr.shape[-1] >= 4:
-                    cmyk = arr[..., :4].astype(np.float32) / 255.0
+                    if not np.issubdtype(arr.dtype, np.integer):
+                        raise ValueError(f"{path}: CMYK image of dtype {arr.dtype} is not supported (8/16-bit only)")
+                    cmyk = arr[..., :4].astype(np.float32) / float(np.iinfo(arr.dtype).max)
                     k = cmyk[..., 3:4]
                     arr = np.rint(255.0 * (1 - cmyk[..., :3]) * (1 - k)).astype(np.uint8)
                 return arr
@@ -95,6 +111,9 @@ def _read_any(path: Path) -> np.ndarray:
         if str(path) in str(e):
             raise
         raise ValueError(f"{path}: cannot read image ({e})") from None
+    except MemoryError:
+        raise ValueError(f"{path}: image too large to read into memory (open slides with "
+                         "napari_metahistoseg.slide.open_image)") from None
     except Exception as e:  # noqa: BLE001 - any decoder failure becomes one clear message
         raise ValueError(f"{path}: cannot read image, file is corrupt or truncated ({type(e).__name__}: {e})") from None
 
@@ -102,7 +121,12 @@ def _read_any(path: Path) -> np.ndarray:
 def read_rgb(path: str | os.PathLike) -> np.ndarray:
     """Read an image file as ``(H, W, 3) uint8`` RGB (conversion rule in the module docstring)."""
     path = Path(path)
-    return to_rgb_uint8(_read_any(path), source=str(path))
+    arr = _read_any(path)
+    try:
+        return to_rgb_uint8(arr, source=str(path))
+    except MemoryError:
+        raise ValueError(f"{path}: image of shape {arr.shape} too large to convert in memory (open slides with "
+                         "napari_metahistoseg.slide.open_image)") from None
 
 
 def read_mask(
@@ -144,11 +168,17 @@ def read_points_csv(
     path = Path(path)
     if not path.exists():
         raise ValueError(f"{path}: file not found")
+    if path.is_dir():
+        raise ValueError(f"{path}: is a folder, not a CSV file")
     try:
         with open(path, newline="") as f:
             rows = list(csv.reader(f))
     except UnicodeDecodeError:
         raise ValueError(f"{path}: not a text CSV file") from None
+    except csv.Error as e:  # e.g. a field longer than csv.field_size_limit()
+        raise ValueError(f"{path}: not a valid CSV file ({e})") from None
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read ({e.strerror or e})") from None
     if not rows:
         raise ValueError(f"{path}: empty points file")
     header = [h.strip().lower() for h in rows[0]]
@@ -168,7 +198,7 @@ def read_points_csv(
         try:
             rr, cc = float(r[ir]), float(r[ic])
             k = int(float(r[ik])) if ik is not None and r[ik].strip() else 1
-        except (ValueError, IndexError):
+        except (ValueError, IndexError, OverflowError):  # OverflowError: int(float("inf"))
             raise ValueError(f"{path}: line {i}: cannot parse {r}") from None
         if not (np.isfinite(rr) and np.isfinite(cc)):
             raise ValueError(f"{path}: line {i}: point has NaN/inf coordinates")

@@ -40,10 +40,11 @@ def points_to_masks(
     """Rasterise points as filled circles.
 
     Args:
-        points: ``(N, 2)`` (row, col) pixel coordinates; points outside ``shape`` raise ``ValueError``.
-        classes: ``(N,)`` class ids ≥ 1 (``None`` → all 1).
+        points: ``(N, 2)`` (row, col) pixel coordinates; points outside ``shape`` or not finite raise ``ValueError``.
+        classes: ``(N,)`` integer class ids in ``0..254`` (255 is :data:`IGNORE`), normally ≥ 1 (``None`` → all 1);
+            another length or value raises ``ValueError``.
         shape: ``(H, W)`` of the image.
-        radius_px: circle radius in pixels.
+        radius_px: circle radius in pixels (finite, ≥ 0; 0 marks only the point's own pixel).
         background: what pixels outside every circle become: ``"unknown"`` (:data:`IGNORE`, the default — an
             unclicked pixel is never assumed to be background) or ``"background"`` (class 0; for exhaustively
             annotated images such as BM-Graz fields).
@@ -54,12 +55,29 @@ def points_to_masks(
         ``semantic (H, W) uint8`` and ``instances (H, W) uint32`` (instance i+1 = point i, nearest-point rule).
     """
     h, w = int(shape[0]), int(shape[1])
-    pts = np.asarray(points, np.float64).reshape(-1, 2)
+    if h < 0 or w < 0:
+        raise ValueError(f"image shape must be non-negative, got {tuple(shape)}")
+    pts = np.asarray(points, np.float64)
+    if pts.size and (pts.ndim != 2 or pts.shape[1] != 2):
+        raise ValueError(f"points must be an (N, 2) array of (row, col), got shape {pts.shape}")
+    pts = pts.reshape(-1, 2)
     if not np.all(np.isfinite(pts)):
         raise ValueError("points contain NaN or inf")
     if pts.size and ((pts[:, 0] < 0) | (pts[:, 0] >= h) | (pts[:, 1] < 0) | (pts[:, 1] >= w)).any():
         raise ValueError(f"points outside the image of {h}x{w}")
-    cls = np.ones(len(pts), np.int64) if classes is None else np.asarray(classes, np.int64)
+    for name, value in (("radius_px", radius_px), ("background_margin_px", background_margin_px)):
+        if not (np.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    if classes is None:
+        cls = np.ones(len(pts), np.int64)
+    else:
+        raw = np.asarray(classes)
+        if raw.shape != (len(pts),) or not (np.issubdtype(raw.dtype, np.integer) or raw.size == 0):
+            raise ValueError(f"classes must be ({len(pts)},) integers, one per point; got {raw.shape} {raw.dtype}")
+        cls = raw.astype(np.int64)
+        if cls.size and (cls.min() < 0 or cls.max() >= IGNORE):
+            raise ValueError(f"point classes must be in 0..{IGNORE - 1} ({IGNORE} = unknown), "
+                             f"got {int(cls.min())}..{int(cls.max())}")
     if background not in ("unknown", "background"):
         raise ValueError(f"background must be 'unknown' or 'background', got {background!r}")
     fill = IGNORE if background == "unknown" else 0

@@ -21,14 +21,22 @@ The on-disk form (:func:`save_unified` / :func:`load_unified`) is a folder::
     semantic/<id>.png           uint8, 255 = unknown
     instances/<id>.tif          uint32
     points/<id>.csv             header ``row,col,class``
+
+Saving is crash-safe: every file is written to a hidden temporary file in its folder and renamed over the old
+one, and ``task.json`` is replaced last, so a process killed mid-save leaves a folder that still loads (each file
+either its previous or its new complete version; samples new in this save are listed only once it finishes).
+Sample ids are file stems: no path separators, no leading dot.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import math
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -121,6 +129,29 @@ def _atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+@contextlib.contextmanager
+def _atomic_target(path: Path) -> Iterator[Path]:
+    """Yield a hidden temporary path beside ``path`` (same suffix, so writers pick the same format); on success
+    rename it over ``path`` atomically, on failure remove it."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def check_sample_id(sample_id: object, where: str) -> str:
+    """``sample_id`` if it can be a file stem inside the task folder, else ``ValueError`` naming ``where``."""
+    if (not isinstance(sample_id, str) or not sample_id.strip() or sample_id.startswith(".")
+            or any(c in sample_id for c in "/\\\0") or sample_id != sample_id.strip()):
+        raise ValueError(f"{where}: sample id {sample_id!r} is not a valid file name (no path separators, no "
+                         "leading dot or surrounding spaces)")
+    return sample_id
+
+
 def save_unified(samples: list[Sample], folder: str | os.PathLike) -> Path:
     """Write samples of one task to ``folder`` in the on-disk unified format. Returns the folder."""
     import tifffile
@@ -134,21 +165,24 @@ def save_unified(samples: list[Sample], folder: str | os.PathLike) -> Path:
         raise ValueError(f"{folder}: samples of several tasks {sorted(tasks)}; save one task per folder")
     if len({tuple(s.class_names) for s in samples}) != 1:
         raise ValueError(f"{folder}: samples of task {samples[0].task!r} have different class_names")
-    ids = [s.sample_id for s in samples]
+    ids = [check_sample_id(s.sample_id, str(folder)) for s in samples]
     if len(set(ids)) != len(ids):
         raise ValueError(f"{folder}: duplicate sample ids {sorted({i for i in ids if ids.count(i) > 1})}")
     for sub in ("images", "semantic", "instances", "points"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
     entries = []
     for s in samples:
-        skio.imsave(folder / "images" / f"{s.sample_id}.png", s.image, check_contrast=False)
+        with _atomic_target(folder / "images" / f"{s.sample_id}.png") as tmp:
+            skio.imsave(tmp, s.image, check_contrast=False)
         if s.semantic is not None:
-            skio.imsave(folder / "semantic" / f"{s.sample_id}.png", s.semantic, check_contrast=False)
+            with _atomic_target(folder / "semantic" / f"{s.sample_id}.png") as tmp:
+                skio.imsave(tmp, s.semantic, check_contrast=False)
         if s.instances is not None:
-            tifffile.imwrite(folder / "instances" / f"{s.sample_id}.tif", s.instances, compression="zlib")
+            with _atomic_target(folder / "instances" / f"{s.sample_id}.tif") as tmp:
+                tifffile.imwrite(tmp, s.instances, compression="zlib")
         if s.points is not None:
             cls = s.point_classes if s.point_classes is not None else np.ones(len(s.points), np.int64)
-            with open(folder / "points" / f"{s.sample_id}.csv", "w", newline="") as f:
+            with _atomic_target(folder / "points" / f"{s.sample_id}.csv") as tmp, open(tmp, "w", newline="") as f:
                 w = csv.writer(f)
                 w.writerow(["row", "col", "class"])
                 for (r, c), k in zip(s.points, cls, strict=True):
@@ -192,7 +226,26 @@ def read_unified_description(folder: str | os.PathLike) -> dict:
     for e in desc["samples"]:
         if not isinstance(e, dict) or not isinstance(e.get("id"), str):
             raise ValueError(f"{path}: every sample entry needs a string 'id'")
+        check_sample_id(e["id"], str(path))
+    names = desc["class_names"]
+    if not names or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"{path}: 'class_names' must be a non-empty list of strings")
+    _check_mpp(desc.get("mpp"), f"{path}: 'mpp'")
+    for e in desc["samples"]:
+        _check_mpp(e.get("mpp"), f"{path}: sample {e['id']!r} 'mpp'")
+        label = e.get("patch_label")
+        if label is not None and (not isinstance(label, int) or isinstance(label, bool)
+                                  or not 0 <= label < len(names)):
+            raise ValueError(f"{path}: sample {e['id']!r} 'patch_label' must be null or a class id in "
+                             f"0..{len(names) - 1}, got {label!r}")
     return desc
+
+
+def _check_mpp(value: object, where: str) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{where} must be null or a number > 0 (µm per pixel), got {value!r}")
 
 
 def load_unified_sample(folder: str | os.PathLike, entry: dict, desc: dict) -> Sample:
