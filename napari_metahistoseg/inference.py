@@ -381,7 +381,7 @@ def _predict_large(backbone, head, image, out, mpp, devs, tiling, instances, hov
     if mpp is None and image.mpp is None:
         log.warning("%s: no µm-per-pixel in the metadata; assuming the backbone's %.3f", image.name, backbone.mpp)
     mpp = float(mpp or image.mpp or backbone.mpp)
-    scale = backbone.mpp / mpp  # model pixels per image pixel
+    scale = mpp / backbone.mpp  # model pixels per image pixel (a 0.25 µm/px image is halved for a 0.5 model)
     scale = 1.0 if abs(scale - 1) < SCALE_TOLERANCE else scale
     tile, halo = image_tiling(tiling, scale)
     H, W = image.height, image.width

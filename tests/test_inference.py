@@ -83,9 +83,19 @@ def test_streamed_semantic_equals_in_memory(backbone, head, image, tmp_path):
     assert [e["done"] for e in predict_events] == list(range(1, res.tiles + 1))  # progress per tile
 
 
-def test_streamed_resamples_to_model_mpp(backbone, head, tmp_path):
+def test_streamed_resamples_to_model_mpp(backbone, head, tmp_path, monkeypatch):
     img = synthetic_tile((300, 260), seed=5, mpp=0.25).image  # 0.25 µm/px: the model sees it at half size
+    sizes = []
+    orig = inference.TileRunner.__call__
+
+    def spy(self, crops, model_hw=None):
+        sizes.append((crops.shape[1:3], model_hw))
+        return orig(self, crops, model_hw)
+
+    monkeypatch.setattr(inference.TileRunner, "__call__", spy)
     res, _ = run(predict_large(backbone, head, img, out_dir=tmp_path / "r.zarr", mpp=0.25, tiling=TILING))
+    assert sizes and all(hw == (round(h / 2), round(w / 2)) for (h, w), hw in sizes)
+    assert max(h for (h, _), _ in sizes) == 256  # tiles of 128 model px are 256 image px
     mem, _ = run(predict(backbone, head, img, mpp=0.25, tiling=TILING))
     sem = zarr.open_group(str(tmp_path / "r.zarr"), mode="r")["semantic"][:]
     assert sem.shape == img.shape[:2] and res.mpp == 0.25
