@@ -281,7 +281,7 @@ def _band_pass(job: _Job, region: tuple[int, int, int, int], write: tuple[int, i
             i += 1
         until = starts[k + 1] - R0 if k + 1 < len(starts) else H
         top = blender.top
-        _write_rows(job.root, blender.release(until), (top + R0, C0), write)
+        _write_rows(job.root, blender.release(until), (top + R0, C0), write, job.tile - 2 * job.halo)
         if after is not None:
             yield from after(until + R0)
     return len(tiles)
@@ -295,22 +295,25 @@ def _read_batch(image: LazyImage, batch: list) -> list[tuple[list, np.ndarray]]:
     return [(g, np.stack([image.read(*t) for t in g])) for g in group_by_shape(batch)]
 
 
-def _write_rows(root, maps: dict[str, np.ndarray], origin: tuple[int, int], write: tuple[int, int, int, int]) -> None:
-    """Write blended maps whose top-left pixel is image ``origin``, clipped to the ``write`` rectangle."""
+def _write_rows(root, maps: dict[str, np.ndarray], origin: tuple[int, int], write: tuple[int, int, int, int],
+                block: int) -> None:
+    """Write blended maps whose top-left pixel is image ``origin``, clipped to the ``write`` rectangle, in column
+    blocks of ``block`` px (the zarr chunk width: whole chunks, small temporaries)."""
     wr0, wc0, wr1, wc1 = write
     n, w = maps["seg"].shape[1:]
-    r0, c0 = max(origin[0], wr0), max(origin[1], wc0)
-    r1, c1 = min(origin[0] + n, wr1), min(origin[1] + w, wc1)
-    if r1 <= r0 or c1 <= c0:
-        return
-    sl = (slice(r0 - origin[0], r1 - origin[0]), slice(c0 - origin[1], c1 - origin[1]))
-    root["semantic"][r0:r1, c0:c1] = maps["seg"][(slice(None), *sl)].argmax(0).astype(np.uint8)
-    if "np" in maps:
-        root["np"][r0:r1, c0:c1] = np.rint(np.clip(maps["np"][0][sl], 0, 1) * NP_LEVELS).astype(np.uint8)
-        root["hv"][:, r0:r1, c0:c1] = np.rint(np.clip(maps["hv"][(slice(None), *sl)], -1, 1) * HV_LEVELS
-                                              ).astype(np.int8)
-    if "nc" in maps:
-        root["nc"][:, r0:r1, c0:c1] = np.rint(maps["nc"][(slice(None), *sl)] * NC_LEVELS).astype(np.uint8)
+    r0, r1 = max(origin[0], wr0), min(origin[0] + n, wr1)
+    for c0 in range(max(origin[1], wc0), min(origin[1] + w, wc1), block):
+        c1 = min(c0 + block, origin[1] + w, wc1)
+        if r1 <= r0:
+            return
+        sl = (slice(r0 - origin[0], r1 - origin[0]), slice(c0 - origin[1], c1 - origin[1]))
+        root["semantic"][r0:r1, c0:c1] = maps["seg"][(slice(None), *sl)].argmax(0).astype(np.uint8)
+        if "np" in maps:
+            root["np"][r0:r1, c0:c1] = np.rint(np.clip(maps["np"][0][sl], 0, 1) * NP_LEVELS).astype(np.uint8)
+            root["hv"][:, r0:r1, c0:c1] = np.rint(np.clip(maps["hv"][(slice(None), *sl)], -1, 1) * HV_LEVELS
+                                                  ).astype(np.int8)
+        if "nc" in maps:
+            root["nc"][:, r0:r1, c0:c1] = np.rint(maps["nc"][(slice(None), *sl)] * NC_LEVELS).astype(np.uint8)
 
 
 def _segmenter(root, post: HoVerPostProcessor, mpp: float, offset: tuple[int, int]) -> Callable:

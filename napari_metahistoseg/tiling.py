@@ -182,16 +182,25 @@ class BandBlender:
     """Blend tiles of ``rows`` px height into ``(C, rows, width)`` buffers, one row of tiles at a time.
 
     Buffer row 0 is image row ``top``. :meth:`release` hands back the finished rows ``[top, until)`` normalised by
-    the blend-weight sum and shifts the rest up, so memory stays ``(sum C + 1) * rows * width * 4`` bytes.
+    the blend-weight sum, as views of the buffer that stay valid until the next :meth:`add` or :meth:`release`
+    (which first moves the rest up), so memory stays ``(sum C + 1) * rows * width * 4`` bytes.
     """
 
     def __init__(self, width: int, rows: int, channels: dict[str, int]) -> None:
-        self.top, self.rows = 0, rows
+        self.top, self.rows, self._released = 0, rows, 0
         self.acc = {k: np.zeros((c, rows, width), np.float32) for k, c in channels.items()}
         self.wsum = np.zeros((rows, width), np.float32)
 
+    def _settle(self) -> None:
+        n, self._released = self._released, 0
+        if n:
+            for a in [*self.acc.values(), self.wsum[None]]:
+                a[:, :self.rows - n] = a[:, n:]  # numpy buffers overlapping copies
+                a[:, self.rows - n:] = 0
+
     def add(self, maps: dict[str, np.ndarray], win: np.ndarray, r0: int, c0: int) -> None:
         """Add ``maps {name: (C, h, w)}`` weighted by ``win (h, w)`` at image position ``(r0, c0)``."""
+        self._settle()
         h, w = win.shape
         rr = r0 - self.top
         if rr < 0 or rr + h > self.rows:
@@ -201,17 +210,16 @@ class BandBlender:
         self.wsum[rr:rr + h, c0:c0 + w] += win
 
     def release(self, until: int) -> dict[str, np.ndarray]:
-        """Rows ``[top, until)`` normalised (``{name: (C, until - top, width)}``); the buffer moves down."""
+        """Rows ``[top, until)`` normalised (``{name: (C, until - top, width)}`` views); the band moves down."""
+        self._settle()
         n = until - self.top
         if not 0 <= n <= self.rows:
             raise ValueError(f"cannot release rows {self.top}:{until} of a {self.rows}-row band")
         norm = np.maximum(self.wsum[:n], _EPS)
-        out = {k: a[:, :n] / norm for k, a in self.acc.items()}
-        for a in [*self.acc.values(), self.wsum[None]]:
-            a[:, :self.rows - n] = a[:, n:]  # numpy buffers overlapping copies
-            a[:, self.rows - n:] = 0
-        self.top = until
-        return out
+        for a in self.acc.values():
+            a[:, :n] /= norm
+        self.top, self._released = until, n
+        return {k: a[:, :n] for k, a in self.acc.items()}
 
 
 class InstanceStitcher:

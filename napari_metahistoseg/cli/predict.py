@@ -156,6 +156,10 @@ def _work(pred, files: list[Path], devices: list[str], results: dict, total: int
             results[str(f)] = {"error": str(e)}
             with _print_lock:
                 error(str(e) if str(f) in str(e) else f"{f}: {e}")
+        except Exception as e:  # noqa: BLE001 - a bug or no memory: one line for this image, go on with the rest
+            results[str(f)] = {"error": f"unexpected {type(e).__name__}: {e}"}
+            with _print_lock:
+                error(f"{f}: unexpected {type(e).__name__}: {e} (rerun it alone with --debug for the traceback)")
 
 
 def _recorded_backbone(head_path: str) -> str:
