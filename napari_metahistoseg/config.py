@@ -132,9 +132,11 @@ class TilingConfig:
     instance_window_px: int = 1024  # core side of the HoVer post-processing windows (image pixels)
     instance_margin_um: float = 24.0  # context around each window; must exceed the largest nucleus diameter
     stream_above_mp: float = 16.0  # images above this many megapixels are predicted streamed, into zarr
+    tile_multiple_px: int = 16  # balanced tiles are rounded up to this (the U-Net pads inputs to 2**(depth-1))
 
     def __post_init__(self) -> None:
-        _positive(self, "tile_px", "batch_size", "instance_window_px", "instance_margin_um", "stream_above_mp")
+        _positive(self, "tile_px", "batch_size", "instance_window_px", "instance_margin_um", "stream_above_mp",
+                  "tile_multiple_px")
         if not 0 <= 2 * self.halo_px < self.tile_px:
             raise ValueError("TilingConfig needs 0 <= 2*halo_px < tile_px")
 

@@ -242,6 +242,7 @@ class _Job:
     tiling: TilingConfig
     tile: int
     halo: int
+    multiple: int
     scale: float
     pool: ThreadPoolExecutor
 
@@ -259,9 +260,10 @@ def _band_pass(job: _Job, region: tuple[int, int, int, int], write: tuple[int, i
 
     R0, C0, R1, C1 = region
     H, W = R1 - R0, C1 - C0
-    tiles = [(r0 + R0, c0 + C0, r1 + R0, c1 + C0) for r0, c0, r1, c1 in tile_grid((H, W), job.tile, job.halo)]
+    tiles = [(r0 + R0, c0 + C0, r1 + R0, c1 + C0)
+             for r0, c0, r1, c1 in tile_grid((H, W), job.tile, job.halo, job.multiple)]
     starts = sorted({t[0] for t in tiles})
-    blender = BandBlender(W, min(job.tile, H), job.runner.channels)
+    blender = BandBlender(W, tiles[0][2] - tiles[0][0], job.runner.channels)
     per_batch = job.tiling.batch_size * len(job.runner.devices)
     batches = [b for s in starts for b in _chunks([t for t in tiles if t[0] == s], per_batch)]
     reads = [job.pool.submit(_read_batch, job.image, batches[0])] if batches else []
@@ -386,7 +388,7 @@ def _predict_large(backbone, head, image, out, mpp, devs, tiling, instances, hov
     mpp = float(mpp or image.mpp or backbone.mpp)
     scale = mpp / backbone.mpp  # model pixels per image pixel (a 0.25 µm/px image is halved for a 0.5 model)
     scale = 1.0 if abs(scale - 1) < SCALE_TOLERANCE else scale
-    tile, halo = image_tiling(tiling, scale)
+    tile, halo, multiple = image_tiling(tiling, scale)
     H, W = image.height, image.width
     model = _inference_model(backbone, head, tiling)
     has_nc = instances and getattr(model.heads["hover"], "nc", None) is not None
@@ -409,7 +411,7 @@ def _predict_large(backbone, head, image, out, mpp, devs, tiling, instances, hov
     table = None
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tile-reader") as pool:
         runner = TileRunner(fwds, devs, tiling, channels, cpu_channels_last=tiling.channels_last)
-        job = _Job(image, root, runner, tiling, tile, halo, scale, pool)
+        job = _Job(image, root, runner, tiling, tile, halo, multiple, scale, pool)
         try:
             if roi is not None:
                 res.roi = _check_roi(roi, (H, W))

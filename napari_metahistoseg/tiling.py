@@ -30,26 +30,37 @@ Segment = Callable[[int, int, int, int], tuple[np.ndarray, dict]]
 _EPS = 1e-6  # floor of the blend-weight sum (the cosine ramp is > 0 everywhere, this only guards rounding)
 
 
-def tile_grid(shape: tuple[int, int], tile: int, halo: int) -> list[tuple[int, int, int, int]]:
-    """Tiles ``(r0, c0, r1, c1)`` covering ``shape``, row by row; neighbours overlap by at least ``2*halo``;
-    every tile is ``tile`` wide unless the image is smaller."""
-    h, w = shape
-    step = tile - 2 * halo
-    if step <= 0:
+def tile_grid(shape: tuple[int, int], tile: int, halo: int, multiple: int = 1) -> list[tuple[int, int, int, int]]:
+    """Tiles ``(r0, c0, r1, c1)`` covering ``shape``, row by row, neighbours overlapping by at least ``2*halo``.
+
+    Balanced: per axis, the fewest tiles of at most ``tile`` px that can overlap that much, all of one size
+    (rounded up to ``multiple`` where that stays ≤ ``tile``) and evenly spaced — e.g. 3 tiles of 384 px instead
+    of 3 of 512 px for 1024 px with ``tile=512, halo=32``. An axis shorter than ``tile`` is one tile.
+    """
+    if tile - 2 * halo <= 0:
         raise ValueError(f"tile {tile} px must exceed twice the halo {halo} px")
-    return [(r, c, min(r + tile, h), min(c + tile, w)) for r in _starts(h, tile, step) for c in _starts(w, tile, step)]
+    rows, cols = (_axis(n, tile, halo, multiple) for n in shape)
+    return [(r, c, r + th, c + tw) for r, th in rows for c, tw in cols]
 
 
-def _starts(n: int, tile: int, step: int) -> list[int]:
+def _axis(n: int, tile: int, halo: int, multiple: int) -> list[tuple[int, int]]:
+    """``(start, size)`` of the tiles along one axis of ``n`` px."""
     if n <= tile:
-        return [0]
-    return sorted(set(range(0, n - tile, step)) | {n - tile})
+        return [(0, n)]
+    k = -(-(n - 2 * halo) // (tile - 2 * halo))
+    t = -(-(n - 2 * halo) // k) + 2 * halo
+    t = min(tile, -(-t // multiple) * multiple) if multiple > 1 else t
+    while True:
+        starts = [(i * (n - t)) // (k - 1) for i in range(k)] if k > 1 else [0]
+        if all(b - a <= t - 2 * halo for a, b in zip(starts, starts[1:], strict=False)) or t >= tile:
+            return [(s, t) for s in starts]
+        t += 1
 
 
-def image_tiling(cfg: TilingConfig, scale: float) -> tuple[int, int]:
-    """``(tile, halo)`` in image pixels for a model seeing ``scale`` model pixels per image pixel."""
+def image_tiling(cfg: TilingConfig, scale: float) -> tuple[int, int, int]:
+    """``(tile, halo, multiple)`` in image pixels for a model seeing ``scale`` model pixels per image pixel."""
     halo = math.ceil(cfg.halo_px / scale) if cfg.halo_px else 0
-    return max(2 * halo + 1, round(cfg.tile_px / scale)), halo
+    return max(2 * halo + 1, round(cfg.tile_px / scale)), halo, max(1, round(cfg.tile_multiple_px / scale))
 
 
 def blend_window(th: int, tw: int, halo: int, edges: tuple[bool, bool, bool, bool]) -> np.ndarray:
@@ -157,7 +168,7 @@ def predict_tiled(
     returns ``{name: (C, H, W) float32}``.
     """
     h, w = image.shape[:2]
-    tiles = tile_grid((h, w), cfg.tile_px, cfg.halo_px)
+    tiles = tile_grid((h, w), cfg.tile_px, cfg.halo_px, cfg.tile_multiple_px)
     acc = {k: np.zeros((c, h, w), np.float32) for k, c in channels.items()}
     wsum = np.zeros((h, w), np.float32)
     fwds = list(forwards) if forwards is not None else [forward] * len(devices)

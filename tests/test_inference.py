@@ -95,7 +95,7 @@ def test_streamed_resamples_to_model_mpp(backbone, head, tmp_path, monkeypatch):
     monkeypatch.setattr(inference.TileRunner, "__call__", spy)
     res, _ = run(predict_large(backbone, head, img, out_dir=tmp_path / "r.zarr", mpp=0.25, tiling=TILING))
     assert sizes and all(hw == (round(h / 2), round(w / 2)) for (h, w), hw in sizes)
-    assert max(h for (h, _), _ in sizes) == 256  # tiles of 128 model px are 256 image px
+    assert max(h for (h, _), _ in sizes) <= 256  # tiles of at most 128 model px are at most 256 image px
     mem, _ = run(predict(backbone, head, img, mpp=0.25, tiling=TILING))
     sem = zarr.open_group(str(tmp_path / "r.zarr"), mode="r")["semantic"][:]
     assert sem.shape == img.shape[:2] and res.mpp == 0.25

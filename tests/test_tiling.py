@@ -45,19 +45,30 @@ def run(gen):
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (50, 700), (128, 128), (129, 257), (300, 417), (64, 1000)])
-@pytest.mark.parametrize("tile,halo", [(128, 32), (64, 0), (100, 17)])
-def test_tile_grid_covers_image_exactly(shape, tile, halo):
-    tiles = tile_grid(shape, tile, halo)
+@pytest.mark.parametrize("tile,halo,multiple", [(128, 32, 1), (64, 0, 1), (100, 17, 1), (128, 32, 16)])
+def test_tile_grid_covers_image_exactly(shape, tile, halo, multiple):
+    tiles = tile_grid(shape, tile, halo, multiple)
     cover = np.zeros(shape, np.int32)
+    sizes = {(r1 - r0, c1 - c0) for r0, c0, r1, c1 in tiles}
+    assert len(sizes) == 1  # one tile size: whole batches
+    (th, tw), = sizes
+    assert th == shape[0] if shape[0] <= tile else 2 * halo < th <= tile
+    assert tw == shape[1] if shape[1] <= tile else 2 * halo < tw <= tile
     for r0, c0, r1, c1 in tiles:
         assert 0 <= r0 < r1 <= shape[0] and 0 <= c0 < c1 <= shape[1]
-        assert r1 - r0 == min(tile, shape[0]) and c1 - c0 == min(tile, shape[1])  # full tiles only
         cover[r0:r1, c0:c1] += 1
     assert cover.min() >= 1
     for axis in (0, 1):  # neighbours overlap by at least 2*halo
         starts = sorted({t[axis] for t in tiles})
         assert all(b - a <= tile - 2 * halo for a, b in zip(starts, starts[1:], strict=False))
     assert len(set(tiles)) == len(tiles)
+
+
+def test_tile_grid_is_balanced():
+    """1024 px with tiles of at most 512 and a 32 px halo needs 3 tiles per axis: 384 px each, not 512."""
+    tiles = tile_grid((1024, 1024), 512, 32, 16)
+    assert len(tiles) == 9 and {t[2] - t[0] for t in tiles} == {384}
+    assert len(tile_grid((20000, 512), 512, 32, 16)) == 45
 
 
 def test_tile_grid_rejects_halo_too_large():
@@ -77,9 +88,9 @@ def test_blend_weights_positive_everywhere(shape):
 
 def test_image_tiling_scales_tile_and_halo():
     cfg = TilingConfig(tile_px=512, halo_px=32)
-    assert image_tiling(cfg, 1.0) == (512, 32)
-    assert image_tiling(cfg, 0.5) == (1024, 64)  # a 0.25 µm/px image for a 0.5 µm/px model
-    assert image_tiling(cfg, 2.0) == (256, 16)
+    assert image_tiling(cfg, 1.0) == (512, 32, 16)
+    assert image_tiling(cfg, 0.5) == (1024, 64, 32)  # a 0.25 µm/px image for a 0.5 µm/px model
+    assert image_tiling(cfg, 2.0) == (256, 16, 8)
 
 
 # ------------------------------------------------------------------------------------------ blending exactness
@@ -148,9 +159,9 @@ def test_no_seams_tiled_equals_single_pass_with_tiny_backbone():
     full = full.numpy()
     diff = np.abs(tiled - full)
     assert diff.mean() < 0.03 and np.percentile(diff, 99) < 0.12
-    cols = sorted({c for t in tile_grid(img.shape[:2], 128, 32) for c in (t[1], t[3])} - {0, img.shape[1]})
+    cols = sorted({c for t in tile_grid(img.shape[:2], 128, 32, 16) for c in (t[1], t[3])} - {0, img.shape[1]})
     cols += [(a + b) // 2 for a, b in zip(cols, cols[1:], strict=False)]
-    rows = sorted({r for t in tile_grid(img.shape[:2], 128, 32) for r in (t[0], t[2])} - {0, img.shape[0]})
+    rows = sorted({r for t in tile_grid(img.shape[:2], 128, 32, 16) for r in (t[0], t[2])} - {0, img.shape[0]})
     rows += [(a + b) // 2 for a, b in zip(rows, rows[1:], strict=False)]
     for axis, lines in ((1, cols), (0, rows)):
         jt = np.abs(np.diff(tiled, axis=axis)).take([c - 1 for c in lines], axis=axis)
