@@ -68,7 +68,7 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(2)
     bb = load_backbone(a.backbone)
-    grid = list(itertools.product([10, 30, 100], [0.1, 0.5, 1.0], [False, True]))
+    grid = list(itertools.product([20, 50, 100], [0.01, 0.1, 1.0], [False, True]))
     results: dict = {}
     for task in a.tasks.split(","):
         ds = open_dataset(DATA / task)
@@ -82,6 +82,7 @@ def main() -> None:
                 cfg = MAMLConfig(steps=steps, inner_lr=lr, learn_inner_lr=learned, seed=d)
                 m = score(bb, sup, qry, len(ds.class_names), cfg)
                 results.setdefault(f"{steps}|{lr}|{learned}", {}).setdefault(task, []).append(m)
+                print(task, d, steps, lr, learned, round(m, 4), file=sys.stderr, flush=True)
             print(task, d, "done", file=sys.stderr, flush=True)
     rows = []
     for key, per_task in results.items():
