@@ -133,10 +133,11 @@ class TilingConfig:
     instance_margin_um: float = 24.0  # context around each window; must exceed the largest nucleus diameter
     stream_above_mp: float = 16.0  # images above this many megapixels are predicted streamed, into zarr
     tile_multiple_px: int = 16  # balanced tiles are rounded up to this (the U-Net pads inputs to 2**(depth-1))
+    band_float32_max_mb: float = 256.0  # streamed row-of-tiles buffers above this use float16 (half the memory)
 
     def __post_init__(self) -> None:
         _positive(self, "tile_px", "batch_size", "instance_window_px", "instance_margin_um", "stream_above_mp",
-                  "tile_multiple_px")
+                  "tile_multiple_px", "band_float32_max_mb")
         if not 0 <= 2 * self.halo_px < self.tile_px:
             raise ValueError("TilingConfig needs 0 <= 2*halo_px < tile_px")
 

@@ -194,12 +194,13 @@ class BandBlender:
 
     Buffer row 0 is image row ``top``. :meth:`release` hands back the finished rows ``[top, until)`` normalised by
     the blend-weight sum, as views of the buffer that stay valid until the next :meth:`add` or :meth:`release`
-    (which first moves the rest up), so memory stays ``(sum C + 1) * rows * width * 4`` bytes.
+    (which first moves the rest up), so memory stays ``(sum C * itemsize + 4) * rows * width`` bytes. ``dtype``
+    of the accumulators: float32, or float16 to halve the memory of very wide bands (blend weights are float32).
     """
 
-    def __init__(self, width: int, rows: int, channels: dict[str, int]) -> None:
+    def __init__(self, width: int, rows: int, channels: dict[str, int], dtype: type = np.float32) -> None:
         self.top, self.rows, self._released = 0, rows, 0
-        self.acc = {k: np.zeros((c, rows, width), np.float32) for k, c in channels.items()}
+        self.acc = {k: np.zeros((c, rows, width), dtype) for k, c in channels.items()}
         self.wsum = np.zeros((rows, width), np.float32)
 
     def _settle(self) -> None:

@@ -4,6 +4,7 @@ cancellation, bounded buffers, device sets."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 
 import numpy as np
 import pytest
@@ -158,14 +159,20 @@ def test_band_buffers_are_one_tile_row_high(backbone, head, tmp_path, monkeypatc
     shapes = []
     orig = inference.BandBlender.__init__
 
-    def spy(self, width, rows, channels):
-        shapes.append((width, rows))
-        orig(self, width, rows, channels)
+    def spy(self, width, rows, channels, dtype):
+        shapes.append((width, rows, dtype))
+        orig(self, width, rows, channels, dtype)
 
     monkeypatch.setattr(inference.BandBlender, "__init__", spy)
-    img = np.full((700, 150, 3), 200, np.uint8)
+    img = synthetic_tile((700, 150), seed=3, mpp=0.5).image
     run(predict_large(backbone, head, img, out_dir=tmp_path / "m.zarr", mpp=0.5, tiling=TILING))
-    assert shapes == [(150, 128)]  # not the 700 image rows
+    assert shapes == [(150, 128, np.float32)]  # not the 700 image rows
+    small = dataclasses.replace(TILING, band_float32_max_mb=0.01)  # wide bands: float16 accumulators
+    run(predict_large(backbone, head, img, out_dir=tmp_path / "h.zarr", mpp=0.5, tiling=small))
+    assert shapes[-1] == (150, 128, np.float16)
+    a = zarr.open_group(str(tmp_path / "m.zarr"), mode="r")["semantic"][:]
+    b = zarr.open_group(str(tmp_path / "h.zarr"), mode="r")["semantic"][:]
+    assert (a == b).mean() > 0.999
 
 
 def test_lazy_tiff_source_and_device_set(backbone, head, image, tmp_path):
