@@ -32,7 +32,16 @@ from .devices import resolve_devices
 from .pipeline import AdaptedHead, Backbone, replica, rescale
 from .postprocess import HoVerPostProcessor
 from .slide import LazyImage, create_outputs, open_image
-from .tiling import BandBlender, InstanceStitcher, TileRunner, blend_window, group_by_shape, image_tiling, predict_tiled
+from .tiling import (
+    BandBlender,
+    InstanceStitcher,
+    TileRunner,
+    blend_window,
+    group_by_shape,
+    image_tiling,
+    predict_tiled,
+    tile_grid,
+)
 
 log = logging.getLogger(__name__)
 
@@ -256,8 +265,6 @@ def _band_pass(job: _Job, region: tuple[int, int, int, int], write: tuple[int, i
                after: Callable[[int], Generator[dict, None, None]] | None = None) -> Generator[dict, None, int]:
     """Predict ``region (r0, c0, r1, c1)`` of the image row of tiles by row of tiles; write the part inside
     ``write`` to the zarr arrays; call ``after(rows_final)`` (global row) after each row of tiles."""
-    from .tiling import tile_grid
-
     R0, C0, R1, C1 = region
     H, W = R1 - R0, C1 - C0
     tiles = [(r0 + R0, c0 + C0, r1 + R0, c1 + C0)
