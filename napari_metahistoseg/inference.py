@@ -29,7 +29,7 @@ import torch
 from .config import HoVerPostConfig, PointsConfig, TilingConfig, to_dict
 from .data.io import to_rgb_uint8
 from .devices import resolve_devices
-from .pipeline import AdaptedHead, Backbone, replica, rescale
+from .pipeline import AdaptedHead, Backbone, rescale
 from .postprocess import HoVerPostProcessor
 from .slide import LazyImage, create_outputs, open_image
 from .tiling import (
@@ -103,6 +103,14 @@ def _inference_model(backbone: Backbone, head: AdaptedHead, tiling: TilingConfig
     return model.to(memory_format=torch.channels_last) if tiling.channels_last else model
 
 
+def _replicas(model: torch.nn.Module, devices: Sequence[torch.device]) -> list[torch.nn.Module]:
+    """One copy of a freshly built ``model`` per device (the CPU uses it as is). Not cached: a cache keyed by
+    ``id()`` could hand a later head the copy of an earlier one whose id was reused."""
+    import copy
+
+    return [model if d.type == "cpu" else copy.deepcopy(model).to(d).eval() for d in devices]
+
+
 def predict(
     backbone: Backbone,
     head: AdaptedHead,
@@ -128,7 +136,7 @@ def predict(
     f = (mpp or backbone.mpp) / backbone.mpp
     small = rescale(image, f, order=1)
     model = _inference_model(backbone, head, tiling)
-    reps = [replica(model, d) for d in devs]
+    reps = _replicas(model, devs)
     n_cls = len(head.classes)
     channels = {"seg": n_cls}
     acts = {"seg": lambda t: t.softmax(1)}
@@ -401,7 +409,7 @@ def _predict_large(backbone, head, image, out, mpp, devs, tiling, instances, hov
     H, W = image.height, image.width
     model = _inference_model(backbone, head, tiling)
     has_nc = instances and getattr(model.heads["hover"], "nc", None) is not None
-    fwds = [_forward_for(replica(model, d), instances, np_source, has_nc) for d in devs]
+    fwds = [_forward_for(m, instances, np_source, has_nc) for m in _replicas(model, devs)]
     channels = {"seg": len(head.classes)}
     arrays = {"semantic": ((), "uint8")}
     if instances:
