@@ -63,7 +63,8 @@ class EvaluateWidget(QWidget):
         super().__init__()
         v = self.viewer = napari_viewer
         self.pred_combo = LayerCombo(v, napari.layers.Labels, kinds=("prediction",))
-        self.truth_combo = LayerCombo(v, napari.layers.Labels, exclude_kinds=NOT_TRUTH + ("truth_instances",))
+        self.truth_combo = LayerCombo(v, napari.layers.Labels, exclude_kinds=NOT_TRUTH + ("truth_instances",),
+                                      optional=True)
         self.pred_inst_combo = LayerCombo(v, napari.layers.Labels, kinds=("instances",), optional=True)
         self.truth_inst_combo = LayerCombo(v, napari.layers.Labels, exclude_kinds=NOT_TRUTH + ("support", "truth"),
                                            optional=True)
@@ -103,9 +104,13 @@ class EvaluateWidget(QWidget):
             self.results = evaluate_layers(self.pred_combo.layer(), self.truth_combo.layer(),
                                            self.pred_inst_combo.layer(), self.truth_inst_combo.layer(),
                                            self.points_combo.layer())
+            if not self.results:
+                raise ValueError("nothing to compare: choose a truth layer (classes, nuclei or points)")
         except ValueError as e:
             show_error(error_text("Evaluate", e))
             return {}
         rows = "".join(f"<tr><td>{k}</td><td align='right'>{v:.3f}</td></tr>" for k, v in self.results.items())
-        self.table.setText(f"<table>{rows}</table>" if rows else "nothing to compare")
+        note = ("<br><i>truth = the support strokes the head was adapted on: not held-out</i>"
+                if kind_of(self.truth_combo.layer()) == "support" else "")
+        self.table.setText(f"<table>{rows}</table>{note}")
         return self.results

@@ -81,6 +81,8 @@ class JobRunner(QObject):
                 on_yield(p)
 
         def returned(result: Any) -> None:
+            if worker.abort_requested:  # Cancel pressed after the last yield: still nothing is shown
+                return
             outcome["v"] = "returned"
             if on_return is not None:
                 try:

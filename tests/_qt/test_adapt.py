@@ -162,3 +162,17 @@ def test_mitosis_candidates_with_threshold(viewer, qtbot, adapt, tmp_path, error
     assert mit.shown.all()
     adapt.settings.threshold.setValue(100)
     assert not mit.shown.any() and len(mit.data) == len(probs)  # hidden, not deleted
+
+
+def test_visible_region_follows_the_camera(make_napari_viewer, qtbot):
+    from napari_metahistoseg._qt.layers import visible_region
+
+    viewer = make_napari_viewer(show=True)
+    layer = viewer.add_image(np.zeros((400, 300, 3), np.uint8), rgb=True)
+    qtbot.waitUntil(lambda: np.asarray(layer.corner_pixels).any(), timeout=10_000)
+    assert visible_region(layer) is None  # the whole image is shown: predict it in one go
+    viewer.scene.camera.zoom *= 4
+    viewer.scene.camera.center = (0, 100, 150)
+    qtbot.waitUntil(lambda: visible_region(layer) is not None, timeout=10_000)
+    r0, r1, c0, c1 = visible_region(layer)
+    assert r0 < 100 < r1 and c0 < 150 < c1 and (r1 - r0) * (c1 - c0) < 0.5 * 400 * 300

@@ -48,11 +48,15 @@ def test_partial_prediction_and_support_as_truth(viewer, evaluate):
     support[8:16, 8:12] = 2  # nucleus where it was predicted; the rest unknown → skipped
     viewer.add_labels(support, name="support", metadata={META: {"kind": "support"}})
     evaluate.truth_combo.set_layer(viewer.layers["support"])
-    assert evaluate.evaluate()["mIoU"] == 1.0
+    assert evaluate.evaluate()["mIoU"] == 1.0 and "not held-out" in evaluate.table.text()
 
 
 def test_errors(viewer, evaluate, errors):
     assert evaluate.evaluate() == {} and "no prediction layer" in errors[-1]
+    viewer.add_labels(np.zeros((8, 8), np.uint8), name="p0", metadata={META: {"kind": "prediction"}})
+    assert evaluate.truth_combo.layer() is None  # nothing marked as truth: no silent default
+    assert evaluate.evaluate() == {} and "nothing to compare" in errors[-1]
+    viewer.layers.clear()
     _truth(viewer)
     viewer.add_labels(np.zeros((8, 8), np.uint8), name="pred", metadata={META: {"kind": "prediction"}})
     assert evaluate.evaluate() == {} and "differ in size" in errors[-1]
