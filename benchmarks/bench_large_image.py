@@ -1,0 +1,235 @@
+"""Benchmark: a whole-slide-sized image end to end with bounded memory.
+
+1. Writes a ``--size`` x ``--size`` RGB tiled, JPEG-compressed TIFF of a synthetic H&E-like texture (pink tissue
+   with purple nuclei and patches of white glass) at ``--mpp`` µm/px to ``--dir``, tile by tile from a generator,
+   in a child process (so writing is bounded-memory too, and its peak RSS is measured separately).
+2. Runs :func:`napari_metahistoseg.inference.predict_large` on it with the real backbone (bundled, else
+   ``runs/backbone/last``): semantic segmentation and, unless ``--no-instances``, HoVer instances (stitched over
+   windows) and the nuclei CSV, streamed into ``<dir>/slide_<size>.zarr``.
+3. Reports wall time, time in prediction vs instance post-processing, throughput and the peak resident memory
+   (``resource.getrusage`` ``ru_maxrss`` and a psutil sampling thread). Target: peak RSS ≤ 2 GB for 20000².
+
+Writes ``benchmarks/results/large_image_<size>.json``. Quick run: ``--size 4096``.
+
+    .venv/bin/python benchmarks/bench_large_image.py --size 4096
+    nohup .venv/bin/python benchmarks/bench_large_image.py --size 20000 > /tmp/large.log 2>&1 &
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+TILE = 256  # TIFF tile side
+CELL_UM = 12.0  # one potential nucleus per cell of this side
+NUCLEUS_RADIUS_UM = (2.5, 4.5)  # nucleus radius range
+GLASS_CELL_UM = 400.0  # coarse cells of tissue or empty glass
+GLASS_FRACTION = 0.25
+SEED = 0
+
+
+# ------------------------------------------------------------------------------------------ synthetic slide
+
+
+def _hash(*keys: np.ndarray) -> np.ndarray:
+    """Deterministic uniform [0, 1) numbers from integer keys (splitmix64 over a key combination)."""
+    with np.errstate(over="ignore"):
+        x = np.uint64(SEED + 0x9E3779B97F4A7C15)
+        for i, k in enumerate(keys):
+            x = x ^ (np.asarray(k, np.int64).astype(np.uint64) * np.uint64(0xBF58476D1CE4E5B9 + 2 * i + 1))
+            x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+            x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+            x = x ^ (x >> np.uint64(31))
+    return (x >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def texture_tile(r0: int, c0: int, h: int, w: int, mpp: float) -> np.ndarray:
+    """``(h, w, 3) uint8`` of the synthetic slide at ``(r0, c0)``: any tile can be made independently."""
+    cell = CELL_UM / mpp
+    ci = np.floor(np.arange(r0, r0 + h) / cell).astype(np.int64)
+    cj = np.floor(np.arange(c0, c0 + w) / cell).astype(np.int64)
+    gi = np.arange(ci[0] - 1, ci[-1] + 2)[:, None]  # the cells around the tile, and their nuclei
+    gj = np.arange(cj[0] - 1, cj[-1] + 2)[None, :]
+    cy, cx = (gi + 0.2 + 0.6 * _hash(gi, gj, 1)) * cell, (gj + 0.2 + 0.6 * _hash(gi, gj, 2)) * cell
+    rad = (NUCLEUS_RADIUS_UM[0] + (NUCLEUS_RADIUS_UM[1] - NUCLEUS_RADIUS_UM[0]) * _hash(gi, gj, 3)) / mpp
+    present, shade_of = _hash(gi, gj, 4) < 0.6, _hash(gi, gj, 5)
+    rr, cc = np.arange(r0, r0 + h, dtype=np.float32)[:, None], np.arange(c0, c0 + w, dtype=np.float32)[None, :]
+    li, lj = (ci - gi[0, 0])[:, None], (cj - gj[0, 0])[None, :]
+    best = np.full((h, w), np.inf, np.float32)
+    shade = np.zeros((h, w), np.float32)
+    for di in (-1, 0, 1):
+        for dj in (-1, 0, 1):
+            a, b = li + di, lj + dj
+            d = np.hypot(rr - cy[a, b], cc - cx[a, b]) / rad[a, b]
+            d[~present[a, b]] = np.inf
+            closer = d < best
+            best[closer] = d[closer]
+            shade[closer] = shade_of[a, b][closer]
+    g = GLASS_CELL_UM / mpp
+    glass = _hash(np.floor(rr / g).astype(np.int64), np.floor(cc / g).astype(np.int64), 6) < GLASS_FRACTION
+    noise = np.random.default_rng((SEED, r0, c0)).random((h, w), np.float32) - 0.5
+    tissue = np.array([228.0, 170.0, 205.0], np.float32) + 18 * noise[..., None]
+    nucleus = np.array([95.0, 60.0, 140.0], np.float32) * (0.8 + 0.4 * shade[..., None]) + 12 * noise[..., None]
+    edge = np.clip((1.15 - best) / 0.3, 0, 1)[..., None]  # soft nucleus border
+    rgb = tissue * (1 - edge) + nucleus * edge
+    rgb = np.where(glass[..., None], np.array([245.0, 243.0, 246.0], np.float32) + 4 * noise[..., None], rgb)
+    return np.clip(rgb, 0, 255).astype(np.uint8)
+
+
+def write_slide(path: Path, size: int, mpp: float) -> dict:
+    """Write the synthetic slide tile by tile (bounded memory); returns timing and peak RSS."""
+    import tifffile
+
+    t0 = time.time()
+
+    def tiles():
+        for r in range(0, size, TILE):
+            for c in range(0, size, TILE):
+                yield texture_tile(r, c, TILE, TILE, mpp)  # edge tiles are written full size and cropped
+
+    tifffile.imwrite(path, tiles(), shape=(size, size, 3), dtype=np.uint8, tile=(TILE, TILE), photometric="rgb",
+                     compression="jpeg", compressionargs={"level": 90}, resolution=(1e4 / mpp, 1e4 / mpp),
+                     resolutionunit="CENTIMETER", bigtiff=size * size * 3 > 2**31)
+    return {"write_s": time.time() - t0, "write_peak_rss_mb": _ru_maxrss_mb(), "file_mb": path.stat().st_size / 1e6}
+
+
+# ------------------------------------------------------------------------------------------ memory
+
+
+def _ru_maxrss_mb() -> float:
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 1024 if sys.platform != "darwin" else kb / 2**20
+
+
+class RSSSampler(threading.Thread):
+    """Peak resident set size by sampling (psutil, if installed) every ``every_s`` seconds."""
+
+    def __init__(self, every_s: float = 0.2) -> None:
+        super().__init__(daemon=True)
+        self.every_s, self.peak_mb, self._halt = every_s, 0.0, threading.Event()
+        try:
+            import psutil
+
+            self._proc = psutil.Process()
+        except ImportError:
+            self._proc = None
+
+    def run(self) -> None:
+        while self._proc is not None and not self._halt.is_set():
+            self.peak_mb = max(self.peak_mb, self._proc.memory_info().rss / 2**20)
+            self._halt.wait(self.every_s)
+
+    def stop(self) -> float | None:
+        self._halt.set()
+        self.join()
+        return self.peak_mb if self._proc is not None else None
+
+
+# ------------------------------------------------------------------------------------------ run
+
+
+def backbone_path() -> str:
+    bundled = REPO / "napari_metahistoseg" / "weights" / "backbone"
+    if bundled.with_suffix(".safetensors").exists():
+        return str(bundled)
+    run = REPO / "runs" / "backbone" / "last"
+    if run.with_suffix(".safetensors").exists():
+        return str(run)
+    raise SystemExit("no backbone: neither napari_metahistoseg/weights/backbone nor runs/backbone/last exists")
+
+
+def predict(args, slide: Path) -> dict:
+    import torch
+
+    from napari_metahistoseg.config import MAMLConfig, TilingConfig
+    from napari_metahistoseg.inference import predict_large
+    from napari_metahistoseg.pipeline import AdaptedHead, initial_head, load_backbone
+
+    torch.set_num_threads(args.threads)
+    bb = load_backbone(backbone_path())
+    head = AdaptedHead(["background", "foreground"], initial_head(bb, 2), bb.sha256, MAMLConfig(), bb.mpp)
+    tiling = TilingConfig(tile_px=args.tile, batch_size=args.batch)
+    sampler = RSSSampler()
+    sampler.start()
+    t0 = last = time.time()
+    spent = {"predict": 0.0, "instances": 0.0}
+    gen = predict_large(bb, head, slide, out_dir=Path(args.dir) / f"slide_{args.size}.zarr", tiling=tiling,
+                        instances=not args.no_instances, np_source="hover", devices=args.devices)
+    shown = 0.0
+    while True:
+        try:
+            p = next(gen)
+        except StopIteration as stop:
+            res = stop.value
+            break
+        now = time.time()
+        spent[p["stage"]] = spent.get(p["stage"], 0.0) + now - last
+        last = now
+        if now - shown > 30:
+            shown = now
+            print(f"  [{p['stage']}] {p['done']}/{p['total']} after {now - t0:.0f} s, "
+                  f"RSS {sampler.peak_mb:.0f} MB peak", flush=True)
+    wall = time.time() - t0
+    peak = sampler.stop()
+    mp = args.size * args.size / 1e6
+    return {"wall_s": wall, "predict_s": spent["predict"], "instances_s": spent["instances"],
+            "tiles": res.tiles, "nuclei": res.n_instances, "image_mp": mp, "image_mp_per_s": mp / wall,
+            "model_mp": mp * (args.mpp / bb.mpp) ** 2, "peak_rss_mb_sampled": peak, "peak_rss_mb_ru_maxrss":
+            _ru_maxrss_mb(), "threads": args.threads, "tile_px": args.tile, "batch": args.batch,
+            "devices": args.devices, "backbone": bb.name, "store": str(res.store),
+            "store_mb": sum(f.stat().st_size for f in Path(res.store).rglob("*") if f.is_file()) / 1e6}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--size", type=int, default=20000, help="image side in pixels (4096 for a quick run)")
+    ap.add_argument("--mpp", type=float, default=0.25, help="µm per pixel of the synthetic slide (40x: 0.25)")
+    ap.add_argument("--dir", default="/tmp/metahistoseg_large", help="where the slide and the outputs go")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tile", type=int, default=512, help="TilingConfig.tile_px (model px)")
+    ap.add_argument("--batch", type=int, default=2, help="TilingConfig.batch_size")
+    ap.add_argument("--devices", default="cpu")
+    ap.add_argument("--no-instances", action="store_true")
+    ap.add_argument("--write-only", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    d = Path(args.dir)
+    d.mkdir(parents=True, exist_ok=True)
+    slide = d / f"slide_{args.size}_{args.mpp}.tif"
+    if args.write_only:
+        print(json.dumps(write_slide(slide, args.size, args.mpp)))
+        return
+    write = {"reused": True, "file_mb": slide.stat().st_size / 1e6} if slide.exists() else None
+    if write is None:
+        print(f"writing {slide} ({args.size}² at {args.mpp} µm/px) ...", flush=True)
+        out = subprocess.run([sys.executable, __file__, "--write-only", "--size", str(args.size), "--mpp",
+                              str(args.mpp), "--dir", str(d)], capture_output=True, text=True, check=True)
+        write = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"  written in {write['write_s']:.0f} s, {write['file_mb']:.0f} MB, writer peak RSS "
+              f"{write['write_peak_rss_mb']:.0f} MB", flush=True)
+    print(f"predicting ({'semantic' if args.no_instances else 'semantic + instances'}) ...", flush=True)
+    res = {**predict(args, slide), "write": write, "size": args.size, "mpp": args.mpp,
+           "load_avg_end": [round(x, 2) for x in os.getloadavg()], "command": " ".join([".venv/bin/python", *sys.argv])}
+    res["target_rss_mb"] = 2048
+    res["rss_ok"] = max(res["peak_rss_mb_ru_maxrss"], res["peak_rss_mb_sampled"] or 0) <= 2048
+    print(f"\n{args.size}² at {args.mpp} µm/px: {res['wall_s']:.0f} s wall ({res['predict_s']:.0f} s prediction, "
+          f"{res['instances_s']:.0f} s instances), {res['tiles']} tiles, {res['nuclei']} nuclei, "
+          f"{res['image_mp_per_s']:.2f} image MP/s; peak RSS {res['peak_rss_mb_ru_maxrss']:.0f} MB (ru_maxrss), "
+          f"{res['peak_rss_mb_sampled'] or float('nan'):.0f} MB (sampled); target ≤ 2048 MB: "
+          f"{'met' if res['rss_ok'] else 'NOT met'}")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"large_image_{args.size}.json").write_text(json.dumps(res, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

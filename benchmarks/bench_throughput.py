@@ -1,0 +1,215 @@
+"""Benchmark: semantic prediction throughput (megapixels per second) vs tile size and batch size.
+
+Runs :func:`napari_metahistoseg.inference.predict` (the GUI's and the CLI's in-memory path: tiles, blending,
+softmax, arg-max) with the real backbone (bundled ``weights/backbone``, else ``runs/backbone/last``) on a
+synthetic H&E image at the backbone's resolution, on the CPU with each ``--threads`` setting and, when CUDA is
+available, on the GPU (fp32 and bf16 autocast). Each configuration is timed ``--repeats`` times after one warm-up
+run; the median wall-clock time and the median CPU time of the process are reported (on a shared machine the CPU
+time shows what the code costs when other jobs take the cores). Also the time to predict a 1024x1024 image (at
+the model's 0.5 µm/px, and a 1024x1024 image at 0.25 µm/px, which the model sees at half size — the usual 40x
+slide case).
+
+Prints a table; writes ``benchmarks/results/throughput.json`` and ``throughput.png``.
+
+    .venv/bin/python benchmarks/bench_throughput.py [--threads 1,2] [--tiles 256,384,512,768] [--batches 1,2,4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+SEED = 0
+
+
+def backbone_path(which: str) -> str:
+    if which != "auto":
+        return which
+    bundled = REPO / "napari_metahistoseg" / "weights" / "backbone"
+    if bundled.with_suffix(".safetensors").exists():
+        return str(bundled)
+    run = REPO / "runs" / "backbone" / "last"
+    if run.with_suffix(".safetensors").exists():
+        return str(run)
+    raise SystemExit("no backbone: neither napari_metahistoseg/weights/backbone nor runs/backbone/last exists")
+
+
+def machine() -> dict:
+    import torch
+
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.lower().startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() \
+        else platform.processor()
+    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+            "load_avg_1_5_15": [round(x, 2) for x in os.getloadavg()], "torch": torch.__version__,
+            "cuda": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+            if torch.cuda.is_available() else []}
+
+
+def image(size: int, mpp: float):
+    """A synthetic H&E image of ``size`` x ``size`` (tiled from 512 px synthetic tiles, to keep it quick)."""
+    import numpy as np
+
+    from napari_metahistoseg.data.synthetic import synthetic_tile
+
+    t = synthetic_tile((512, 512), seed=SEED, mpp=mpp).image
+    reps = -(-size // 512)
+    return np.ascontiguousarray(np.tile(t, (reps, reps, 1))[:size, :size])
+
+
+def time_predict(backbone, head, img, mpp, tiling, device: str, repeats: int) -> tuple[list[float], list[float]]:
+    """Wall-clock and process CPU seconds of each of ``repeats`` predictions (after one warm-up)."""
+    from napari_metahistoseg.inference import predict
+
+    def once() -> tuple[float, float]:
+        t0, c0 = time.perf_counter(), time.process_time()
+        gen = predict(backbone, head, img, mpp=mpp, devices=device, tiling=tiling)
+        for _ in gen:
+            pass
+        if device.startswith("cuda"):
+            import torch
+
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0, time.process_time() - c0
+
+    once()  # warm-up (allocations, oneDNN/cuDNN kernel choice)
+    runs = [once() for _ in range(repeats)]
+    return [w for w, _ in runs], [c for _, c in runs]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--backbone", default="auto", help="checkpoint stem (default: bundled, else runs/backbone/last)")
+    ap.add_argument("--threads", default="1,2", help="CPU thread counts to test")
+    ap.add_argument("--tiles", default="256,384,512,768", help="tile sides (model px)")
+    ap.add_argument("--batches", default="1,2,4", help="tiles per forward")
+    ap.add_argument("--size", type=int, default=1024, help="image side (px) for the tile/batch sweep")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-gpu", action="store_true")
+    ap.add_argument("--append", action="store_true",
+                    help="keep the rows of an earlier throughput.json for device/thread settings not rerun")
+    args = ap.parse_args()
+
+    import torch
+
+    from napari_metahistoseg.config import TilingConfig
+    from napari_metahistoseg.pipeline import AdaptedHead, initial_head, load_backbone
+
+    bb = load_backbone(backbone_path(args.backbone))
+    head = AdaptedHead(["background", "foreground"], initial_head(bb, 2), bb.sha256, _maml(), bb.mpp)
+    img = image(args.size, bb.mpp)
+    img40 = image(args.size, bb.mpp / 2)
+    mp = args.size * args.size / 1e6
+    rows: list[dict] = []
+    kept = _earlier_rows(args)
+    targets = [("cpu", int(t), False) for t in args.threads.split(",")]
+    if torch.cuda.is_available() and not args.no_gpu:
+        targets += [("cuda:0", 0, False), ("cuda:0", 0, True)]
+    info = machine()
+    for device, threads, bf16 in targets:
+        if device == "cpu":
+            torch.set_num_threads(threads)
+        label = f"cpu x{threads}" if device == "cpu" else f"{device}{' bf16' if bf16 else ''}"
+        tiles = [int(t) for t in args.tiles.split(",")]
+        batches = [int(b) for b in args.batches.split(",")]
+        if device != "cpu":
+            tiles, batches = sorted(set(tiles) | {1024}), sorted(set(batches) | {8})
+        for tile in tiles:
+            for batch in batches:
+                cfg = TilingConfig(tile_px=tile, halo_px=32, batch_size=batch, autocast_bf16=bf16)
+                ts, cpu = time_predict(bb, head, img, bb.mpp, cfg, device, args.repeats)
+                rows.append(_row(label, tile, batch, args.size, bb.mpp, ts, cpu, mp))
+                _show(rows[-1])
+                _save(kept + rows, info, args, bb)  # a stopped run keeps what it measured
+        best = max((r for r in rows if r["device"] == label),  # CPU: by CPU time (robust to other jobs)
+                   key=lambda r: r["mp_per_cpu_s"] if device == "cpu" else r["mp_per_s"])
+        cfg = TilingConfig(tile_px=best["tile"], halo_px=32, batch_size=best["batch"], autocast_bf16=bf16)
+        ts, cpu = time_predict(bb, head, img40, bb.mpp / 2, cfg, device, args.repeats)
+        rows.append(_row(label, best["tile"], best["batch"], args.size, bb.mpp / 2, ts, cpu, mp))
+        _show(rows[-1])
+        _save(kept + rows, info, args, bb)
+    info["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
+    _report(kept + rows, info, args, bb)
+
+
+def _row(label: str, tile: int, batch: int, size: int, mpp: float, ts: list[float], cpu: list[float],
+         mp: float) -> dict:
+    med, cmed = statistics.median(ts), statistics.median(cpu)
+    return {"device": label, "tile": tile, "batch": batch, "image_px": size, "mpp": mpp, "seconds": med,
+            "mp_per_s": mp / med, "cpu_seconds": cmed, "mp_per_cpu_s": mp / cmed, "times": ts, "cpu_times": cpu}
+
+
+def _show(r: dict) -> None:
+    print(f"{r['device']:14s} {r['image_px']}² at {r['mpp']} µm/px, tile {r['tile']:4d} batch {r['batch']}: "
+          f"{r['seconds']:7.3f} s wall, {r['mp_per_s']:6.3f} MP/s; CPU {r['cpu_seconds']:7.3f} s, "
+          f"{r['mp_per_cpu_s']:6.3f} MP per CPU-s", flush=True)
+
+
+def _maml():
+    from napari_metahistoseg.config import MAMLConfig
+
+    return MAMLConfig()
+
+
+def _earlier_rows(args) -> list[dict]:
+    """Rows of an earlier run for devices/thread counts this run does not measure (``--append``)."""
+    path = RESULTS / "throughput.json"
+    if not (args.append and path.exists()):
+        return []
+    labels = {f"cpu x{t}" for t in args.threads.split(",")} | {"cuda:0", "cuda:0 bf16"}
+    return [r for r in json.loads(path.read_text())["rows"] if r["device"] not in labels]
+
+
+def _save(rows: list[dict], info: dict, args, bb) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = {"rows": rows, "machine": info, "backbone": bb.name, "backbone_sha256": bb.sha256,
+           "command": " ".join([".venv/bin/python", *sys.argv]), "repeats": args.repeats,
+           "note": "median of repeats after one warm-up; MP/s = image pixels per wall-clock second (at 0.25 µm/px "
+                   "the model processes a quarter of them); MP per CPU-s = per second of this process's CPU time, "
+                   "less sensitive to other jobs sharing the cores (see load_avg); with several threads CPU time "
+                   "also counts OpenMP spin-waiting"}
+    (RESULTS / "throughput.json").write_text(json.dumps(out, indent=1) + "\n")
+
+
+def _report(rows: list[dict], info: dict, args, bb) -> None:
+    print("\n| device | tile | batch | image µm/px | wall s | MP/s | CPU s | MP per CPU-s |\n"
+          "|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['device']} | {r['tile']} | {r['batch']} | {r['mpp']} | {r['seconds']:.3f} | "
+              f"{r['mp_per_s']:.3f} | {r['cpu_seconds']:.3f} | {r['mp_per_cpu_s']:.3f} |")
+    _save(rows, info, args, bb)
+    _plot(rows)
+    print(f"\nwrote {RESULTS / 'throughput.json'} and {RESULTS / 'throughput.png'}")
+
+
+def _plot(rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    devices = list(dict.fromkeys(r["device"] for r in rows))
+    fig, axes = plt.subplots(1, len(devices), figsize=(4.2 * len(devices), 3.4), squeeze=False)
+    for ax, dev in zip(axes[0], devices, strict=True):
+        sweep = [r for r in rows if r["device"] == dev and r["mpp"] == max(x["mpp"] for x in rows)]
+        for b in sorted({r["batch"] for r in sweep}):
+            pts = sorted((r["tile"], r["mp_per_s"]) for r in sweep if r["batch"] == b)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"batch {b}")
+        ax.set(title=dev, xlabel="tile side (model px)", ylabel="MP/s (0.5 µm/px)")
+        ax.axhline(1.0, color="grey", ls=":", lw=1)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "throughput.png", dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
