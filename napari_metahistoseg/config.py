@@ -147,11 +147,13 @@ class HoVerPostConfig:
     """NP + HV → instances (marker-controlled watershed). Sizes in µm, converted with the image mpp."""
 
     np_threshold: float = 0.5  # nuclear-pixel probability at/above which a pixel is nuclear
-    # edge strength (0-1) at/above which a mask pixel cannot seed a marker: markers = mask - [edge >= 0.4]
-    marker_threshold: float = 0.4
+    # edge strength (0-1) at/above which a mask pixel cannot seed a marker: markers = mask - [edge >= t].
+    # hover_net uses 0.4 with its fully trained HV maps; 0.65 (with sobel_kernel_um=8) was best for the bundled
+    # backbone's weaker HV maps on the MoNuSeg dev tiles (AJI 0.04 -> 0.48; benchmarks/tune notes in BENCHMARKS.md)
+    marker_threshold: float = 0.65
     min_object_area_um2: float = 2.5  # smaller objects are removed (hover_net: 10 px at 0.25 µm/px)
     min_marker_area_um2: float = 0.6
-    sobel_kernel_um: float = 5.25  # Sobel kernel size (hover_net: 21 px at 0.25 µm/px), rounded to odd px
+    sobel_kernel_um: float = 8.0  # Sobel kernel size, rounded to odd px (hover_net: 21 px = 5.25 µm at 0.25 µm/px)
     marker_open_radius_um: float = 0.5  # opening radius of the marker mask (hover_net: 5x5 ellipse)
     fill_mask_holes: bool = True  # fill holes of the thresholded NP mask (hover_net does not)
     surface_blur_um: float = 0.2  # Gaussian sigma smoothing the watershed surface (hover_net: 3x3 at 0.25 µm/px)
@@ -168,21 +170,39 @@ class HoVerPostConfig:
 
 @dataclass(frozen=True)
 class MitosisConfig:
-    """Mitosis patch classification."""
+    """Mitosis patch classification: candidate patches, the small GroupNorm CNN, few-shot adaptation."""
 
-    patch_um: float = 32.0  # side of the square patch around each candidate
-    patch_px: int = 64  # classifier input side (patches are resized to it)
-    threshold: float = 0.5  # probability above which a candidate is called mitotic/atypical
-    pad_mode: str = "reflect"  # how patches crossing the image border are padded
-    positive_rotations_deg: tuple[float, ...] = (0.0, 45.0, 90.0)
-    negative_rotations_deg: tuple[float, ...] = (0.0, 45.0)
-    adapt_steps: int = 30
-    adapt_lr: float = 0.01
+    patch_um: float = 32.0  # side of the square patch around each candidate (AMi-Br patches: 128 px at 0.25 µm/px)
+    patch_px: int = 64  # classifier input side (patches are resized to it: 0.5 µm/px at the defaults)
+    threshold: float = 0.5  # probability at/above which a candidate is called mitotic/atypical
+    pad_mode: str = "reflect"  # how patches crossing the image border are padded (reflect/constant/edge)
+    positive_rotations_deg: tuple[float, ...] = (0.0, 45.0, 90.0)  # augmentation copies of a label-1 patch
+    negative_rotations_deg: tuple[float, ...] = (0.0, 45.0)  # augmentation copies of a label-0 patch
+    channels: tuple[int, ...] = (16, 32, 64, 64)  # CNN stage widths; each stage = conv3x3-GN-ReLU + 2x2 pool
+    groups: int = 8  # GroupNorm groups (clipped to the channel count)
+    normalise: str = "patch"  # input normalisation: "patch" (per-patch, per-channel mean/std) | "fixed"
+    adapt_steps: int = 100  # few-shot adaptation steps (full batch over the augmented support)
+    adapt_lr: float = 0.01  # Adam step size of the few-shot adaptation
+    adapt_weight_decay: float = 1e-3  # L2 on the adapted parameters (keeps a 1-shot head from overshooting)
+    adapt_flips: bool = True  # also add horizontal/vertical flips of every rotated support patch
+    adapt_class_balance: bool = True  # weight the support cross-entropy by inverse class frequency
+    adapt_stages: int = 0  # conv stages adapted besides the linear head (0 = head only; features cached)
 
     def __post_init__(self) -> None:
         if self.pad_mode not in ("reflect", "constant", "edge"):
             raise ValueError(f"MitosisConfig.pad_mode must be reflect/constant/edge, got {self.pad_mode!r}")
-        _positive(self, "patch_um", "patch_px")
+        if self.normalise not in ("patch", "fixed"):
+            raise ValueError(f"MitosisConfig.normalise must be 'patch' or 'fixed', got {self.normalise!r}")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"MitosisConfig.threshold must be in [0, 1], got {self.threshold!r}")
+        if not self.channels or any(c <= 0 for c in self.channels):
+            raise ValueError(f"MitosisConfig.channels must be positive widths, got {self.channels!r}")
+        if not self.positive_rotations_deg or not self.negative_rotations_deg:
+            raise ValueError("MitosisConfig rotations must list at least one angle (0.0 = no rotation)")
+        if self.adapt_steps < 0 or self.adapt_weight_decay < 0 or not 0 <= self.adapt_stages <= len(self.channels):
+            raise ValueError("MitosisConfig needs adapt_steps >= 0, adapt_weight_decay >= 0 and "
+                             "0 <= adapt_stages <= len(channels)")
+        _positive(self, "patch_um", "patch_px", "groups", "adapt_lr")
 
 
 @dataclass(frozen=True)
@@ -194,6 +214,11 @@ class PointsConfig:
     match_radius_px: float = 12.0  # detection matching distance for precision/recall/F1
     min_detection_area_px: int = 20  # predicted blobs smaller than this are not detections
     background_margin_px: float = 6.0  # for exhaustive point annotation: ring left unknown around circles
+    # detections = local maxima of the Gaussian-smoothed foreground probability (chosen on the BM-Graz dev
+    # images: detection F1 0.70 -> 0.83 against sigma 4 / distance 6 / threshold 0.5)
+    peak_sigma_px: float = 6.0  # smoothing of the probability map before peak finding
+    peak_min_distance_px: int = 6  # minimum distance between two detections
+    peak_threshold: float = 0.6  # smoothed probability a detection must reach
 
 
 # ------------------------------------------------------------------------------------------ JSON I/O

@@ -177,16 +177,18 @@ def predict(
 
 
 def detect_points(
-    prob: np.ndarray, cfg: PointsConfig, *, threshold: float = 0.5, radius_px: float | None = None
+    prob: np.ndarray, cfg: PointsConfig, *, threshold: float | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Cell centroids from a foreground probability map ``(H,W)``: local maxima of the smoothed map above
-    ``threshold``, at least ``radius/2`` apart. Returns ``points (N,2)`` (row, col) and their probabilities."""
+    """Cell centroids from a foreground probability map ``(H,W)``: local maxima of the map smoothed with
+    ``cfg.peak_sigma_px`` above ``threshold`` (default ``cfg.peak_threshold``), at least
+    ``cfg.peak_min_distance_px`` apart. Returns ``points (N,2)`` (row, col) and their smoothed probabilities."""
     from scipy import ndimage as ndi
     from skimage.feature import peak_local_max
 
-    r = float(radius_px if radius_px is not None else cfg.radius)
-    sm = ndi.gaussian_filter(prob.astype(np.float32), sigma=max(1.0, r / 3))
-    pts = peak_local_max(sm, min_distance=max(1, int(r / 2)), threshold_abs=threshold, exclude_border=False)
+    th = cfg.peak_threshold if threshold is None else threshold
+    sm = ndi.gaussian_filter(prob.astype(np.float32), sigma=cfg.peak_sigma_px)
+    pts = peak_local_max(sm, min_distance=max(1, int(cfg.peak_min_distance_px)), threshold_abs=th,
+                         exclude_border=False)
     pts = pts.astype(np.float64).reshape(-1, 2)
     return pts, sm[pts[:, 0].astype(int), pts[:, 1].astype(int)] if len(pts) else np.zeros(0)
 

@@ -199,6 +199,6 @@ def test_detect_points_finds_blobs():
     prob = np.zeros((80, 80), np.float32)
     for r, c in ((20, 20), (20, 60), (60, 40)):
         prob[r - 4:r + 5, c - 4:c + 5] = 1.0
-    pts, p = detect_points(prob, PointsConfig(radius=6))
+    pts, p = detect_points(prob, PointsConfig(peak_sigma_px=2.0, peak_min_distance_px=3, peak_threshold=0.5))
     assert sorted(map(tuple, pts.astype(int).tolist())) == [(20, 20), (20, 60), (60, 40)]
     assert (p > 0.5).all()

@@ -266,6 +266,7 @@ class Predictor:
 
     def _points(self, s: str, probs, mpp: float) -> Path:
         import csv
+        import dataclasses
 
         from ..config import PointsConfig
         from ..inference import detect_points
@@ -273,12 +274,15 @@ class Predictor:
         cfg = PointsConfig()
         r_model = self.head.provenance.get("points_radius_model_px")
         radius = float(r_model) * self.backbone.mpp / mpp if r_model else cfg.radius
+        scale = radius / cfg.radius  # peak-finding sizes follow the clicked circles' radius at this image's mpp
+        cfg = dataclasses.replace(cfg, peak_sigma_px=cfg.peak_sigma_px * scale,
+                                  peak_min_distance_px=max(1, round(cfg.peak_min_distance_px * scale)))
         path = self.out / f"{s}.points.csv"
         with open(path, "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["row", "col", "class", "class_name", "prob"])
             for c in range(1, probs.shape[0]):
-                pts, p = detect_points(probs[c], cfg, radius_px=radius)
+                pts, p = detect_points(probs[c], cfg)
                 for (r, cc), pr in zip(pts, p, strict=True):
                     w.writerow([f"{r:.1f}", f"{cc:.1f}", c, self.head.classes[c], f"{float(pr):.4f}"])
         return path
