@@ -36,6 +36,7 @@ def _png(path: Path, arr: np.ndarray) -> Path:
     return path
 
 
+@pytest.mark.filterwarnings("ignore:The legacy `DICOM` plugin:DeprecationWarning")  # imageio probing .xyz
 @pytest.mark.parametrize(
     "name, make, problem",
     [

@@ -99,21 +99,25 @@ def grids(draw, max_side: int = 150, min_tile: int = 2, max_halo_fraction: float
 
 
 @FAST
-@given(g=grids())
-def test_tile_grid_covers_every_pixel_with_positive_weight(g) -> None:
+@given(g=grids(), multiple=st.sampled_from([1, 2, 8]))
+def test_tile_grid_covers_every_pixel_with_positive_weight(g, multiple) -> None:
     h, w, tile, halo = g
-    tiles = tile_grid((h, w), tile, halo)
+    tiles = tile_grid((h, w), tile, halo, multiple)
     cover = np.zeros((h, w), np.int32)
     wsum = np.zeros((h, w), np.float64)
     for r0, c0, r1, c1 in tiles:
         assert 0 <= r0 < r1 <= h and 0 <= c0 < c1 <= w
-        assert r1 - r0 == min(tile, h) and c1 - c0 == min(tile, w)
+        assert r1 - r0 <= tile and c1 - c0 <= tile
         win = blend_window(r1 - r0, c1 - c0, halo, (r0 == 0, r1 == h, c0 == 0, c1 == w))
         assert win.shape == (r1 - r0, c1 - c0) and (win > 0).all() and (win <= 1).all()
         cover[r0:r1, c0:c1] += 1
         wsum[r0:r1, c0:c1] += win
     assert (cover > 0).all() and (wsum > 0).all()
     assert len(set(tiles)) == len(tiles)
+    for axis, n in ((0, h), (1, w)):  # per axis: one tile size; neighbours overlap by at least 2 * halo
+        spans = sorted({(t[axis], t[axis + 2]) for t in tiles})
+        assert len({b - a for a, b in spans}) == 1 and (n > tile or spans == [(0, n)])
+        assert all(prev[1] - nxt[0] >= 2 * halo for prev, nxt in zip(spans, spans[1:], strict=False))
 
 
 @settings(max_examples=30, deadline=None)
