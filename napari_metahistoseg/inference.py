@@ -29,7 +29,7 @@ import torch
 from .config import HoVerPostConfig, PointsConfig, TilingConfig, to_dict
 from .data.io import to_rgb_uint8
 from .devices import resolve_devices
-from .pipeline import AdaptedHead, Backbone, rescale
+from .pipeline import AdaptedHead, Backbone, _check_mpp, rescale
 from .postprocess import HoVerPostProcessor
 from .slide import LazyImage, create_outputs, open_image
 from .tiling import (
@@ -132,6 +132,7 @@ def predict(
     tiling = tiling or TilingConfig()
     devs = resolve_devices(devices)
     image = to_rgb_uint8(image, source="image")
+    _check_mpp(mpp, "image")
     h, w = image.shape[:2]
     f = (mpp or backbone.mpp) / backbone.mpp
     small = rescale(image, f, order=1)

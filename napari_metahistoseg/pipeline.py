@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
@@ -58,6 +59,9 @@ def load_backbone(which: str | Path = "default") -> Backbone:
     """``"default"`` (bundled meta-trained), ``"transfer"`` (bundled transfer-learning baseline),
     ``"scratch"`` (same network, random weights, seed 0) or a checkpoint path. Cached per name."""
     key = str(which)
+    if key not in ("default", "transfer", "scratch"):  # a file rewritten in place (a training run) reloads
+        json_path = Path(key if key.endswith(".json") else key.removesuffix(".safetensors") + ".json")
+        key = f"{key}@{json_path.stat().st_mtime_ns}" if json_path.exists() else key
     if key in _BACKBONES:
         return _BACKBONES[key]
     if key == "scratch":
@@ -65,11 +69,12 @@ def load_backbone(which: str | Path = "default") -> Backbone:
         model = MetaHistoSegNet(load_backbone("default").model.cfg, {GENERIC: 2}, hover_types=5).eval()
         bb = Backbone(model, {"name": "scratch"}, {}, backbone_sha256(model), "scratch")
     else:
-        path = WEIGHTS / "backbone" if key == "default" else WEIGHTS / "transfer" if key == "transfer" else Path(key)
+        name = str(which)
+        path = WEIGHTS / "backbone" if name == "default" else WEIGHTS / "transfer" if name == "transfer" else Path(name)
         model, desc, lrs = load_model(path)
         if desc["backbone_sha256"] != backbone_sha256(model):
             raise ValueError(f"{path}: backbone SHA-256 does not match its description (file modified?)")
-        bb = Backbone(model, desc, lrs, desc["backbone_sha256"], key)
+        bb = Backbone(model, desc, lrs, desc["backbone_sha256"], name)
     _BACKBONES[key] = bb
     return bb
 
@@ -129,13 +134,28 @@ def rescale(image: np.ndarray, factor: float, *, order: int) -> np.ndarray:
     return (out + 0.5).astype(image.dtype) if order > 0 else out.astype(image.dtype)
 
 
+def _check_mpp(m, where: str) -> None:
+    if m is not None and (isinstance(m, bool) or not isinstance(m, (int, float, np.floating))
+                          or not math.isfinite(m) or m <= 0):
+        raise ValueError(f"{where}: mpp must be None or a number > 0 (µm per pixel), got {m!r}")
+
+
 def _check_support(images, labels, n_classes: int) -> None:
+    if n_classes < 2:
+        raise ValueError(f"name at least 2 classes, got {n_classes}")
     if len(images) != len(labels) or not images:
         raise ValueError(f"support needs as many label masks as images (got {len(images)} and {len(labels)})")
     present: set[int] = set()
     for i, (im, lab) in enumerate(zip(images, labels)):
         if lab.shape != im.shape[:2]:
             raise ValueError(f"support labels {i} have shape {lab.shape}, image has {im.shape[:2]}")
+        if lab.dtype != bool and not np.issubdtype(lab.dtype, np.integer):
+            if not (np.issubdtype(lab.dtype, np.floating) and np.isfinite(lab).all()
+                    and (lab == np.round(lab)).all()):
+                raise ValueError(f"support labels {i} must be integer class ids (0..{n_classes - 1}, "
+                                 f"{IGNORE} = unknown)")
+        if lab.size and lab.min() < 0:
+            raise ValueError(f"support labels {i} contain negative class ids")
         vals = np.unique(lab)
         bad = [int(v) for v in vals if v != IGNORE and v >= n_classes]
         if bad:
@@ -219,6 +239,10 @@ def adapt(
     labels = [np.asarray(lab) for lab in labels]
     _check_support(images, labels, len(classes))
     mpps = list(mpp) if isinstance(mpp, (list, tuple)) else [mpp] * len(images)
+    if len(mpps) != len(images):
+        raise ValueError(f"{len(mpps)} mpp values for {len(images)} support images")
+    for i, m in enumerate(mpps):
+        _check_mpp(m, f"support image {i}")
     sup = []
     for im, lab, m in zip(images, labels, mpps):
         f = (m or backbone.mpp) / backbone.mpp
@@ -263,7 +287,7 @@ def _adapt_head(backbone, sup, n_classes, start, cfg, devs, tiling, t0) -> Gener
     init = {k[len(prefix):]: v.detach().clone().to(devs[0]) for k, v in start.items() if k.startswith(prefix)}
     lrs = _learned_lrs(backbone, init, cfg)
     gen = adapt_head_on_pixels(template, init, x, y, n_classes=n_classes, steps=cfg.steps, lr=cfg.inner_lr,
-                               first_order=True, balance=cfg.class_balance, lrs=lrs, devices=devs)
+                               first_order=cfg.first_order, balance=cfg.class_balance, lrs=lrs, devices=devs)
     while True:
         try:
             p = next(gen)
@@ -303,7 +327,7 @@ def _adapt_full(backbone, sup, n_classes, start, cfg, devs, t0) -> Generator[dic
         fns.append(lambda p, m=rep, x=x, y=y, w=w.to(dev): F.cross_entropy(
             functional_call(m, p, (x, TASK))["seg"], y, weight=w, ignore_index=IGNORE, reduction="sum") / norm)
     gen = inner_loop(fns, {k: v.to(devs[0]) for k, v in params.items()}, names, steps=cfg.steps, lr=cfg.inner_lr,
-                     first_order=True, devices=devs)
+                     first_order=cfg.first_order, devices=devs)
     while True:
         try:
             p = next(gen)

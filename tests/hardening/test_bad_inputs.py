@@ -459,10 +459,8 @@ def test_bad_support(tiny_backbone, case: int) -> None:
         run_gen(adapt(tiny_backbone, images, labels, classes, cfg=MAMLConfig(steps=1)))
 
 
-@pytest.mark.xfail(strict=True, reason="pipeline._check_support accepts negative / NaN / fractional labels and "
-                   "adapt() accepts mpp <= 0 or a too-short mpp list; patch proposed (pipeline.py not ours)")
 @pytest.mark.parametrize("bad", ["negative", "nan", "fraction", "mpp", "mpp_list"])
-def test_bad_support_values_pending_pipeline_fix(tiny_backbone, bad: str) -> None:
+def test_bad_support_values(tiny_backbone, bad: str) -> None:
     from napari_metahistoseg.pipeline import adapt
 
     image, labels = support()
