@@ -441,7 +441,7 @@ def plan(args, td: TaskData) -> list[Unit]:
     spec = td.spec
     ks = sorted({k for k in (args.k or spec.ks) if k <= max(spec.ks)})
     units = []
-    for d in range(args.draws):
+    for d in range(args.first_draw, args.draws):
         for k in ks:
             for m in args.methods:
                 if m == "scratch" and (d >= args.scratch_draws or
@@ -584,24 +584,37 @@ def _ok(v, thr) -> str:
 
 
 def plot_task(task: str, summary: list[dict]) -> Path | None:
+    import matplotlib
+    import matplotlib.ticker
+
     rows = [r for r in summary if r["task"] == task and r["setting"] in ("full", "sparse", "clicks")]
     if not rows:
         return None
     metrics = [m for m in METRICS if any(m in r for r in rows)]
     fig, axes = common.new_figure(len(metrics))
     colours = {"maml": "C0", "transfer": "C1", "scratch": "C2", "rf": "C3"}
+    has_clicks = any(r["setting"] == "clicks" for r in rows)
     for ax, m in zip(axes, metrics, strict=True):
+        xs: set[int] = set()
         for (setting, method) in dict.fromkeys((r["setting"], r["method"]) for r in rows):
             pts = sorted((r["x"], r[m], r[m + "_std"]) for r in rows
                          if (r["setting"], r["method"]) == (setting, method) and m in r)
             if not pts:
                 continue
             x, y, e = zip(*pts, strict=True)
-            ax.errorbar(x, y, yerr=e, marker="o", capsize=3, color=colours.get(method, "k"),
+            colour = colours.get(method, "k")
+            if has_clicks and setting == "full":  # one whole annotated image: a reference level for the clicks
+                ax.axhline(y[0], color=colour, lw=1, label=f"{method} (whole image, K={x[0]})")
+                continue
+            xs |= set(x)
+            ax.errorbar(x, y, yerr=e, marker="o", capsize=3, color=colour,
                         linestyle={"full": "-", "sparse": "--", "clicks": ":"}[setting],
                         label=method if setting == "full" else f"{method} ({setting})")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("support images K (clicks: annotated centroids)")
+        ax.set_xscale("log")
+        ax.set_xticks(sorted(xs))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.set_xlabel("annotated centroids in the support window" if has_clicks else "support images K")
         ax.set_title(f"{task}: {m}")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
@@ -616,6 +629,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tasks", default=",".join(TASKS), help=f"comma list of {', '.join(TASKS)}")
     p.add_argument("--k", default=None, help="comma list of support sizes (default: per task, capped by the data)")
     p.add_argument("--draws", type=int, default=3, help="random support draws per K")
+    p.add_argument("--first-draw", type=int, default=0, help="skip draws below this (split a run over processes)")
     p.add_argument("--methods", default="maml,transfer,scratch,rf")
     p.add_argument("--max-query", type=int, default=None, help="cap on query images per draw (default per task)")
     p.add_argument("--backbone", default="default", help="meta-trained backbone: 'default' (bundled) or a path")

@@ -144,14 +144,25 @@ def scratch_backbone(template):
 
 def median_time(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> tuple[float, list[float]]:
     """Median wall-clock seconds of ``fn()`` over ``repeats`` runs after ``warmup`` untimed runs."""
+    med, times, _, _ = median_wall_cpu(fn, repeats, warmup)
+    return med, times
+
+
+def median_wall_cpu(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> tuple[float, list[float],
+                                                                                          float, list[float]]:
+    """Medians and lists of wall-clock and process CPU seconds of ``fn()`` (``warmup`` untimed runs first).
+
+    On a machine shared with other jobs the CPU time of a single-threaded run approximates the wall time the
+    same run would take on an idle core; the wall time is what a user waits here and now."""
     for _ in range(warmup):
         fn()
-    times = []
+    walls, cpus = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), times
+        walls.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
+    return statistics.median(walls), walls, statistics.median(cpus), cpus
 
 
 # ------------------------------------------------------------------------------------------------ tables
@@ -161,7 +172,9 @@ def fmt(v, digits: int = 3) -> str:
     if v is None:
         return "–"
     if isinstance(v, float):
-        return "nan" if v != v else f"{v:.{digits}f}"
+        if v != v:
+            return "nan"
+        return f"{v:.1e}" if 0 < abs(v) < 10 ** -digits else f"{v:.{digits}f}"
     return str(v)
 
 
