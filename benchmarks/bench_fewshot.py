@@ -725,12 +725,15 @@ def finish(result: dict, out_name: str, tasks: list[str]) -> None:
     result["summary"] = summarise(result["records"])
     common.write_json(out_name, result)
     bbs = result["backbones"]
-    cmds = result.get("commands") or [result["command"]]
-    note = (f"Machine: {common.machine_line(result['machine'])}  \nCommit: `{result['commit']}`  \n"
-            + "".join(f"Command: `{c}`  \n" for c in cmds)
+    parts = result.get("parts") or [{k: result[k] for k in ("command", "commit", "machine")}]
+    note = (f"Machine: {common.machine_line(parts[0]['machine'])}  \n"
+            + "".join(f"Command (commit `{p['commit']}`, load average at start {p['machine']['load_avg_1_5_15']}): "
+                      f"`{p['command']}`  \n" for p in parts)
             + f"Backbones: maml `{bbs['maml']['name']}` ({bbs['maml']['sha256'][:12]}), transfer "
               f"`{bbs['transfer']['name']}` ({bbs['transfer']['sha256'][:12]})  \n"
-              f"Wall time {result['wall_seconds'] / 60:.1f} min. Values: mean ± std over draws.")
+              + ("" if len(parts) > 1 else f"Wall time {result['wall_seconds'] / 60:.1f} min. ")
+              + "Values: mean ± std over draws; `adapt s` is the median adaptation wall time (head-only methods: "
+                "inner loop on cached features; see the protocol).")
     md = tables_md(result["summary"], note) + "\n\n### Goals (maml, full labels)\n\n" + goals_md(result["summary"])
     if result["checks"]:
         md += "\n\n### Consistency of the cached path with the GUI path\n\n" + checks_md(result["checks"])
@@ -748,7 +751,8 @@ def merge(args) -> int:
     if len({json_key(p["backbones"]) for p in parts}) != 1:
         raise SystemExit("the runs to merge used different backbones")
     result = {**parts[0], "records": [r for p in parts for r in p["records"]],
-              "checks": [c for p in parts for c in p["checks"]], "commands": [p["command"] for p in parts],
+              "checks": [c for p in parts for c in p["checks"]],
+              "parts": [{k: p[k] for k in ("command", "commit", "machine")} for p in parts],
               "merged_from": args.merge.split(","), "wall_seconds": max(p.get("wall_seconds", 0) for p in parts)}
     finish(result, args.out, list(dict.fromkeys(r["task"] for r in result["records"])))
     return 0
