@@ -110,6 +110,7 @@ class TrainConfig:
     batch_size: int = 8  # crops per supervised step
     outer_lr: float = 1e-3  # Adam (paper: 1e-4 for 300k iterations; we train ~1000x fewer)
     weight_decay: float = 1e-5
+    hv_loss_weight: float = 1.0  # multiplier of the HoVer HV terms (MSE + MSGE) in the supervised loss
     checkpoint_every: int = 100  # steps
     seed: int = 0
     threads: int = 0  # torch intra-op threads (0 = torch default)

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from .config import HoVerPostConfig, PointsConfig, TilingConfig, to_dict
+from .resilience import oom_fallback_gen
 from .data.io import to_rgb_uint8
 from .devices import resolve_devices
 from .pipeline import AdaptedHead, Backbone, _check_mpp, rescale
@@ -158,9 +159,10 @@ def predict(
             return out
         return fwd
 
-    maps = yield from predict_tiled(fwd_for(reps[0]), small, cfg=tiling, devices=devs, channels=channels,
-                                    activations=acts, forwards=[fwd_for(r) for r in reps],
-                                    cpu_channels_last=tiling.channels_last)
+    # an out-of-memory error (a large tile batch on a small GPU) restarts with a smaller batch, then smaller tiles
+    maps = yield from oom_fallback_gen(
+        lambda t: predict_tiled(fwd_for(reps[0]), small, cfg=t, devices=devs, channels=channels, activations=acts,
+                                forwards=[fwd_for(r) for r in reps], cpu_channels_last=t.channels_last), tiling)
     probs = _resize_maps(maps["seg"], (h, w))
     pred = Prediction(probs.argmax(0).astype(np.uint8), probs, list(head.classes))
     if instances:
@@ -392,8 +394,10 @@ def predict_large(
     devs = resolve_devices(devices)
     image = source if isinstance(source, LazyImage) else open_image(source)
     try:
-        res = yield from _predict_large(backbone, head, image, Path(out_dir), mpp, devs, tiling, instances,
-                                        hover or HoVerPostConfig(), roi, roi_only, np_source, nuclei_csv)
+        # out of memory: start again (outputs are rewritten from scratch) with a smaller batch, then smaller tiles
+        res = yield from oom_fallback_gen(
+            lambda t: _predict_large(backbone, head, image, Path(out_dir), mpp, devs, t, instances,
+                                     hover or HoVerPostConfig(), roi, roi_only, np_source, nuclei_csv), tiling)
     finally:
         if image is not source:
             image.close()

@@ -29,6 +29,7 @@ from .data.task import IGNORE
 from .devices import resolve_devices
 from .maml import adapt_head_on_pixels, inner_loop, pixel_support
 from .models import MetaHistoSegNet, PixelHead, adapted_param_names
+from .resilience import with_oom_fallback
 from .tiling import predict_tiled
 
 log = logging.getLogger(__name__)
@@ -207,13 +208,18 @@ def replica(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
 def _features(model: MetaHistoSegNet, image: np.ndarray, device: torch.device, tiling: TilingConfig) -> torch.Tensor:
     """Decoder features ``(F, H, W)`` of one image at model resolution (tiled when large)."""
     rep = replica(model, device)
-    gen = predict_tiled(lambda x: {"f": rep.features(x)}, image, cfg=tiling, devices=[device],
-                        channels={"f": model.backbone.out_channels})
-    while True:
-        try:
-            next(gen)
-        except StopIteration as s:
-            return torch.from_numpy(s.value["f"])
+
+    def run(t: TilingConfig) -> np.ndarray:
+        gen = predict_tiled(lambda x: {"f": rep.features(x)}, image, cfg=t, devices=[device],
+                            channels={"f": model.backbone.out_channels})
+        while True:
+            try:
+                next(gen)
+            except StopIteration as s:
+                return s.value["f"]
+
+    # out of memory (large support image on a small GPU): retry with a smaller batch, then smaller tiles
+    return torch.from_numpy(with_oom_fallback(run, tiling))
 
 
 # ------------------------------------------------------------------------------------------ adapt

@@ -103,7 +103,9 @@ def hover_targets(batch: Batch, device: torch.device) -> tuple[torch.Tensor, tor
 # ------------------------------------------------------------------------------------------ steps
 
 
-def supervised_loss(model: MetaHistoSegNet, batch: Batch, device: torch.device) -> dict[str, torch.Tensor]:
+def supervised_loss(
+    model: MetaHistoSegNet, batch: Batch, device: torch.device, hv_weight: float = 1.0,
+) -> dict[str, torch.Tensor]:
     """Multi-task loss of one mixed batch: task heads + generic head (binary) + HoVer on nuclear crops."""
     x = to_tensor_image(batch.images, device)
     feats = model.features(x)
@@ -122,7 +124,7 @@ def supervised_loss(model: MetaHistoSegNet, batch: Batch, device: torch.device) 
             nc_t = torch.where(is_consep[:, None, None], sem, torch.full_like(sem, IGNORE))
         hl = hover_loss(model.heads["hover"](feats), np_t, hv_t, nc_target=nc_t, valid=valid)
         terms.update({f"hover/{k}": v for k, v in hl.items() if k != "total"})
-    terms["total"] = sum(terms.values())
+    terms["total"] = sum(v * (hv_weight if k.startswith("hover/hv") else 1.0) for k, v in terms.items())
     return terms
 
 
@@ -241,7 +243,7 @@ def train(cfg: TrainConfig, *, resume: bool = True) -> Generator[dict, None, Pat
             g["lr"] = cfg.outer_lr * 0.5 * (1 + math.cos(math.pi * step / total_steps))
         model.train()
         if phase == "supervised":
-            terms = supervised_loss(model, next(sup_iter), device)
+            terms = supervised_loss(model, next(sup_iter), device, cfg.hv_loss_weight)
         else:
             exp_lrs = {k: v.exp() for k, v in lrs.items()}
             terms = meta_loss(model, next(ep_iter), cfg, exp_lrs, rng, device)
@@ -260,7 +262,7 @@ def train(cfg: TrainConfig, *, resume: bool = True) -> Generator[dict, None, Pat
                 _save(out, model, opt, names, lrs, classes, cfg, step)
                 if step == cfg.supervised_steps:
                     save_model(model, out / "transfer", head_classes=classes, extra={"training": _recipe(cfg, step)})
-        yield {"step": step, "steps": total_steps, "loss": float(terms["total"]), "phase": phase}
+        yield {"step": step, "steps": total_steps, "loss": float(terms["total"].detach()), "phase": phase}
     logf.close()
     return stem_paths(out / "last")[0]
 

@@ -202,3 +202,55 @@ def test_detect_points_finds_blobs():
     pts, p = detect_points(prob, PointsConfig(peak_sigma_px=2.0, peak_min_distance_px=3, peak_threshold=0.5))
     assert sorted(map(tuple, pts.astype(int).tolist())) == [(20, 20), (20, 60), (60, 40)]
     assert (p > 0.5).all()
+
+
+def _oom_above(model, limit_px: int, monkeypatch) -> list[tuple[int, ...]]:
+    """Make ``model.features`` raise a CUDA-style out-of-memory error for batches above ``limit_px`` pixels."""
+    seen, orig = [], model.features
+
+    def features(x):
+        seen.append(tuple(x.shape))
+        if x.shape[0] * x.shape[-2] * x.shape[-1] > limit_px:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return orig(x)
+
+    monkeypatch.setattr(model, "features", features)
+    return seen
+
+
+def test_predict_recovers_from_out_of_memory(backbone, head, image, tmp_path, monkeypatch):
+    """Out of memory at batch 2: prediction restarts at batch 1 and gives the batch-1 result, in memory and
+    streamed (the streamed outputs are rewritten from scratch)."""
+    one = dataclasses.replace(TILING, batch_size=1)
+    ref, _ = run(predict(backbone, head, image, mpp=0.5, tiling=one))
+    ref_large, _ = run(predict_large(backbone, head, image, out_dir=tmp_path / "ref.zarr", mpp=0.5, tiling=one))
+    seen = _oom_above(backbone.model, 128 * 128, monkeypatch)
+    got, _ = run(predict(backbone, head, image, mpp=0.5, tiling=TILING))
+    assert seen[0][0] == 2 and all(s[0] == 1 for s in seen[1:])  # failed once at batch 2, then batch 1 throughout
+    np.testing.assert_array_equal(got.semantic, ref.semantic)
+    np.testing.assert_allclose(got.probs, ref.probs, atol=1e-6)
+    res, _ = run(predict_large(backbone, head, image, out_dir=tmp_path / "s.zarr", mpp=0.5, tiling=TILING))
+    assert res.complete and res.tiles == ref_large.tiles
+    a = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")["semantic"][:]
+    b = zarr.open_group(str(tmp_path / "ref.zarr"), mode="r")["semantic"][:]
+    np.testing.assert_array_equal(a, b)
+
+
+def test_out_of_memory_at_the_floor_is_one_clear_error(backbone, head, image, monkeypatch):
+    _oom_above(backbone.model, 0, monkeypatch)  # every forward fails
+    with pytest.raises(ValueError, match="out of memory even at the smallest tiling"):
+        run(predict(backbone, head, image, mpp=0.5, tiling=TILING))
+
+
+def test_adapt_features_recover_from_out_of_memory(backbone, image, monkeypatch):
+    from napari_metahistoseg.pipeline import adapt
+
+    labels = np.full(image.shape[:2], 255, np.uint8)
+    labels[:60, :60], labels[100:160, 100:160] = 0, 1
+    cfg = MAMLConfig(steps=2)
+    ref, _ = run(adapt(backbone, [image], [labels], ["background", "nucleus"], mpp=0.5, cfg=cfg, tiling=TILING))
+    seen = _oom_above(backbone.model, 128 * 128, monkeypatch)
+    got, _ = run(adapt(backbone, [image], [labels], ["background", "nucleus"], mpp=0.5, cfg=cfg, tiling=TILING))
+    assert seen[0][0] == 2 and all(s[0] == 1 for s in seen[1:])  # out of memory at batch 2, then batch 1
+    for k, v in ref.state.items():
+        np.testing.assert_allclose(got.state[k].numpy(), v.numpy(), atol=1e-5, err_msg=k)
