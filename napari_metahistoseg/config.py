@@ -158,6 +158,7 @@ class HoVerPostConfig:
     marker_open_radius_um: float = 0.5  # opening radius of the marker mask (hover_net: 5x5 ellipse)
     fill_mask_holes: bool = True  # fill holes of the thresholded NP mask (hover_net does not)
     surface_blur_um: float = 0.2  # Gaussian sigma smoothing the watershed surface (hover_net: 3x3 at 0.25 µm/px)
+    threads: int = 2  # worker threads for the Sobel passes (1 = all in the calling thread; results identical)
 
     def __post_init__(self) -> None:
         _positive(self, "sobel_kernel_um")
@@ -167,6 +168,8 @@ class HoVerPostConfig:
         for name in ("min_object_area_um2", "min_marker_area_um2", "marker_open_radius_um", "surface_blur_um"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"HoVerPostConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+        if not (isinstance(self.threads, int) and self.threads >= 1):
+            raise ValueError(f"HoVerPostConfig.threads must be an integer >= 1, got {self.threads!r}")
 
 
 @dataclass(frozen=True)

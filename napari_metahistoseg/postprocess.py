@@ -17,7 +17,9 @@ single marker is assigned to it without flooding, and the remaining components a
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -210,15 +212,35 @@ def hv_edge_map(hv: np.ndarray, cfg: HoVerPostConfig, mpp: float) -> np.ndarray:
     outer one cancels, so it is skipped.
     """
     hv = _check_hv(hv)
+    return _edge_from_grads([_sobel_gradient(hv, ch, cfg, mpp) for ch in (0, 1)])
+
+
+def _sobel_gradient(hv: np.ndarray, ch: int, cfg: HoVerPostConfig, mpp: float) -> np.ndarray:
+    """Min-max normalised Sobel derivative of ``hv[ch]`` across its own axis (ch 0: along columns, 1: rows)."""
     smooth, deriv = (k.astype(np.float32) for k in sobel_kernels(sobel_size_px(cfg.sobel_kernel_um, mpp)))
-    grads = (_correlate_banded(_correlate_banded(hv[0], smooth, axis=0), deriv, axis=1),
-             _correlate_banded(_correlate_banded(hv[1], smooth, axis=1), deriv, axis=0))
-    for g in grads:  # min-max normalise in place
-        lo, hi = float(g.min()), float(g.max())
-        g -= lo
-        g *= 1.0 / (hi - lo) if hi > lo else 0.0
+    g = _correlate_banded(_correlate_banded(hv[ch], smooth, axis=ch), deriv, axis=1 - ch)
+    lo, hi = float(g.min()), float(g.max())
+    g -= lo
+    g *= 1.0 / (hi - lo) if hi > lo else 0.0
+    return g
+
+
+def _edge_from_grads(grads: list[np.ndarray]) -> np.ndarray:
     edge = np.minimum(grads[0], grads[1], out=grads[0])
     return np.subtract(np.float32(1.0), edge, out=edge)  # max(1 - a, 1 - b) == 1 - min(a, b)
+
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _pool() -> ThreadPoolExecutor:
+    """Shared worker threads for the two Sobel passes (BLAS products release the GIL)."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="hover-sobel")
+        return _POOL
 
 
 # ------------------------------------------------------------------------------------------------ steps
@@ -388,8 +410,17 @@ class HoVerPostProcessor:
     def instances(self, np_prob: np.ndarray, hv: np.ndarray, mpp: float) -> np.ndarray:
         """Instance map only: ``(H, W) uint32``, 0 = background, ids 1..N."""
         mpp = _check_mpp(mpp)
-        mask, comp, keep = _mask_components(np_prob, self.cfg, mpp)  # small objects are dropped when flooding
-        edge = hv_edge_map(_check_hv(hv, mask.shape), self.cfg, mpp)
+        hv = _check_hv(hv, _check_2d(np.asarray(np_prob), "np_prob").shape)
+        if self.cfg.threads > 1:  # the two Sobel passes run in worker threads while the mask is labelled here
+            futures = [_pool().submit(_sobel_gradient, hv, ch, self.cfg, mpp) for ch in (0, 1)]
+            try:
+                mask, comp, keep = _mask_components(np_prob, self.cfg, mpp)
+            finally:
+                grads = [f.result() for f in futures]
+            edge = _edge_from_grads(grads)
+        else:
+            mask, comp, keep = _mask_components(np_prob, self.cfg, mpp)  # small objects are dropped when flooding
+            edge = hv_edge_map(hv, self.cfg, mpp)
         mk, keep_mk = _marker_components(mask, edge, self.cfg, mpp, self.cfg.fill_mask_holes)
         raw = lambda box: np.where(keep[comp[box]], edge[box] - 1.0, 0.0).astype(np.float32)  # noqa: E731
         return _flood_components(comp, keep, mk, keep_mk, raw, _blur_weights(self.cfg.surface_blur_um / mpp))

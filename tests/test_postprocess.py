@@ -81,7 +81,7 @@ def test_processor_equals_the_public_steps_and_skimage():
     np_prob, hv = maps(truth)
     np_prob = np.clip(ndi.gaussian_filter(np_prob, 1) + rng.normal(0, 0.1, np_prob.shape), 0, 1).astype(np.float32)
     hv = (hv + rng.normal(0, 0.05, hv.shape)).astype(np.float32)
-    for cfg in (CFG, replace(CFG, fill_mask_holes=False)):
+    for cfg in (CFG, replace(CFG, fill_mask_holes=False), replace(CFG, threads=1)):
         mask = watershed_mask(np_prob, cfg, MPP)
         edge = hv_edge_map(hv, cfg, MPP)
         mk = markers(mask, edge, cfg, MPP)
@@ -101,6 +101,12 @@ def test_real_tile_quality():
     truth = iio.imread(sorted(MONUSEG.glob("*.png"))[0])[:400, :400].astype(np.uint32)
     inst = HoVerPostProcessor(CFG).instances(*maps(truth), MPP)
     assert aji(truth, inst) > 0.9
+
+
+def test_threads_must_be_a_positive_integer():
+    for bad in (0, -1, 1.5):
+        with pytest.raises(ValueError, match="threads"):
+            HoVerPostConfig(threads=bad)
 
 
 def test_min_size_is_physical():
