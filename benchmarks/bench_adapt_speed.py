@@ -69,7 +69,7 @@ def head_loop_fn(bb, images, labels, steps: int, device: torch.device):
     cfg = MAMLConfig(steps=steps)
     xs, ys = [], []
     for i, (im, lab) in enumerate(zip(images, labels, strict=True)):
-        f = _features(bb.model, im, device, TilingConfig())
+        f = run(_features(bb.model, im, device, TilingConfig()))
         x, y = pixel_support(f[None], torch.from_numpy(lab)[None], 2,
                              max_pixels=max(1, cfg.max_support_pixels // len(images)), seed=i)
         xs.append(x)

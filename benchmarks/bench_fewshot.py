@@ -256,7 +256,7 @@ class FeatureCache:
         if key not in self.store:
             t0 = time.time()
             im = rescale(s.image, (s.mpp or bb.mpp) / bb.mpp, order=1)
-            self.store[key] = _features(bb.model, im, torch.device("cpu"), TilingConfig())
+            self.store[key] = run(_features(bb.model, im, torch.device("cpu"), TilingConfig()))
             self.seconds += time.time() - t0
         return self.store[key]
 

@@ -38,7 +38,7 @@ def cached(bb, samples):
     for s in samples:
         f = (s.mpp or bb.mpp) / bb.mpp
         im, lab = rescale(s.image, f, order=1), rescale(s.semantic, f, order=0)
-        out.append((_features(bb.model, im, torch.device("cpu"), TilingConfig()), lab, s.semantic))
+        out.append((run(_features(bb.model, im, torch.device("cpu"), TilingConfig())), lab, s.semantic))
     return out
 
 

@@ -29,7 +29,7 @@ from .data.task import IGNORE
 from .devices import resolve_devices
 from .maml import adapt_head_on_pixels, inner_loop, pixel_support
 from .models import MetaHistoSegNet, PixelHead, adapted_param_names
-from .resilience import with_oom_fallback
+from .resilience import oom_fallback_gen
 from .tiling import predict_tiled
 
 log = logging.getLogger(__name__)
@@ -205,21 +205,17 @@ def replica(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     return _REPLICAS[key]
 
 
-def _features(model: MetaHistoSegNet, image: np.ndarray, device: torch.device, tiling: TilingConfig) -> torch.Tensor:
-    """Decoder features ``(F, H, W)`` of one image at model resolution (tiled when large)."""
+def _features(model: MetaHistoSegNet, image: np.ndarray, device: torch.device,
+              tiling: TilingConfig) -> Generator[dict, None, torch.Tensor]:
+    """Decoder features ``(F, H, W)`` of one image at model resolution (tiled when large). Yields the tiling's
+    progress (``{"stage": "predict", "done", "total"}`` per batch of tiles), so the work can be cancelled between
+    tiles. Out of memory (a large support image on a small GPU): retried with a smaller batch, then smaller tiles.
+    """
     rep = replica(model, device)
-
-    def run(t: TilingConfig) -> np.ndarray:
-        gen = predict_tiled(lambda x: {"f": rep.features(x)}, image, cfg=t, devices=[device],
-                            channels={"f": model.backbone.out_channels})
-        while True:
-            try:
-                next(gen)
-            except StopIteration as s:
-                return s.value["f"]
-
-    # out of memory (large support image on a small GPU): retry with a smaller batch, then smaller tiles
-    return torch.from_numpy(with_oom_fallback(run, tiling))
+    maps = yield from oom_fallback_gen(
+        lambda t: predict_tiled(lambda x: {"f": rep.features(x)}, image, cfg=t, devices=[device],
+                                channels={"f": model.backbone.out_channels}), tiling)
+    return torch.from_numpy(maps["f"])
 
 
 # ------------------------------------------------------------------------------------------ adapt
@@ -282,7 +278,15 @@ def _adapt_head(backbone, sup, n_classes, start, cfg, devs, tiling, t0) -> Gener
     xs, ys = [], []
     for i, (im, lab) in enumerate(sup):
         yield {"stage": "features", "step": i, "steps": len(sup), "elapsed_s": time.time() - t0}
-        feats = _features(model, im, devs[i % len(devs)], tiling)
+        gen = _features(model, im, devs[i % len(devs)], tiling)
+        while True:  # per-tile progress of this image's features (the worker can cancel between tiles)
+            try:
+                p = next(gen)
+            except StopIteration as stop:
+                feats = stop.value
+                break
+            yield {"stage": "features", "step": i, "steps": len(sup), "tile": p["done"], "tiles": p["total"],
+                   "elapsed_s": time.time() - t0}
         x, y = pixel_support(feats[None], torch.from_numpy(lab)[None], n_classes,
                              max_pixels=max(1, cfg.max_support_pixels // len(sup)), seed=cfg.seed + i)
         xs.append(x)

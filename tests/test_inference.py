@@ -254,3 +254,22 @@ def test_adapt_features_recover_from_out_of_memory(backbone, image, monkeypatch)
     assert seen[0][0] == 2 and all(s[0] == 1 for s in seen[1:])  # out of memory at batch 2, then batch 1
     for k, v in ref.state.items():
         np.testing.assert_allclose(got.state[k].numpy(), v.numpy(), atol=1e-5, err_msg=k)
+
+
+def test_adapt_reports_feature_tiles_and_cancels_between_them(backbone, image, monkeypatch):
+    """Support features are computed tile by tile with progress; closing the generator stops the work there."""
+    from napari_metahistoseg.pipeline import adapt
+
+    labels = np.full(image.shape[:2], 255, np.uint8)
+    labels[:60, :60], labels[100:160, 100:160] = 0, 1
+    seen = _oom_above(backbone.model, 1 << 30, monkeypatch)  # never fails; counts the forward passes
+    gen = adapt(backbone, [image], [labels], ["background", "nucleus"], mpp=0.5, cfg=MAMLConfig(steps=2),
+                tiling=dataclasses.replace(TILING, batch_size=1))
+    events = []
+    for p in gen:
+        events.append(p)
+        if p.get("tile") == 1:
+            break
+    gen.close()
+    assert events[-1]["stage"] == "features" and events[-1]["tiles"] > 1
+    assert len(seen) == 1  # one tile computed, the rest never started
