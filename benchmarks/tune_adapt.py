@@ -65,10 +65,15 @@ def main() -> None:
     ap.add_argument("--backbone", default="default")
     ap.add_argument("--draws", type=int, default=2)
     ap.add_argument("--tasks", default=",".join(TASKS))
+    ap.add_argument("--steps", default="20,50,100", help="comma-separated inner-loop step counts")
+    ap.add_argument("--lrs", default="0.01,0.1,1.0", help="comma-separated inner learning rates")
+    ap.add_argument("--pixels", default="200000", help="comma-separated MAMLConfig.max_support_pixels values")
+    ap.add_argument("--out", default="tune_adapt", help="results name under benchmarks/results/")
     a = ap.parse_args()
     torch.set_num_threads(2)
     bb = load_backbone(a.backbone)
-    grid = list(itertools.product([20, 50, 100], [0.01, 0.1, 1.0], [False, True]))
+    grid = list(itertools.product([int(v) for v in a.steps.split(",")], [float(v) for v in a.lrs.split(",")],
+                                  [False, True], [int(v) for v in a.pixels.split(",")]))
     results: dict = {}
     for task in a.tasks.split(","):
         ds = open_dataset(DATA / task)
@@ -78,11 +83,11 @@ def main() -> None:
             ids = list(rng.permutation(ds.ids))
             sup = cached(bb, [ds.load(i) for i in ids[:k]])
             qry = cached(bb, [ds.load(i) for i in ids[k:k + nq]])
-            for steps, lr, learned in grid:
-                cfg = MAMLConfig(steps=steps, inner_lr=lr, learn_inner_lr=learned, seed=d)
+            for steps, lr, learned, px in grid:
+                cfg = MAMLConfig(steps=steps, inner_lr=lr, learn_inner_lr=learned, seed=d, max_support_pixels=px)
                 m = score(bb, sup, qry, len(ds.class_names), cfg)
-                results.setdefault(f"{steps}|{lr}|{learned}", {}).setdefault(task, []).append(m)
-                print(task, d, steps, lr, learned, round(m, 4), file=sys.stderr, flush=True)
+                results.setdefault(f"{steps}|{lr}|{learned}|{px}", {}).setdefault(task, []).append(m)
+                print(task, d, steps, lr, learned, px, round(m, 4), file=sys.stderr, flush=True)
             print(task, d, "done", file=sys.stderr, flush=True)
     rows = []
     for key, per_task in results.items():
@@ -91,15 +96,16 @@ def main() -> None:
     rows.sort(reverse=True)
     out = ROOT / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "tune_adapt.json").write_text(json.dumps({"backbone": a.backbone, "rows": rows}, indent=1))
+    (out / f"{a.out}.json").write_text(json.dumps({"backbone": a.backbone, "command": " ".join(sys.argv),
+                                                   "rows": rows}, indent=1))
     tasks = a.tasks.split(",")
-    lines = ["| steps | inner lr | learned lrs | mean mIoU | " + " | ".join(tasks) + " |",
-             "|---" * (4 + len(tasks)) + "|"]
+    lines = ["| steps | inner lr | learned lrs | max support px | mean mIoU | " + " | ".join(tasks) + " |",
+             "|---" * (5 + len(tasks)) + "|"]
     for mean, key, means in rows:
-        s, lr, le = key.split("|")
-        lines.append(f"| {s} | {lr} | {le} | {mean:.3f} | " + " | ".join(f"{means.get(t, float('nan')):.3f}"
-                                                                          for t in tasks) + " |")
-    (out / "tune_adapt.md").write_text("\n".join(lines) + "\n")
+        s, lr, le, px = key.split("|")
+        lines.append(f"| {s} | {lr} | {le} | {px} | {mean:.3f} | " + " | ".join(
+            f"{means.get(t, float('nan')):.3f}" for t in tasks) + " |")
+    (out / f"{a.out}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines[:12]))
 
 

@@ -58,6 +58,10 @@ class UNet(nn.Module):
         return 2 ** (self.cfg.depth - 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(*self.encode(x))
+
+    def encode(self, x: torch.Tensor) -> tuple[list[torch.Tensor], int, int]:
+        """Encoder half: ``(skips, h, w)`` for :meth:`decode` (the input is padded to a multiple of 2^(depth-1))."""
         h, w = x.shape[-2:]
         m = self.multiple
         ph, pw = (-h) % m, (-w) % m
@@ -68,6 +72,11 @@ class UNet(nn.Module):
         for i, enc in enumerate(self.encoders):
             x = enc(x if i == 0 else F.max_pool2d(x, 2))
             skips.append(x)
+        return skips, h, w
+
+    def decode(self, skips: list[torch.Tensor], h: int, w: int) -> torch.Tensor:
+        """Decoder half: features ``(B, base_channels, h, w)`` from :meth:`encode`'s output (not modified)."""
+        skips = list(skips)
         x = skips.pop()
         for dec in self.decoders:
             skip = skips.pop()
@@ -134,10 +143,14 @@ class MetaHistoSegNet(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)
 
-    def forward(self, x: torch.Tensor, task: str) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor | None, task: str,
+                encoded: tuple[list[torch.Tensor], int, int] | None = None) -> dict[str, torch.Tensor]:
+        """Head ``task`` on the backbone features of ``x``, or of ``encoded`` = ``backbone.encode(x)`` computed
+        beforehand (a decoder-only inner loop encodes the support once instead of at every step)."""
         if task not in self.heads:
             raise ValueError(f"no head for task {task!r}; heads: {sorted(self.heads)}")
-        return self.heads[task](self.backbone(x))
+        feats = self.backbone.decode(*encoded) if encoded is not None else self.backbone(x)
+        return self.heads[task](feats)
 
 
 def head_param_names(model: nn.Module, task: str) -> list[str]:

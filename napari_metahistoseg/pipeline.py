@@ -334,8 +334,13 @@ def _adapt_full(backbone, sup, n_classes, start, cfg, devs, t0) -> Generator[dic
     for dev, rep, idx in zip(devs, replicas, parts):
         x = torch.from_numpy(np.stack([crops[i][0] for i in idx])).to(dev).permute(0, 3, 1, 2).float() / 255
         y = ys[idx].to(dev)
-        fns.append(lambda p, m=rep, x=x, y=y, w=w.to(dev): F.cross_entropy(
-            functional_call(m, p, (x, TASK))["seg"], y, weight=w, ignore_index=IGNORE, reduction="sum") / norm)
+        enc = None
+        if cfg.adapt == "decoder":  # the encoder is frozen: encode the support once, not at every step
+            with torch.no_grad():
+                enc = rep.backbone.encode(x)
+        fns.append(lambda p, m=rep, x=x, y=y, w=w.to(dev), enc=enc: F.cross_entropy(
+            functional_call(m, p, (None if enc is not None else x, TASK), {"encoded": enc})["seg"], y, weight=w,
+            ignore_index=IGNORE, reduction="sum") / norm)
     gen = inner_loop(fns, {k: v.to(devs[0]) for k, v in params.items()}, names, steps=cfg.steps, lr=cfg.inner_lr,
                      first_order=cfg.first_order, devices=devs)
     while True:

@@ -37,6 +37,26 @@ def test_forward_shapes_odd_sizes_and_heads():
         m.add_head("d", 1)
 
 
+def test_encode_decode_split_equals_forward():
+    """The decoder-only inner loop encodes once and decodes per step: the split must equal the full forward,
+    including the padding of odd sizes, and the gradient wrt decoder parameters must be the same."""
+    m = tiny().eval()
+    x = torch.rand(2, 3, 37, 50)
+    enc = m.backbone.encode(x)
+    torch.testing.assert_close(m.backbone.decode(*enc), m.backbone(x), rtol=0, atol=0)
+    torch.testing.assert_close(m(None, "a", encoded=enc)["seg"], m(x, "a")["seg"], rtol=0, atol=0)
+    assert len(enc[0]) == TINY.depth  # decode did not consume the cached skips
+    names = adapted_param_names(m, "a", "decoder")
+    params = dict(m.named_parameters())
+    grads = []
+    for args, kw in (((x, "a"), {}), ((None, "a"), {"encoded": enc})):
+        def loss(sub, args=args, kw=kw):
+            return torch.func.functional_call(m, {**params, **sub}, args, kw)["seg"].square().mean()
+        grads.append(torch.func.grad(loss)({n: params[n] for n in names}))
+    for n in names:
+        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-5, atol=1e-7)
+
+
 def test_groupnorm_no_batch_dependence():
     m = tiny().eval()
     x = torch.rand(3, 3, 32, 32)
