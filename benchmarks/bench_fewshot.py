@@ -638,7 +638,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--scratch-draws", type=int, default=1, help="draws that also run scratch (it trains the whole "
                    "network: ~100x the cost of the head-only methods on CPU)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
-    p.add_argument("--merge", default=None, help="comma list of result names to merge into --out (no computation)")
+    p.add_argument("--merge", default=None, help="comma list of result names to merge into --out (no computation); "
+                   "NAME:rf+scratch takes only those methods from a part")
     p.add_argument("--sparse-tasks", default="monuseg,glas", help="tasks with the sparse-support setting ('' = none)")
     p.add_argument("--clicks", default=None, help="BM-Graz clicked-centroid counts (default 10,25,50,100)")
     p.add_argument("--quick", action="store_true", help="1 draw, K≤2, 2 queries, 25 clicks (smoke run)")
@@ -744,13 +745,30 @@ def finish(result: dict, out_name: str, tasks: list[str]) -> None:
 
 
 def merge(args) -> int:
-    """Combine the records of runs done in parallel (e.g. one process per group of tasks) into ``--out``."""
-    parts = [common.read_json(n) for n in args.merge.split(",")]
+    """Combine the records of runs done separately (e.g. one process per group of tasks, or a rerun of some
+    methods after a new backbone) into ``--out``. Parts may differ in backbones, but every method's records must
+    come from one backbone (the random forest uses none); a unit found in several parts is taken from the last
+    part listed."""
+    items = [(n.split(":")[0], set(n.split(":")[1].split("+")) if ":" in n else None) for n in args.merge.split(",")]
+    parts = [common.read_json(n) for n, _ in items]
     if any(p is None for p in parts):
         raise SystemExit(f"missing result file among {args.merge}")
-    if len({json_key(p["backbones"]) for p in parts}) != 1:
-        raise SystemExit("the runs to merge used different backbones")
-    result = {**parts[0], "records": [r for p in parts for r in p["records"]],
+    for p, (_, methods) in zip(parts, items):  # "part:rf+scratch" takes only those methods' records from it
+        if methods is not None:
+            p["records"] = [r for r in p["records"] if r["method"] in methods]
+            p["checks"] = [] if "maml" not in methods else p["checks"]
+    backbones: dict[str, dict] = {}
+    records: dict[tuple, dict] = {}
+    for (name, _), p in zip(items, parts):
+        for m in sorted({r["method"] for r in p["records"]} & set(p["backbones"])):
+            if m in backbones and backbones[m] != p["backbones"][m]:
+                raise SystemExit(f"method {m!r}: {name} used backbone {p['backbones'][m]['sha256'][:12]}, an "
+                                 f"earlier part {backbones[m]['sha256'][:12]}; rerun it with one backbone")
+            backbones[m] = p["backbones"][m]
+        records.update({(r["task"], r["setting"], r["x"], r["draw"], r["method"]): r for r in p["records"]})
+    for m in ("maml", "transfer"):  # the table header names them even when a part lacks their records
+        backbones.setdefault(m, next(p["backbones"][m] for p in parts if m in p["backbones"]))
+    result = {**parts[0], "backbones": backbones, "records": list(records.values()),
               "checks": [c for p in parts for c in p["checks"]],
               "parts": [{k: p[k] for k in ("command", "commit", "machine")} for p in parts],
               "merged_from": args.merge.split(","), "wall_seconds": max(p.get("wall_seconds", 0) for p in parts)}
