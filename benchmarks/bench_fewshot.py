@@ -77,6 +77,7 @@ from napari_metahistoseg.pipeline import (  # noqa: E402
     initial_head,
     load_backbone,
     rescale,
+    support_balance,
 )
 from napari_metahistoseg.postprocess import HoVerPostProcessor  # noqa: E402
 
@@ -281,10 +282,12 @@ def adapt_cached(bb: Backbone, feats: list[torch.Tensor], labels: list[np.ndarra
                  cfg: MAMLConfig) -> AdaptedHead:
     """``pipeline.adapt`` head-only on cached whole-image features (same sampling, init and inner loop)."""
     n_cls = len(classes)
+    balance = support_balance(cfg, labels)
     xs, ys = [], []
     for i, (f, lab) in enumerate(zip(feats, labels, strict=True)):
         x, y = pixel_support(f[None], torch.from_numpy(lab)[None], n_cls,
-                             max_pixels=max(1, cfg.max_support_pixels // len(feats)), seed=cfg.seed + i)
+                             max_pixels=max(1, cfg.max_support_pixels // len(feats)), seed=cfg.seed + i,
+                             stratified=balance)
         xs.append(x)
         ys.append(y)
     start = initial_head(bb, n_cls, seed=cfg.seed)
@@ -292,7 +295,7 @@ def adapt_cached(bb: Backbone, feats: list[torch.Tensor], labels: list[np.ndarra
     init = {k[len(prefix):]: v.detach().clone() for k, v in start.items() if k.startswith(prefix)}
     template = PixelHead(bb.model.backbone.out_channels, n_cls, bb.model.cfg.head_hidden)
     fast = run(adapt_head_on_pixels(template, init, torch.cat(xs), torch.cat(ys), n_classes=n_cls, steps=cfg.steps,
-                                    lr=cfg.inner_lr, first_order=True, balance=cfg.class_balance,
+                                    lr=cfg.inner_lr, first_order=True, balance=balance,
                                     lrs=_learned_lrs(bb, init, cfg), devices=[torch.device("cpu")]))
     return AdaptedHead(list(classes), {prefix + k: v.detach().cpu() for k, v in fast.items()}, bb.sha256, cfg,
                        bb.mpp, {"backbone": bb.name, "cached_features": True})

@@ -27,7 +27,8 @@ from napari_metahistoseg.data import open_dataset  # noqa: E402
 from napari_metahistoseg.maml import adapt_head_on_pixels, head_pixel_logits, pixel_support, run  # noqa: E402
 from napari_metahistoseg.metrics import ConfusionAccumulator  # noqa: E402
 from napari_metahistoseg.models import PixelHead  # noqa: E402
-from napari_metahistoseg.pipeline import _features, _learned_lrs, initial_head, load_backbone, rescale  # noqa: E402
+from napari_metahistoseg.pipeline import (  # noqa: E402
+    _features, _learned_lrs, initial_head, load_backbone, rescale, support_balance)
 
 DATA = ROOT / ".." / "shared" / "data"
 TASKS = {"monuseg": (1, 4), "glas": (4, 8), "bm_graz_cells": (1, 3), "cpm15": (2, 6), "consep_tiles": (8, 24)}
@@ -43,13 +44,14 @@ def cached(bb, samples):
 
 
 def score(bb, sup, qry, n_cls, cfg: MAMLConfig) -> float:
+    balance = support_balance(cfg, [lab for _, lab, _ in sup])
     xs, ys = zip(*[pixel_support(f[None], torch.from_numpy(lab)[None], n_cls, max_pixels=cfg.max_support_pixels
-                                 // len(sup), seed=cfg.seed) for f, lab, _ in sup])
+                                 // len(sup), seed=cfg.seed, stratified=balance) for f, lab, _ in sup])
     x, y = torch.cat(xs), torch.cat(ys)
     head = PixelHead(bb.model.backbone.out_channels, n_cls, bb.model.cfg.head_hidden)
     init = {k.split("heads.user.")[1]: v for k, v in initial_head(bb, n_cls, seed=cfg.seed).items()}
     fast = run(adapt_head_on_pixels(head, init, x, y, n_classes=n_cls, steps=cfg.steps, lr=cfg.inner_lr,
-                                    balance=cfg.class_balance, lrs=_learned_lrs(bb, init, cfg)))
+                                    balance=balance, lrs=_learned_lrs(bb, init, cfg)))
     acc = ConfusionAccumulator(n_cls)
     with torch.no_grad():
         for f, _, truth in qry:
@@ -68,12 +70,17 @@ def main() -> None:
     ap.add_argument("--steps", default="20,50,100", help="comma-separated inner-loop step counts")
     ap.add_argument("--lrs", default="0.01,0.1,1.0", help="comma-separated inner learning rates")
     ap.add_argument("--pixels", default="200000", help="comma-separated MAMLConfig.max_support_pixels values")
+    ap.add_argument("--learned", default="false,true", help="comma list of learn_inner_lr settings")
+    ap.add_argument("--balance", default="auto", help="comma list of class_balance settings (true,false,auto)")
     ap.add_argument("--out", default="tune_adapt", help="results name under benchmarks/results/")
     a = ap.parse_args()
     torch.set_num_threads(2)
     bb = load_backbone(a.backbone)
     grid = list(itertools.product([int(v) for v in a.steps.split(",")], [float(v) for v in a.lrs.split(",")],
-                                  [False, True], [int(v) for v in a.pixels.split(",")]))
+                                  [v.strip().lower() == "true" for v in a.learned.split(",")],
+                                  [int(v) for v in a.pixels.split(",")],
+                                  [{"true": True, "false": False}.get(v.strip().lower(), v.strip())
+                                   for v in a.balance.split(",")]))
     results: dict = {}
     for task in a.tasks.split(","):
         ds = open_dataset(DATA / task)
@@ -83,11 +90,12 @@ def main() -> None:
             ids = list(rng.permutation(ds.ids))
             sup = cached(bb, [ds.load(i) for i in ids[:k]])
             qry = cached(bb, [ds.load(i) for i in ids[k:k + nq]])
-            for steps, lr, learned, px in grid:
-                cfg = MAMLConfig(steps=steps, inner_lr=lr, learn_inner_lr=learned, seed=d, max_support_pixels=px)
+            for steps, lr, learned, px, bal in grid:
+                cfg = MAMLConfig(steps=steps, inner_lr=lr, learn_inner_lr=learned, seed=d, max_support_pixels=px,
+                                 class_balance=bal)
                 m = score(bb, sup, qry, len(ds.class_names), cfg)
-                results.setdefault(f"{steps}|{lr}|{learned}|{px}", {}).setdefault(task, []).append(m)
-                print(task, d, steps, lr, learned, px, round(m, 4), file=sys.stderr, flush=True)
+                results.setdefault(f"{steps}|{lr}|{learned}|{px}|{bal}", {}).setdefault(task, []).append(m)
+                print(task, d, steps, lr, learned, px, bal, round(m, 4), file=sys.stderr, flush=True)
             print(task, d, "done", file=sys.stderr, flush=True)
     rows = []
     for key, per_task in results.items():
@@ -99,11 +107,11 @@ def main() -> None:
     (out / f"{a.out}.json").write_text(json.dumps({"backbone": a.backbone, "command": " ".join(sys.argv),
                                                    "rows": rows}, indent=1))
     tasks = a.tasks.split(",")
-    lines = ["| steps | inner lr | learned lrs | max support px | mean mIoU | " + " | ".join(tasks) + " |",
-             "|---" * (5 + len(tasks)) + "|"]
+    lines = ["| steps | inner lr | learned lrs | max support px | class balance | mean mIoU | " + " | ".join(tasks)
+             + " |", "|---" * (6 + len(tasks)) + "|"]
     for mean, key, means in rows:
-        s, lr, le, px = key.split("|")
-        lines.append(f"| {s} | {lr} | {le} | {px} | {mean:.3f} | " + " | ".join(
+        s, lr, le, px, bal = key.split("|")
+        lines.append(f"| {s} | {lr} | {le} | {px} | {bal} | {mean:.3f} | " + " | ".join(
             f"{means.get(t, float('nan')):.3f}" for t in tasks) + " |")
     (out / f"{a.out}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines[:12]))

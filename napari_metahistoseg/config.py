@@ -49,7 +49,11 @@ class MAMLConfig:
     adapt: str = "head"  # which parameters adapt: "head" | "decoder" (decoder + head) | "all"
     learn_inner_lr: bool = False  # Meta-SGD / MAML++: learned per-tensor inner step sizes
     max_support_pixels: int = 200_000  # labelled pixels sampled per head-only step (features cached)
-    class_balance: bool = True  # weight the support cross-entropy by inverse class frequency
+    # True: stratified pixel sampling + inverse-frequency CE weights (neutral when the labelled class ratio is
+    # arbitrary: strokes, clicks); False: uniform sampling + plain CE (the head learns the support's class prior);
+    # "auto": False when at least dense_label_fraction of the support crop is labelled, else True
+    class_balance: bool | str = "auto"
+    dense_label_fraction: float = 0.5  # labelled share of the support crop (0-1) above which "auto" is unbalanced
     seed: int = 0  # seeds the support-pixel sampling and any new head's initialisation
 
     def __post_init__(self) -> None:
@@ -58,6 +62,10 @@ class MAMLConfig:
         if self.steps < 0:
             raise ValueError("MAMLConfig.steps must be >= 0")
         _positive(self, "inner_lr", "max_support_pixels")
+        if self.class_balance not in (True, False, "auto"):
+            raise ValueError(f"MAMLConfig.class_balance must be true, false or 'auto', got {self.class_balance!r}")
+        if not 0.0 <= self.dense_label_fraction <= 1.0:
+            raise ValueError(f"MAMLConfig.dense_label_fraction must be in [0, 1], got {self.dense_label_fraction!r}")
 
 
 @dataclass(frozen=True)

@@ -96,10 +96,11 @@ def run(gen: Generator) -> object:
 
 
 def pixel_support(
-    features: Tensor, labels: Tensor, n_classes: int, *, max_pixels: int, seed: int = 0
+    features: Tensor, labels: Tensor, n_classes: int, *, max_pixels: int, seed: int = 0, stratified: bool = True,
 ) -> tuple[Tensor, Tensor]:
-    """Labelled pixels of ``features (N,F,H,W)`` with ``labels (N,H,W)`` (IGNORE skipped), stratified:
-    at most ``max_pixels // n_present`` per class. Returns ``X (P,F)`` and ``y (P,) int64``."""
+    """Labelled pixels of ``features (N,F,H,W)`` with ``labels (N,H,W)`` (IGNORE skipped): ``stratified``, at most
+    ``max_pixels // n_present`` per class; otherwise a uniform sample of ``max_pixels`` labelled pixels (keeps the
+    support's class frequencies). Returns ``X (P,F)`` and ``y (P,) int64``."""
     lab = labels.reshape(-1).long()
     feats = features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
     valid = lab != IGNORE
@@ -107,9 +108,15 @@ def pixel_support(
         raise ValueError("the support has no labelled pixels (everything is 'unknown'): paint some labels")
     if (lab[valid] >= n_classes).any():
         raise ValueError(f"support labels contain class ids >= {n_classes} (the head's class count)")
+    gen = np.random.default_rng(seed)
+    if not stratified:
+        idx = torch.nonzero(valid).flatten().cpu().numpy()
+        if idx.size > max_pixels:
+            idx = np.sort(gen.choice(idx, max_pixels, replace=False))
+        sel = torch.from_numpy(idx).to(lab.device)
+        return feats[sel], lab[sel]
     present = torch.unique(lab[valid]).tolist()
     cap = max(1, max_pixels // len(present))
-    gen = np.random.default_rng(seed)
     picks = []
     for c in present:
         idx = torch.nonzero(lab == c).flatten().cpu().numpy()

@@ -254,18 +254,30 @@ def adapt(
     if init is not None and len(init.classes) != len(classes):
         raise ValueError(f"the starting head has {len(init.classes)} classes, the support names {len(classes)}")
     t0 = time.time()
+    balance = support_balance(cfg, [lab for _, lab in sup])
     if cfg.adapt == "head":
-        fast = yield from _adapt_head(backbone, sup, len(classes), start, cfg, devs, tiling, t0)
+        fast = yield from _adapt_head(backbone, sup, len(classes), start, cfg, devs, tiling, t0, balance)
     else:
-        fast = yield from _adapt_full(backbone, sup, len(classes), start, cfg, devs, t0)
+        fast = yield from _adapt_full(backbone, sup, len(classes), start, cfg, devs, t0, balance)
     prov = {"support": [{"shape": list(im.shape[:2]), "labelled_px": int((lab != IGNORE).sum()),
                          "class_px": {str(c): int((lab == c).sum()) for c in range(len(classes))}}
                         for im, lab in sup],
             "devices": [str(d) for d in devs], "adapt_seconds": round(time.time() - t0, 3),
+            "class_balance_used": balance,
             "backbone": backbone.name}
     log.info("adapted %s on %s in %.2f s", cfg.adapt, [str(d) for d in devs], time.time() - t0)
     return AdaptedHead(list(classes), {k: v.detach().cpu() for k, v in fast.items()}, backbone.sha256, cfg,
                        backbone.mpp, prov)
+
+
+def support_balance(cfg: MAMLConfig, labels: Sequence[np.ndarray]) -> bool:
+    """Whether adaptation balances the classes: ``cfg.class_balance``, or for ``"auto"`` whether less than
+    ``cfg.dense_label_fraction`` of the (cropped) support pixels are labelled — sparse strokes or clicks, whose
+    class ratio says nothing about the image, are balanced; a densely painted support keeps its class prior."""
+    if cfg.class_balance != "auto":
+        return bool(cfg.class_balance)
+    labelled = sum(int((lab != IGNORE).sum()) for lab in labels)
+    return labelled < cfg.dense_label_fraction * sum(lab.size for lab in labels)
 
 
 def _progress(p: dict, t0: float, stage: str) -> dict:
@@ -273,7 +285,7 @@ def _progress(p: dict, t0: float, stage: str) -> dict:
     return {**p, "stage": stage, "elapsed_s": el, "eta_s": el / max(p["step"], 1) * (p["steps"] - p["step"])}
 
 
-def _adapt_head(backbone, sup, n_classes, start, cfg, devs, tiling, t0) -> Generator[dict, None, dict]:
+def _adapt_head(backbone, sup, n_classes, start, cfg, devs, tiling, t0, balance) -> Generator[dict, None, dict]:
     model = backbone.model
     xs, ys = [], []
     for i, (im, lab) in enumerate(sup):
@@ -288,7 +300,8 @@ def _adapt_head(backbone, sup, n_classes, start, cfg, devs, tiling, t0) -> Gener
             yield {"stage": "features", "step": i, "steps": len(sup), "tile": p["done"], "tiles": p["total"],
                    "elapsed_s": time.time() - t0}
         x, y = pixel_support(feats[None], torch.from_numpy(lab)[None], n_classes,
-                             max_pixels=max(1, cfg.max_support_pixels // len(sup)), seed=cfg.seed + i)
+                             max_pixels=max(1, cfg.max_support_pixels // len(sup)), seed=cfg.seed + i,
+                             stratified=balance)
         xs.append(x)
         ys.append(y)
     x, y = torch.cat(xs).to(devs[0]), torch.cat(ys).to(devs[0])
@@ -297,7 +310,7 @@ def _adapt_head(backbone, sup, n_classes, start, cfg, devs, tiling, t0) -> Gener
     init = {k[len(prefix):]: v.detach().clone().to(devs[0]) for k, v in start.items() if k.startswith(prefix)}
     lrs = _learned_lrs(backbone, init, cfg)
     gen = adapt_head_on_pixels(template, init, x, y, n_classes=n_classes, steps=cfg.steps, lr=cfg.inner_lr,
-                               first_order=cfg.first_order, balance=cfg.class_balance, lrs=lrs, devices=devs)
+                               first_order=cfg.first_order, balance=balance, lrs=lrs, devices=devs)
     while True:
         try:
             p = next(gen)
@@ -315,7 +328,7 @@ def _learned_lrs(backbone: Backbone, init: dict, cfg: MAMLConfig) -> dict | None
     return {k: v * (cfg.inner_lr / mean) for k, v in lrs.items()}
 
 
-def _adapt_full(backbone, sup, n_classes, start, cfg, devs, t0) -> Generator[dict, None, dict]:
+def _adapt_full(backbone, sup, n_classes, start, cfg, devs, t0, balance) -> Generator[dict, None, dict]:
     """Inner loop over decoder (+head) or all parameters on fixed support crops, sharded over devices."""
     model = copy.deepcopy(backbone.model)
     model.add_head(TASK, n_classes)
@@ -325,7 +338,7 @@ def _adapt_full(backbone, sup, n_classes, start, cfg, devs, t0) -> Generator[dic
     crops = _support_crops(sup, size=256, per_image=max(1, 8 // len(sup)), seed=cfg.seed)
     ys = torch.from_numpy(np.stack([c[1] for c in crops]).astype(np.int64))
     counts = torch.bincount(ys[ys != IGNORE], minlength=n_classes).float()
-    w = torch.where(counts > 0, counts.sum() / counts.clamp(min=1), torch.zeros_like(counts)) if cfg.class_balance \
+    w = torch.where(counts > 0, counts.sum() / counts.clamp(min=1), torch.zeros_like(counts)) if balance \
         else torch.ones(n_classes)
     norm = float(w[ys[ys != IGNORE]].sum())
     parts = np.array_split(np.arange(len(crops)), len(devs))

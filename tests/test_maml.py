@@ -1,5 +1,6 @@
 """MAML inner loop: pure over parameter dicts, sharded gradients equal single-device ones, order options."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -99,6 +100,38 @@ def test_pixel_support_stratified_and_sparse():
         pixel_support(feats, torch.full((2, 4, 4), IGNORE), 2, max_pixels=10)
     with pytest.raises(ValueError, match="class ids"):
         pixel_support(feats, torch.full((2, 4, 4), 5), 2, max_pixels=10)
+
+
+def test_pixel_support_uniform_keeps_the_class_prior():
+    feats = torch.rand(1, 3, 100, 100)
+    lab = torch.zeros(1, 100, 100, dtype=torch.long)
+    lab[0, :20] = 1  # 20 % foreground
+    lab[0, 90:] = IGNORE
+    x, y = pixel_support(feats, lab, 2, max_pixels=3000, seed=1, stratified=False)
+    assert x.shape == (3000, 3) and abs(float((y == 1).float().mean()) - 2 / 9) < 0.03
+    x, y = pixel_support(feats, lab, 2, max_pixels=3000, seed=1, stratified=True)
+    assert int((y == 1).sum()) == 1500  # stratified: half per class
+    x, y = pixel_support(feats, lab, 2, max_pixels=10**6, stratified=False)
+    assert len(y) == 9000 and not (y == IGNORE).any()  # every labelled pixel, no unknown one
+
+
+def test_support_balance_auto():
+    from napari_metahistoseg.config import MAMLConfig
+    from napari_metahistoseg.pipeline import support_balance
+
+    dense = np.zeros((10, 10), np.uint8)
+    sparse = np.full((10, 10), IGNORE, np.uint8)
+    sparse[0, :5] = 1
+    assert support_balance(MAMLConfig(), [dense]) is False  # fully painted: keep the class prior
+    assert support_balance(MAMLConfig(), [sparse]) is True  # strokes: balance the classes
+    assert support_balance(MAMLConfig(), [dense, sparse]) is False  # 105 of 200 pixels labelled
+    assert support_balance(MAMLConfig(dense_label_fraction=0.6), [dense, sparse]) is True
+    assert support_balance(MAMLConfig(class_balance=True), [dense]) is True
+    assert support_balance(MAMLConfig(class_balance=False), [sparse]) is False
+    with pytest.raises(ValueError, match="class_balance"):
+        MAMLConfig(class_balance="yes")
+    with pytest.raises(ValueError, match="dense_label_fraction"):
+        MAMLConfig(dense_label_fraction=1.5)
 
 
 def test_balanced_weights():
