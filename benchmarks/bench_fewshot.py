@@ -282,7 +282,7 @@ def adapt_cached(bb: Backbone, feats: list[torch.Tensor], labels: list[np.ndarra
                  cfg: MAMLConfig) -> AdaptedHead:
     """``pipeline.adapt`` head-only on cached whole-image features (same sampling, init and inner loop)."""
     n_cls = len(classes)
-    balance = support_balance(cfg, labels)
+    balance = support_balance(cfg, labels, n_cls)
     xs, ys = [], []
     for i, (f, lab) in enumerate(zip(feats, labels, strict=True)):
         x, y = pixel_support(f[None], torch.from_numpy(lab)[None], n_cls,

@@ -44,7 +44,7 @@ def cached(bb, samples):
 
 
 def score(bb, sup, qry, n_cls, cfg: MAMLConfig) -> float:
-    balance = support_balance(cfg, [lab for _, lab, _ in sup])
+    balance = support_balance(cfg, [lab for _, lab, _ in sup], n_cls)
     xs, ys = zip(*[pixel_support(f[None], torch.from_numpy(lab)[None], n_cls, max_pixels=cfg.max_support_pixels
                                  // len(sup), seed=cfg.seed, stratified=balance) for f, lab, _ in sup])
     x, y = torch.cat(xs), torch.cat(ys)

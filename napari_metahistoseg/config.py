@@ -43,15 +43,17 @@ class ModelConfig:
 class MAMLConfig:
     """Inner-loop (task adaptation) settings — what the Adapt button runs."""
 
+    # defaults chosen on the dev data with benchmarks/tune_adapt.py (results/tune_adapt_v2.md; BENCHMARKS.md)
     steps: int = 20  # inner-loop gradient steps on the support set
-    inner_lr: float = 0.01  # SGD step size (paper: 0.01)
+    inner_lr: float = 0.1  # SGD step size (paper: 0.01); with learn_inner_lr, the mean of the per-tensor sizes
     first_order: bool = True  # drop second-order terms when differentiating through the inner loop
     adapt: str = "head"  # which parameters adapt: "head" | "decoder" (decoder + head) | "all"
-    learn_inner_lr: bool = False  # Meta-SGD / MAML++: learned per-tensor inner step sizes
-    max_support_pixels: int = 200_000  # labelled pixels sampled per head-only step (features cached)
+    learn_inner_lr: bool = True  # Meta-SGD / MAML++: the backbone's meta-learned per-tensor inner step sizes
+    max_support_pixels: int = 50_000  # labelled pixels sampled per head-only step (features cached)
     # True: stratified pixel sampling + inverse-frequency CE weights (neutral when the labelled class ratio is
-    # arbitrary: strokes, clicks); False: uniform sampling + plain CE (the head learns the support's class prior);
-    # "auto": False when at least dense_label_fraction of the support crop is labelled, else True
+    # arbitrary: strokes, clicks; and it keeps rare classes of multi-class tasks); False: uniform sampling + plain
+    # CE (the head learns the support's class prior); "auto": False for a two-class support of which at least
+    # dense_label_fraction of the crop is labelled, else True
     class_balance: bool | str = "auto"
     dense_label_fraction: float = 0.5  # labelled share of the support crop (0-1) above which "auto" is unbalanced
     seed: int = 0  # seeds the support-pixel sampling and any new head's initialisation

@@ -122,12 +122,13 @@ def test_support_balance_auto():
     dense = np.zeros((10, 10), np.uint8)
     sparse = np.full((10, 10), IGNORE, np.uint8)
     sparse[0, :5] = 1
-    assert support_balance(MAMLConfig(), [dense]) is False  # fully painted: keep the class prior
-    assert support_balance(MAMLConfig(), [sparse]) is True  # strokes: balance the classes
-    assert support_balance(MAMLConfig(), [dense, sparse]) is False  # 105 of 200 pixels labelled
-    assert support_balance(MAMLConfig(dense_label_fraction=0.6), [dense, sparse]) is True
-    assert support_balance(MAMLConfig(class_balance=True), [dense]) is True
-    assert support_balance(MAMLConfig(class_balance=False), [sparse]) is False
+    assert support_balance(MAMLConfig(), [dense], 2) is False  # fully painted: keep the class prior
+    assert support_balance(MAMLConfig(), [dense], 3) is True  # multi-class: keep rare classes visible
+    assert support_balance(MAMLConfig(), [sparse], 2) is True  # strokes: balance the classes
+    assert support_balance(MAMLConfig(), [dense, sparse], 2) is False  # 105 of 200 pixels labelled
+    assert support_balance(MAMLConfig(dense_label_fraction=0.6), [dense, sparse], 2) is True
+    assert support_balance(MAMLConfig(class_balance=True), [dense], 2) is True
+    assert support_balance(MAMLConfig(class_balance=False), [sparse], 5) is False
     with pytest.raises(ValueError, match="class_balance"):
         MAMLConfig(class_balance="yes")
     with pytest.raises(ValueError, match="dense_label_fraction"):
