@@ -13,8 +13,8 @@ s = ds.load(ds.ids[0]); qs = [ds.load(i) for i in ds.ids[1:]]
 bb = load_backbone()
 head = run(adapt(bb, [s.image], [s.semantic], list(ds.class_names), mpp=s.mpp))
 probs = [run(predict(bb, head, q.image, mpp=q.mpp)).probs[1] for q in qs]
-for sig in (2, 4, 6):
-  for md in (6, 9, 12):
+for sig in (1, 2, 3, 4):
+  for md in (9, 12, 15, 18):
     for th in (0.5, 0.6, 0.7):
         tp=fp=fn=0
         for p, q in zip(probs, qs):

@@ -228,11 +228,12 @@ class PointsConfig:
     match_radius_px: float = 12.0  # detection matching distance for precision/recall/F1
     min_detection_area_px: int = 20  # predicted blobs smaller than this are not detections
     background_margin_px: float = 6.0  # for exhaustive point annotation: ring left unknown around circles
-    # detections = local maxima of the Gaussian-smoothed foreground probability (chosen on the BM-Graz dev
-    # images: detection F1 0.70 -> 0.83 against sigma 4 / distance 6 / threshold 0.5)
-    peak_sigma_px: float = 6.0  # smoothing of the probability map before peak finding
-    peak_min_distance_px: int = 6  # minimum distance between two detections
-    peak_threshold: float = 0.6  # smoothed probability a detection must reach
+    # detections = local maxima of the Gaussian-smoothed foreground probability, chosen on the BM-Graz dev images
+    # (1 support, 3 queries; benchmarks/tune_detection.py) for the default adaptation (calibrated, unbalanced
+    # head on a fully annotated support): F1 0.84 (sigma 3 / distance 12 / threshold 0.5; plateau 0.83-0.84)
+    peak_sigma_px: float = 3.0  # smoothing of the probability map before peak finding (image px)
+    peak_min_distance_px: int = 12  # minimum distance between two detections (image px)
+    peak_threshold: float = 0.5  # smoothed probability a detection must reach (0-1)
 
 
 # ------------------------------------------------------------------------------------------ JSON I/O
