@@ -230,6 +230,10 @@ def main() -> None:
           f"{res['peak_rss_mb_sampled'] or float('nan'):.0f} MB (sampled); target ≤ 2048 MB: "
           f"{'met' if res['rss_ok'] else 'NOT met'}")
     RESULTS.mkdir(parents=True, exist_ok=True)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import common  # benchmarks/common.py
+
+    res["commit"] = common.git_commit()
     (RESULTS / f"large_image_{args.size}.json").write_text(json.dumps(res, indent=1) + "\n")
 
 

@@ -28,6 +28,7 @@ import dataclasses
 import json
 import platform
 import time
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -159,11 +160,19 @@ def main() -> None:
            "config": dataclasses.asdict(cfg), "n_figures": len(data["y"]), "n_slides": len(np.unique(data["slide"])),
            "summary": summary, "runs": rows, "agreement": agree,
            "reference": {"chance_balanced_accuracy": 0.5, "all_atypical_f1": 2 * prevalence / (1 + prevalence)},
-           "machine": platform.platform(), "threads": args.threads, "seconds": round(time.perf_counter() - t0, 1)}
+           "machine": platform.platform(), "threads": args.threads, "seconds": round(time.perf_counter() - t0, 1),
+           "command": " ".join([".venv/bin/python", *sys.argv]), "commit": _commit()}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "mitosis_fewshot.json").write_text(json.dumps(out, indent=2))
     print_table(summary, args.shots, agree, out["reference"])
     plot(summary, args.shots, out["reference"], RESULTS / "mitosis_fewshot.png")
+
+
+def _commit() -> str:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import common  # benchmarks/common.py
+
+    return common.git_commit()
 
 
 def print_table(summary: dict, shots: list[int], agree: dict, ref: dict) -> None:

@@ -28,6 +28,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage.segmentation import watershed
 
+import common  # noqa: E402  (benchmarks/common.py, next to this script)
 from napari_metahistoseg.config import HoVerPostConfig
 from napari_metahistoseg.metrics import aji, panoptic_quality
 from napari_metahistoseg.postprocess import HoVerPostProcessor, hv_targets
@@ -261,7 +262,9 @@ def main() -> None:
     summary = summarise(res)
     report(summary, res)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "postprocess.json").write_text(json.dumps(dict(summary=summary, **res), indent=2))
+    prov = common.provenance()
+    (RESULTS / "postprocess.json").write_text(json.dumps(dict(summary=summary, **res, commit=prov["commit"],
+                                                              command=prov["command"]), indent=2))
     plot(summary, RESULTS / "postprocess.png")
     print(f"wrote {RESULTS / 'postprocess.json'} and {RESULTS / 'postprocess.png'}")
 
