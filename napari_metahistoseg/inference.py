@@ -286,7 +286,7 @@ def _band_pass(job: _Job, region: tuple[int, int, int, int], write: tuple[int, i
     rows = tiles[0][2] - tiles[0][0]
     wide = sum(job.runner.channels.values()) * rows * W * 4 > job.tiling.band_float32_max_mb * 2**20
     blender = BandBlender(W, rows, job.runner.channels, np.float16 if wide else np.float32)
-    per_batch = job.tiling.batch_size * len(job.runner.devices)
+    per_batch = job.tiling.batch_for(job.runner.devices) * len(job.runner.devices)
     batches = [b for s in starts for b in _chunks([t for t in tiles if t[0] == s], per_batch)]
     reads = [job.pool.submit(_read_batch, job.image, batches[0])] if batches else []
     done, i = 0, 0

@@ -174,7 +174,7 @@ def predict_tiled(
     fwds = list(forwards) if forwards is not None else [forward] * len(devices)
     runner = TileRunner(fwds, devices, cfg, channels, activations, cpu_channels_last=cpu_channels_last)
     done = 0
-    for batch in _batches(tiles, cfg.batch_size * len(devices)):
+    for batch in _batches(tiles, cfg.batch_for(devices) * len(devices)):
         for group in group_by_shape(batch):
             out = runner(np.stack([np.asarray(image[r0:r1, c0:c1]) for r0, c0, r1, c1 in group]))
             for j, (r0, c0, r1, c1) in enumerate(group):

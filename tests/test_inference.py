@@ -21,7 +21,7 @@ from napari_metahistoseg.models import MetaHistoSegNet
 from napari_metahistoseg.pipeline import AdaptedHead, initial_head, load_backbone
 
 HOVER_TYPES = ["background", "other", "inflammatory", "epithelial", "spindle"]
-TILING = TilingConfig(tile_px=128, halo_px=32, batch_size=2, instance_window_px=96, instance_margin_um=12.0)
+TILING = TilingConfig(tile_px=128, halo_px=32, batch_size=2, cpu_batch_size=2, instance_window_px=96, instance_margin_um=12.0)
 
 
 @pytest.fixture(autouse=True)
@@ -221,7 +221,7 @@ def _oom_above(model, limit_px: int, monkeypatch) -> list[tuple[int, ...]]:
 def test_predict_recovers_from_out_of_memory(backbone, head, image, tmp_path, monkeypatch):
     """Out of memory at batch 2: prediction restarts at batch 1 and gives the batch-1 result, in memory and
     streamed (the streamed outputs are rewritten from scratch)."""
-    one = dataclasses.replace(TILING, batch_size=1)
+    one = dataclasses.replace(TILING, batch_size=1, cpu_batch_size=1)
     ref, _ = run(predict(backbone, head, image, mpp=0.5, tiling=one))
     ref_large, _ = run(predict_large(backbone, head, image, out_dir=tmp_path / "ref.zarr", mpp=0.5, tiling=one))
     seen = _oom_above(backbone.model, 128 * 128, monkeypatch)
@@ -264,7 +264,7 @@ def test_adapt_reports_feature_tiles_and_cancels_between_them(backbone, image, m
     labels[:60, :60], labels[100:160, 100:160] = 0, 1
     seen = _oom_above(backbone.model, 1 << 30, monkeypatch)  # never fails; counts the forward passes
     gen = adapt(backbone, [image], [labels], ["background", "nucleus"], mpp=0.5, cfg=MAMLConfig(steps=2),
-                tiling=dataclasses.replace(TILING, batch_size=1))
+                tiling=dataclasses.replace(TILING, batch_size=1, cpu_batch_size=1))
     events = []
     for p in gen:
         events.append(p)

@@ -104,7 +104,7 @@ def _conv1x1() -> torch.nn.Module:
 def test_predict_tiled_is_exact_for_pixelwise_model():
     net = _conv1x1()
     img = (np.random.default_rng(0).random((200, 333, 3)) * 255).astype(np.uint8)
-    cfg = TilingConfig(tile_px=64, halo_px=16, batch_size=3, channels_last=False)
+    cfg = TilingConfig(tile_px=64, halo_px=16, batch_size=3, cpu_batch_size=3, channels_last=False)
     out = run(predict_tiled(lambda x: {"y": net(x)}, img, cfg=cfg, devices=CPU, channels={"y": 4}))["y"]
     with torch.inference_mode():
         ref = net(torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255)[0].numpy()
@@ -114,7 +114,7 @@ def test_predict_tiled_is_exact_for_pixelwise_model():
 def test_predict_tiled_splits_batches_across_a_device_set():
     net = _conv1x1()
     img = (np.random.default_rng(1).random((150, 150, 3)) * 255).astype(np.uint8)
-    cfg = TilingConfig(tile_px=64, halo_px=8, batch_size=2, channels_last=False)
+    cfg = TilingConfig(tile_px=64, halo_px=8, batch_size=2, cpu_batch_size=2, channels_last=False)
     seen = []
 
     def fwd(tag):
@@ -274,3 +274,12 @@ def test_instance_stitching_of_touching_nuclei_is_as_good_as_one_pass():
 def test_instance_stitcher_rejects_bad_windows():
     with pytest.raises(ValueError, match="core > 0"):
         InstanceStitcher((10, 10), core=0, margin=2, segment=None, write=None, emit=None)
+
+
+def test_cpu_batch_size_applies_only_to_cpu_device_sets():
+    cfg = TilingConfig(batch_size=4, cpu_batch_size=1)
+    assert cfg.batch_for([torch.device("cpu")]) == 1 and cfg.batch_for(["cpu", "cpu"]) == 1
+    assert cfg.batch_for([torch.device("cuda", 0)]) == 4 and cfg.batch_for(["cuda:0", "cuda:1"]) == 4
+    assert TilingConfig(batch_size=2, cpu_batch_size=8).batch_for(["cpu"]) == 2  # the OOM fallback caps it
+    with pytest.raises(ValueError):
+        TilingConfig(cpu_batch_size=0)
