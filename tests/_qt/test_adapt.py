@@ -26,10 +26,12 @@ def adapt(viewer, backbone_path):
     return widget
 
 
-def run(qtbot, worker):
+def run(qtbot, worker, widget):
+    """Wait until ``widget``'s job runner has handled the end of ``worker``. Race-free even when the job ends
+    before this is called (an immediate error): the runner's slot was connected before the worker started, so
+    its queued ``finished`` call is processed here, whereas a ``waitSignal`` connected now could miss it."""
     assert worker is not None
-    with qtbot.waitSignal(worker.finished, timeout=TIMEOUT_MS):
-        pass
+    qtbot.waitUntil(lambda: widget.runner.worker is not worker, timeout=TIMEOUT_MS)
 
 
 def prediction_layers(viewer):
@@ -38,7 +40,7 @@ def prediction_layers(viewer):
 
 def test_adapt_then_predict_end_to_end(viewer, qtbot, adapt, errors):
     img, sup, truth, tile = small_demo(viewer)
-    run(qtbot, adapt.run_adapt())
+    run(qtbot, adapt.run_adapt(), adapt)
     assert errors == []
     assert adapt.state.head is not None and adapt.state.head.classes == ["background", "nucleus"]
     assert adapt.state.head.colours == sup.metadata["metahistoseg"]["colours"]
@@ -54,7 +56,7 @@ def test_adapt_then_predict_end_to_end(viewer, qtbot, adapt, errors):
     assert adapt.last_created == [sem, inst]
     # Predict again with the same head: layers are updated in place, not duplicated
     adapt.settings.instances.setChecked(False)
-    run(qtbot, adapt.run_predict())
+    run(qtbot, adapt.run_predict(), adapt)
     assert len(find_layers(viewer, "prediction")) == 1 and adapt.last_created == []
 
 
@@ -62,7 +64,7 @@ def test_full_mode_adapts_decoder(viewer, qtbot, adapt, errors):
     small_demo(viewer)
     adapt.settings.mode_combo.setCurrentIndex(1)
     adapt.settings.instances.setChecked(False)
-    run(qtbot, adapt.run_adapt(predict=False))
+    run(qtbot, adapt.run_adapt(predict=False), adapt)
     assert errors == [] and adapt.state.head.maml.adapt == "decoder"
     assert any(k.startswith("backbone.") for k in adapt.state.head.state)
     assert prediction_layers(viewer) == []
@@ -77,7 +79,7 @@ def test_visible_field_first(viewer, qtbot, adapt, monkeypatch):
     worker.yielded.connect(lambda p: seen.append(p["stage"]) if p["stage"] == "preview" else None)
     worker.yielded.connect(lambda p: seen.append(len(find_layers(viewer, "preview"))) if p["stage"] == "preview"
                            else None)
-    run(qtbot, worker)
+    run(qtbot, worker, adapt)
     assert seen == ["preview", 1]
     assert find_layers(viewer, "preview") == []  # the preview is replaced by the full prediction
     assert find_layers(viewer, "prediction")[0].data.shape == (128, 128)
@@ -88,7 +90,7 @@ def test_cancel_leaves_viewer_consistent(viewer, qtbot, adapt):
     names = [ly.name for ly in viewer.layers]
     worker = adapt.run_adapt()
     adapt.cancel_button.click()
-    run(qtbot, worker)
+    run(qtbot, worker, adapt)
     assert [ly.name for ly in viewer.layers] == names
     assert adapt.status.text() == "Adapt: cancelled" and adapt.adapt_button.isEnabled()
 
@@ -100,7 +102,7 @@ def test_cancel_after_preview_removes_it(viewer, qtbot, adapt, monkeypatch):
     names = [ly.name for ly in viewer.layers]
     worker = adapt.run_adapt()
     worker.yielded.connect(lambda p: adapt.runner.cancel() if p["stage"] == "preview" else None)
-    run(qtbot, worker)
+    run(qtbot, worker, adapt)
     assert [ly.name for ly in viewer.layers] == names
     assert adapt.state.head is not None  # the head adapted before the cancel is kept
 
@@ -109,11 +111,11 @@ def test_errors_are_notified_not_raised(viewer, qtbot, adapt, errors, tmp_path):
     assert adapt.run_adapt() is None and "no image layer" in errors[-1]
     img, sup, truth, tile = small_demo(viewer)
     sup.data = np.zeros_like(sup.data)
-    run(qtbot, adapt.run_adapt())
+    run(qtbot, adapt.run_adapt(), adapt)
     assert "no labelled pixels" in errors[-1] and prediction_layers(viewer) == []
     adapt.settings.backbone_edit.setText(str(tmp_path / "missing"))
     sup.data = (np.arange(128 * 128).reshape(128, 128) % 3).astype(np.uint8)
-    run(qtbot, adapt.run_adapt())
+    run(qtbot, adapt.run_adapt(), adapt)
     assert "missing.json" in errors[-1] and errors[-1].startswith("Adapt failed")
     assert adapt.run_predict() is None and "no adapted head" in errors[-1]
     for box in adapt.settings.device_boxes.values():
@@ -154,7 +156,7 @@ def test_mitosis_candidates_with_threshold(viewer, qtbot, adapt, tmp_path, error
     small_demo(viewer)
     adapt.settings.mitosis.setChecked(True)
     adapt.settings.mitosis_edit.setText(str(tmp_path / "mit"))
-    run(qtbot, adapt.run_adapt())
+    run(qtbot, adapt.run_adapt(), adapt)
     assert errors == []
     [inst] = find_layers(viewer, "instances")
     [mit] = find_layers(viewer, "mitosis")

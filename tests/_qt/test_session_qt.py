@@ -59,8 +59,7 @@ def test_head_autosaved_after_adapt_and_restored(viewer, qtbot, backbone_path, _
     adapt.settings.instances.setChecked(False)
     adapt.settings.tiling = TilingConfig(tile_px=128, halo_px=16)
     worker = adapt.run_adapt(predict=False)
-    with qtbot.waitSignal(worker.finished, timeout=120_000):
-        pass
+    qtbot.waitUntil(lambda: adapt.runner.worker is not worker, timeout=120_000)  # race-free (see test_adapt.run)
     fp = adapt.state.autosaver.fingerprint(img)
     data = SessionStore(_sessions_in_tmp).load(fp)
     assert data.head_path is not None and data.head_path.exists()
