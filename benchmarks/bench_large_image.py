@@ -31,6 +31,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (benchmarks/common.py)
 TILE = 256  # TIFF tile side
 CELL_UM = 12.0  # one potential nucleus per cell of this side
 NUCLEUS_RADIUS_UM = (2.5, 4.5)  # nucleus radius range
@@ -139,16 +141,6 @@ class RSSSampler(threading.Thread):
 # ------------------------------------------------------------------------------------------ run
 
 
-def backbone_path() -> str:
-    bundled = REPO / "napari_metahistoseg" / "weights" / "backbone"
-    if bundled.with_suffix(".safetensors").exists():
-        return str(bundled)
-    run = REPO / "runs" / "backbone" / "last"
-    if run.with_suffix(".safetensors").exists():
-        return str(run)
-    raise SystemExit("no backbone: neither napari_metahistoseg/weights/backbone nor runs/backbone/last exists")
-
-
 def predict(args, slide: Path) -> dict:
     import torch
 
@@ -157,7 +149,7 @@ def predict(args, slide: Path) -> dict:
     from napari_metahistoseg.pipeline import AdaptedHead, initial_head, load_backbone
 
     torch.set_num_threads(args.threads)
-    bb = load_backbone(backbone_path())
+    bb = load_backbone(common.resolve_checkpoint("auto", "backbone"))
     head = AdaptedHead(["background", "foreground"], initial_head(bb, 2), bb.sha256, MAMLConfig(), bb.mpp)
     tiling = TilingConfig(tile_px=args.tile, batch_size=args.batch)
     sampler = RSSSampler()
@@ -230,9 +222,6 @@ def main() -> None:
           f"{res['peak_rss_mb_sampled'] or float('nan'):.0f} MB (sampled); target ≤ 2048 MB: "
           f"{'met' if res['rss_ok'] else 'NOT met'}")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import common  # benchmarks/common.py
-
     res["commit"] = common.git_commit()
     (RESULTS / f"large_image_{args.size}.json").write_text(json.dumps(res, indent=1) + "\n")
 

@@ -27,19 +27,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (benchmarks/common.py)
 SEED = 0
-
-
-def backbone_path(which: str) -> str:
-    if which != "auto":
-        return which
-    bundled = REPO / "napari_metahistoseg" / "weights" / "backbone"
-    if bundled.with_suffix(".safetensors").exists():
-        return str(bundled)
-    run = REPO / "runs" / "backbone" / "last"
-    if run.with_suffix(".safetensors").exists():
-        return str(run)
-    raise SystemExit("no backbone: neither napari_metahistoseg/weights/backbone nor runs/backbone/last exists")
 
 
 def machine() -> dict:
@@ -103,7 +93,7 @@ def main() -> None:
     from napari_metahistoseg.config import TilingConfig
     from napari_metahistoseg.pipeline import AdaptedHead, initial_head, load_backbone
 
-    bb = load_backbone(backbone_path(args.backbone))
+    bb = load_backbone(common.resolve_checkpoint(args.backbone, "backbone"))
     head = AdaptedHead(["background", "foreground"], initial_head(bb, 2), bb.sha256, _maml(), bb.mpp)
     img = image(args.size, bb.mpp)
     img40 = image(args.size, bb.mpp / 2)

@@ -108,7 +108,13 @@ def provenance() -> dict:
 
 
 def resolve_checkpoint(which: str, bundled: str) -> str:
-    """``"default"``/``"transfer"`` → the bundled weights (clear error when absent), else a checkpoint path."""
+    """``"default"``/``"transfer"`` → the bundled weights (clear error when absent); ``"auto"`` → the bundled
+    weights, else the training run's ``runs/backbone/last``; else a checkpoint path."""
+    if which == "auto":
+        for stem in (BUNDLED / bundled, REPO / "runs" / "backbone" / "last"):
+            if stem.with_suffix(".safetensors").exists():
+                return str(stem)
+        raise SystemExit("no backbone: neither napari_metahistoseg/weights/backbone nor runs/backbone/last exists")
     if which in ("default", "transfer"):
         stem = BUNDLED / (bundled if which == "default" else "transfer")
         if not stem.with_suffix(".safetensors").exists():
