@@ -10,7 +10,10 @@ Small single-purpose steps (as in MONAI's HoVer-Net transforms), composed by :cl
 The algorithm is hover_net's ``__proc_np_hv`` with every constant a :class:`HoVerPostConfig` field in µm
 (converted with the maps' µm/pixel). Differences: the NP mask can have its holes filled; the marker opening uses a
 disk (hover_net: a 5x5 ellipse). Speed: the Sobel filters run as banded matrix products, a mask component with a
-single marker is assigned to it without flooding, and the remaining components are flooded in one compact mosaic.
+single marker is assigned to it without flooding, the remaining components are flooded in one compact mosaic, the
+marker opening runs at the marker pixels only, and with ``cfg.threads > 1`` the edge map is computed beside the mask
+labelling and the markers/watershed run on the upper and lower halves of the components in two threads (identical
+result).
 ``hv[0]`` is the horizontal map (x, along columns), ``hv[1]`` the vertical map (y, along rows).
 """
 
@@ -28,6 +31,7 @@ from skimage.segmentation import watershed as _sk_watershed
 from napari_metahistoseg.config import HoVerPostConfig
 
 _BLUR_TRUNCATE_SIGMAS = 1.5  # support of the relief blur in sigmas (radius 1 px at hover_net's 0.8 px sigma)
+_SPARSE_OPEN_RATIO = 1.0  # open at the mask's pixels when pixels x disk offsets <= this x the image size
 _BAND_BLOCK_PX = 8  # output rows/columns per matrix product of the banded (Sobel) correlation
 _BAND_PRODUCT_MNK = 1 << 18  # bound on m*n*k per product: OpenBLAS keeps these single-threaded (its threads
 #                             thrash on a busy machine, and one thread is as fast for such thin products)
@@ -133,6 +137,8 @@ def _drop(lab: np.ndarray, keep: np.ndarray) -> np.ndarray:
 
 def _segment_op(a: np.ndarray, half: int, axis: int, erode: bool) -> np.ndarray:
     """Binary erosion/dilation by a ``2*half+1`` segment along ``axis``; the border never erodes or dilates."""
+    if half == 0:
+        return a
     out = a.copy()
     op = np.logical_and if erode else np.logical_or
     for s in range(1, half + 1):
@@ -153,12 +159,43 @@ def _disk_rectangles(radius_px: float) -> list[tuple[int, int]]:
 
 
 def binary_open_disk(mask: np.ndarray, radius_px: float) -> np.ndarray:
-    """Binary opening of ``(H, W) bool`` by the disk ``r² + c² <= radius_px²``, as separable rectangles."""
+    """Binary opening of ``(H, W) bool`` by the disk ``r² + c² <= radius_px²``; outside the image counts as
+    foreground for the erosion (the border never erodes). A sparse mask (few pixels times disk offsets, as markers
+    are) is opened at its own pixels; a dense one with separable rectangles over the whole array."""
     rects = _disk_rectangles(radius_px)
     if rects == [(0, 0)]:
         return mask
+    k = int(math.floor(radius_px))
+    yy, xx = np.mgrid[-k:k + 1, -k:k + 1]
+    disk = yy**2 + xx**2 <= radius_px**2
+    n = int(np.count_nonzero(mask))
+    if n * int(disk.sum()) <= _SPARSE_OPEN_RATIO * mask.size:
+        return _open_sparse(mask, yy[disk], xx[disk], k)
     eroded = np.logical_and.reduce([_segment_op(_segment_op(mask, h, 0, True), w, 1, True) for h, w in rects])
     return np.logical_or.reduce([_segment_op(_segment_op(eroded, h, 0, False), w, 1, False) for h, w in rects])
+
+
+def _open_sparse(mask: np.ndarray, dy: np.ndarray, dx: np.ndarray, k: int) -> np.ndarray:
+    """Opening by the structuring element of offsets ``(dy, dx)`` (within ``k`` px) evaluated only at the mask's
+    pixels: a pixel survives the erosion if every offset lands on the mask (or outside the image); the dilation
+    scatters the survivors by the offsets."""
+    h, w = mask.shape
+    padded = np.ones((h + 2 * k, w + 2 * k), dtype=bool)  # outside = foreground: the border never erodes
+    padded[k:k + h, k:k + w] = mask
+    pw = w + 2 * k
+    rows, cols = np.nonzero(mask)
+    idx = (rows + k) * pw + (cols + k)
+    offsets = dy.astype(np.int64) * pw + dx
+    flat = padded.ravel()
+    keep = np.ones(idx.size, dtype=bool)
+    for off in offsets:
+        keep &= flat[idx + off]
+    out = np.zeros_like(padded)
+    flat_out = out.ravel()
+    core = idx[keep]
+    for off in offsets:
+        flat_out[core + off] = True
+    return np.ascontiguousarray(out[k:k + h, k:k + w])
 
 
 # ------------------------------------------------------------------------------------------------ Sobel
@@ -327,11 +364,15 @@ def watershed(mask: np.ndarray, marker_map: np.ndarray, surface: np.ndarray) -> 
 
 
 def _flood_components(comp: np.ndarray, keep_comp: np.ndarray, mk: np.ndarray, keep_mk: np.ndarray | None,
-                      raw_of: Callable[[Box], np.ndarray], weights: np.ndarray) -> np.ndarray:
+                      raw_of: Callable[[Box], np.ndarray], weights: np.ndarray,
+                      first_index: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Watershed per mask component (labels ``comp``, kept where ``keep_comp``) from markers ``mk`` inside them
     (kept where ``keep_mk``; None = all), renumbered 1..M in id order. A component holding one marker becomes that
     marker; those holding several are flooded together in a mosaic (:func:`_flood_mosaic`). The relief is
     ``raw_of(box)`` blurred with the 1D ``weights`` along both axes.
+
+    ``first_index=True`` also returns the flat index of each output id's first marker pixel ``(M,)``; this needs
+    marker ids numbered in raster order of their first pixel (as ``ndi.label`` numbers them).
     """
     idx = np.flatnonzero(mk)
     ids, comp_ids = mk.ravel()[idx].astype(np.int64), comp.ravel()[idx]
@@ -350,7 +391,13 @@ def _flood_components(comp: np.ndarray, keep_comp: np.ndarray, mk: np.ndarray, k
     multi = np.flatnonzero(per_comp > 1)
     if multi.size:
         _flood_mosaic(out, comp, multi, lambda box: relabel[mk[box]], raw_of, weights)
-    return out
+    if not first_index:
+        return out
+    new = np.ones(ids.size, dtype=bool)  # first pixel of each marker: where the running maximum of ids grows
+    new[1:] = ids[1:] > np.maximum.accumulate(ids)[:-1]
+    first = np.zeros(present.size, dtype=np.int64)
+    first[ids[new]] = idx[new]
+    return out, first[present]
 
 
 def _flood_mosaic(out: np.ndarray, comp: np.ndarray, multi: np.ndarray, seeds_of: Callable[[Box], np.ndarray],
@@ -412,18 +459,30 @@ class HoVerPostProcessor:
         mpp = _check_mpp(mpp)
         hv = _check_hv(hv, _check_2d(np.asarray(np_prob), "np_prob").shape)
         if self.cfg.threads > 1:  # the two Sobel passes run in worker threads while the mask is labelled here
-            futures = [_pool().submit(_sobel_gradient, hv, ch, self.cfg, mpp) for ch in (0, 1)]
+            # one worker computes the edge map while this thread labels the mask (two busy threads on two cores;
+            # a third would only make them take turns)
+            future = _pool().submit(hv_edge_map, hv, self.cfg, mpp)
             try:
                 mask, comp, keep = _mask_components(np_prob, self.cfg, mpp)
             finally:
-                grads = [f.result() for f in futures]
-            edge = _edge_from_grads(grads)
+                edge = future.result()
         else:
             mask, comp, keep = _mask_components(np_prob, self.cfg, mpp)  # small objects are dropped when flooding
             edge = hv_edge_map(hv, self.cfg, mpp)
-        mk, keep_mk = _marker_components(mask, edge, self.cfg, mpp, self.cfg.fill_mask_holes)
+        weights = _blur_weights(self.cfg.surface_blur_um / mpp)
         raw = lambda box: np.where(keep[comp[box]], edge[box] - 1.0, 0.0).astype(np.float32)  # noqa: E731
-        return _flood_components(comp, keep, mk, keep_mk, raw, _blur_weights(self.cfg.surface_blur_um / mpp))
+        halo = max(int(self.cfg.marker_open_radius_um / mpp), weights.size // 2) + 2
+        split = _split_rows(comp, keep.size - 1, halo) if self.cfg.threads > 1 and self.cfg.fill_mask_holes else None
+        if split is None:
+            mk, keep_mk = _marker_components(mask, edge, self.cfg, mpp, self.cfg.fill_mask_holes)
+            return _flood_components(comp, keep, mk, keep_mk, raw, weights)
+        part = lambda p: _segment_part(comp, keep, edge, raw, p, self.cfg, mpp, weights)  # noqa: E731
+        lower = _pool().submit(part, split[1])  # the lower half in a worker thread, the upper one here
+        try:
+            upper = part(split[0])
+        finally:
+            lower = lower.result()
+        return _merge_parts(comp.shape, [upper, lower])
 
     def __call__(self, np_prob: np.ndarray, hv: np.ndarray, mpp: float,
                  nc_prob: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
@@ -431,6 +490,64 @@ class HoVerPostProcessor:
             _check_nc(nc_prob, np.shape(np_prob))
         inst = self.instances(np_prob, hv, mpp)
         return inst, instance_table(inst, nc_prob)
+
+
+# ------------------------------------------------------------------------------------------------ two halves
+#
+# Markers and the watershed only ever look inside one mask component (markers lie in it, the opening and the
+# hole filling stay in it, the flood is confined to it), plus the relief blur radius around it. So the components
+# can be split into an upper and a lower group processed in two threads (scipy's labelling and skimage's watershed
+# release the GIL) and merged: ids are renumbered by the raster position of each instance's first marker pixel,
+# which is the order of the single-threaded path, so the result is identical.
+
+Part = tuple[int, int, int, int]  # (first row, end row) of the crop, components (lo, hi]
+
+
+def _split_rows(comp: np.ndarray, n: int, halo: int) -> tuple[Part, Part] | None:
+    """Split mask components ``comp`` (labels 1..n in raster order of their first pixel, as ``ndi.label`` numbers them)
+    at the middle row: the upper part holds labels ``1..k`` (first pixel above the middle), the lower part the rest.
+    Each part's crop is its rows plus ``halo`` rows of context. None when a split is pointless."""
+    h = comp.shape[0]
+    mid = h // 2
+    if h < 8 * halo or n < 2:
+        return None
+    k = int(comp[:mid].max(initial=0))
+    if k == 0 or k == n:
+        return None
+    tail = comp[mid:]
+    below = np.flatnonzero(((tail > 0) & (tail <= k)).any(axis=1))
+    upper_end = mid + (int(below[-1]) + 1 if below.size else 0)
+    return (0, min(h, upper_end + halo), 0, k), (max(0, mid - halo), h, k, n)
+
+
+def _segment_part(comp: np.ndarray, keep: np.ndarray, edge: np.ndarray, raw_of: Callable[[Box], np.ndarray],
+                  part: Part, cfg: HoVerPostConfig, mpp: float,
+                  weights: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+    """Markers + watershed of the components ``(lo, hi]`` inside rows ``r0:r1``: (r0, instances of the crop with
+    ids 1..M, global flat index of each instance's first marker pixel (M,))."""
+    r0, r1, lo, hi = part
+    c = comp[r0:r1]
+    inside = (c > lo) & (c <= hi)
+    mk, keep_mk = _marker_components(inside, edge[r0:r1], cfg, mpp, True)
+    shifted = lambda box: raw_of((slice(box[0].start + r0, box[0].stop + r0), box[1]))  # noqa: E731
+    # the other part's components hold no markers here, so they stay 0 without masking them out of ``c``
+    out, first = _flood_components(c, keep, mk, keep_mk, shifted, weights, first_index=True)
+    return r0, out, first + r0 * comp.shape[1]
+
+
+def _merge_parts(shape: tuple[int, int], parts: list[tuple[int, np.ndarray, np.ndarray]]) -> np.ndarray:
+    """Paste part results (disjoint instances) into one ``(H, W) uint32`` map, ids ordered by first marker pixel."""
+    rank = np.empty(sum(p[2].size for p in parts), dtype=np.uint32)
+    rank[np.argsort(np.concatenate([p[2] for p in parts]), kind="stable")] = np.arange(1, rank.size + 1)
+    out = np.zeros(shape, dtype=np.uint32)
+    start = 0
+    for r0, inst, first in parts:
+        lut = np.zeros(first.size + 1, dtype=np.uint32)
+        lut[1:] = rank[start:start + first.size]
+        start += first.size
+        region = out[r0:r0 + inst.shape[0]]
+        np.add(region, lut[inst], out=region)  # the parts' instances are disjoint
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ table
@@ -522,7 +639,12 @@ def _outer_contours(seq: np.ndarray, rows: np.ndarray, cols: np.ndarray, n: int)
     loop_label = own[order[start]]
     pick = np.lexsort((-area[loop[order[start]]], loop_label))
     pick = pick[np.r_[True, loop_label[pick][1:] != loop_label[pick][:-1]]]  # best loop per label, label order
-    return [mid[np.r_[order[bounds[i]:bounds[i + 1]], order[bounds[i]]]] for i in pick]
+    lo, length = bounds[pick], bounds[pick + 1] - bounds[pick]  # each picked loop, closed by its first vertex
+    ends = np.cumsum(length + 1)
+    pos = np.arange(int(ends[-1])) - np.repeat(ends - length - 1, length + 1)  # 0..length per loop
+    pos[ends - 1] = 0
+    closed = mid[order[np.repeat(lo, length + 1) + pos]]
+    return np.split(closed, ends[:-1])
 
 
 def _walk_loops(succ: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -330,3 +330,37 @@ def _timed(fn, *args):
     start = time.process_time()  # CPU time: robust to other jobs on a shared machine
     fn(*args)
     return time.process_time() - start
+
+
+def test_binary_open_disk_sparse_and_dense_paths_agree(monkeypatch):
+    import napari_metahistoseg.postprocess as pp
+
+    rng = np.random.default_rng(5)
+    m = ndi.gaussian_filter(rng.random((80, 90)), 2.5) > 0.56  # sparse blobs, some on the border
+    m[0, :5] = m[:4, -1] = True
+    for r in (1, 2, 3.2):
+        monkeypatch.setattr(pp, "_SPARSE_OPEN_RATIO", 1e9)
+        sparse = binary_open_disk(m, r)
+        monkeypatch.setattr(pp, "_SPARSE_OPEN_RATIO", 0.0)
+        dense = binary_open_disk(m, r)
+        k = int(r)
+        yy, xx = np.mgrid[-k:k + 1, -k:k + 1]
+        fp = yy**2 + xx**2 <= r * r
+        assert np.array_equal(sparse, dense)
+        assert np.array_equal(sparse, ndi.binary_dilation(ndi.binary_erosion(m, fp, border_value=1), fp))
+        assert sparse.any() and sparse.flags.c_contiguous
+
+
+def test_two_thread_split_equals_one_thread_on_many_nuclei():
+    rng = np.random.default_rng(7)
+    centres = rng.integers(6, 314, size=(160, 2))
+    truth = discs((320, 320), centres, 6)  # overlapping discs, many of them crossing the middle row
+    np_prob, hv = maps(truth)
+    np_prob = np.clip(ndi.gaussian_filter(np_prob, 1) + rng.normal(0, 0.1, np_prob.shape), 0, 1).astype(np.float32)
+    hv = np.clip(hv + rng.normal(0, 0.05, hv.shape), -1, 1).astype(np.float32)
+    cfg = replace(CFG, marker_threshold=0.4)
+    one = HoVerPostProcessor(replace(cfg, threads=1)).instances(np_prob, hv, MPP)
+    two = HoVerPostProcessor(replace(cfg, threads=2)).instances(np_prob, hv, MPP)
+    assert one.max() > 100 and np.array_equal(one, two)
+    rows_of = [np.flatnonzero((two == i).any(1)) for i in range(1, two.max() + 1)]
+    assert any(r[0] < 160 <= r[-1] for r in rows_of)  # some nuclei straddle the split
