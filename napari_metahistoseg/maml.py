@@ -15,6 +15,7 @@ differentiated with ``torch.func.grad_and_value``.
 from __future__ import annotations
 
 from collections.abc import Callable, Generator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -47,13 +48,16 @@ def inner_loop(
     first_order: bool = True,
     lrs: Params | None = None,
     devices: Sequence[torch.device | str] | None = None,
+    concurrent: bool = False,
 ) -> Generator[dict, None, Params]:
     """Run ``steps`` SGD steps on the parameters ``names``.
 
     ``loss_fns[d]`` computes the (sum-normalised) loss of shard ``d`` from a full parameter dict living on
     ``devices[d]``; the total loss is the sum over shards. With ``first_order`` the gradients are detached
     (FOMAML); otherwise the graph is kept for a second-order outer update. Yields progress per step and
-    returns the fast-weight dict (the input ``params`` is left untouched).
+    returns the fast-weight dict (the input ``params`` is left untouched). ``concurrent=True`` computes the
+    shards in one thread each (torch releases the GIL; each ``loss_fns[d]`` must use its own module replica);
+    the gradients are still summed in shard order, so the result does not depend on it.
     """
     if not loss_fns:
         raise ValueError("inner_loop needs at least one loss function (support shard)")
@@ -64,26 +68,45 @@ def inner_loop(
     if missing:
         raise ValueError(f"parameters to adapt not found: {missing[:3]}")
     fast = dict(params)
-    for step in range(steps):
-        total_loss = 0.0
-        grads: Params = {}
-        for dev, fn in zip(devs, loss_fns):
-            rest = {k: v.to(dev) for k, v in fast.items() if k not in names}
-
-            def shard_loss(sub: Params, rest=rest, fn=fn) -> Tensor:
-                return fn({**rest, **sub})
-
-            sub = {n: fast[n].to(dev) for n in names}
-            g, loss = grad_and_value(shard_loss)(sub)
-            total_loss += float(loss.detach())
-            for n in names:
-                gn = g[n].to(devs[0])
-                grads[n] = gn if n not in grads else grads[n] + gn
-        if first_order:
-            grads = {n: g.detach() for n, g in grads.items()}
-        fast = sgd_update(fast, grads, lr, lrs)
-        yield {"step": step + 1, "steps": steps, "loss": total_loss}
+    pool = ThreadPoolExecutor(len(devs), thread_name_prefix="inner-shard") if concurrent and len(devs) > 1 else None
+    try:
+        for step in range(steps):
+            grads, total_loss = _shard_grads(fast, names, loss_fns, devs, pool)
+            if first_order:
+                grads = {n: g.detach() for n, g in grads.items()}
+            fast = sgd_update(fast, grads, lr, lrs)
+            yield {"step": step + 1, "steps": steps, "loss": total_loss}
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True)
     return fast
+
+
+def _shard_grads(fast: Params, names: Sequence[str], loss_fns: Sequence[LossFn], devs: list[torch.device],
+                 pool: ThreadPoolExecutor | None) -> tuple[Params, float]:
+    """Gradients of the summed shard losses w.r.t. ``names`` (on ``devs[0]``) and the total loss."""
+
+    def one(dev: torch.device, fn: LossFn) -> tuple[Params, Tensor]:
+        rest = {k: v.to(dev) for k, v in fast.items() if k not in names}
+
+        def shard_loss(sub: Params) -> Tensor:
+            return fn({**rest, **sub})
+
+        return grad_and_value(shard_loss)({n: fast[n].to(dev) for n in names})
+
+    if pool is None:
+        results = [one(dev, fn) for dev, fn in zip(devs, loss_fns)]
+    else:
+        futures = [pool.submit(one, dev, fn) for dev, fn in zip(devs, loss_fns)]
+        results = [f.result() for f in futures]
+    total_loss = 0.0
+    grads: Params = {}
+    for g, loss in results:
+        total_loss += float(loss.detach())
+        for n in names:
+            gn = g[n].to(devs[0])
+            grads[n] = gn if n not in grads else grads[n] + gn
+    return grads, total_loss
 
 
 def run(gen: Generator) -> object:

@@ -346,6 +346,10 @@ def _adapt_full(backbone, sup, n_classes, start, cfg, devs, t0, balance) -> Gene
     w = torch.where(counts > 0, counts.sum() / counts.clamp(min=1), torch.zeros_like(counts)) if balance \
         else torch.ones(n_classes)
     norm = float(w[ys[ys != IGNORE]].sum())
+    threads = torch.get_num_threads()
+    cpu_only = all(d.type == "cpu" for d in devs)
+    if cpu_only:  # shards side by side, one core each (faster than one shard on all cores: conv backward scales badly)
+        devs = [devs[0]] * max(1, min(len(crops), cfg.cpu_shards or threads))
     parts = np.array_split(np.arange(len(crops)), len(devs))
     replicas = [model.to(devs[0])] + [copy.deepcopy(model).to(d) for d in devs[1:]]
     fns = []
@@ -359,13 +363,20 @@ def _adapt_full(backbone, sup, n_classes, start, cfg, devs, t0, balance) -> Gene
         fns.append(lambda p, m=rep, x=x, y=y, w=w.to(dev), enc=enc: F.cross_entropy(
             functional_call(m, p, (None if enc is not None else x, TASK), {"encoded": enc})["seg"], y, weight=w,
             ignore_index=IGNORE, reduction="sum") / norm)
+    concurrent = len(devs) > 1
     gen = inner_loop(fns, {k: v.to(devs[0]) for k, v in params.items()}, names, steps=cfg.steps, lr=cfg.inner_lr,
-                     first_order=cfg.first_order, devices=devs)
+                     first_order=cfg.first_order, devices=devs, concurrent=concurrent)
+    log.info("adapting %s on %s (%d shard%s%s)", cfg.adapt, ", ".join(map(str, dict.fromkeys(devs))), len(devs),
+             "s" if len(devs) > 1 else "", ", side by side" if concurrent else "")
     while True:
+        if cpu_only and concurrent:  # one intra-op thread per shard while a step runs (restored between steps)
+            torch.set_num_threads(1)
         try:
             p = next(gen)
         except StopIteration as s:
             return {k: s.value[k] for k in names}
+        finally:
+            torch.set_num_threads(threads)
         yield _progress(p, t0, "adapt")
 
 

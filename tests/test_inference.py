@@ -273,3 +273,30 @@ def test_adapt_reports_feature_tiles_and_cancels_between_them(backbone, image, m
     gen.close()
     assert events[-1]["stage"] == "features" and events[-1]["tiles"] > 1
     assert len(seen) == 1  # one tile computed, the rest never started
+
+
+def test_decoder_adaptation_shards_side_by_side_equal_one_shard(backbone, image, caplog):
+    """On the CPU the decoder inner loop runs support shards in parallel threads (one core each); the summed
+    gradient, hence the adapted decoder, equals the single-shard run up to float rounding."""
+    import logging
+
+    from napari_metahistoseg.pipeline import adapt
+
+    labels = np.full(image.shape[:2], 255, np.uint8)
+    labels[:80, :90], labels[100:180, 120:220] = 0, 1
+    cls = ["background", "nucleus"]
+    one, _ = run(adapt(backbone, [image], [labels], cls, mpp=0.5, tiling=TILING,
+                       cfg=MAMLConfig(steps=3, adapt="decoder", cpu_shards=1)))
+    with caplog.at_level(logging.INFO, logger="napari_metahistoseg.pipeline"):
+        two, _ = run(adapt(backbone, [image], [labels], cls, mpp=0.5, tiling=TILING,
+                           cfg=MAMLConfig(steps=3, adapt="decoder", cpu_shards=2)))
+    assert "2 shards, side by side" in caplog.text
+    assert torch.get_num_threads() == 1  # the fixture's setting is restored after the loop
+    orig = dict(backbone.model.named_parameters())
+    moved = [k for k in two.state if k.startswith("backbone.decoders")
+             and not torch.equal(two.state[k].float(), orig[k].detach().float())]
+    assert moved  # the decoder itself was adapted
+    for k, v in one.state.items():
+        np.testing.assert_allclose(two.state[k].numpy(), v.numpy(), atol=1e-5, rtol=1e-4, err_msg=k)
+    with pytest.raises(ValueError, match="cpu_shards"):
+        MAMLConfig(cpu_shards=-1)
