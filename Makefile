@@ -45,6 +45,7 @@ xvfb:
 
 test: deps xvfb
 	$(BIN)/lint-imports --no-cache --no-logo
+	$(BIN)/ruff check napari_metahistoseg tests
 	$(BIN)/npe2 validate napari-metahistoseg
 	$(BIN)/python -m pytest -q
 

@@ -153,8 +153,8 @@ class TilingConfig:
     band_float32_max_mb: float = 256.0  # streamed row-of-tiles buffers above this use float16 (half the memory)
 
     def __post_init__(self) -> None:
-        _positive(self, "tile_px", "batch_size", "cpu_batch_size", "instance_window_px", "instance_margin_um", "stream_above_mp",
-                  "tile_multiple_px", "band_float32_max_mb")
+        _positive(self, "tile_px", "batch_size", "cpu_batch_size", "instance_window_px", "instance_margin_um",
+                  "stream_above_mp", "tile_multiple_px", "band_float32_max_mb")
         if not 0 <= 2 * self.halo_px < self.tile_px:
             raise ValueError("TilingConfig needs 0 <= 2*halo_px < tile_px")
 

@@ -19,7 +19,7 @@ from .config import MAMLConfig, PointsConfig
 from .data.readers import TaskDataset, open_dataset
 from .data.task import IGNORE, Sample
 from .inference import Prediction, detect_points, predict
-from .metrics import ConfusionAccumulator, aji, classification_scores, detection_scores, panoptic_quality
+from .metrics import ConfusionAccumulator, aji, detection_scores, panoptic_quality
 from .pipeline import adapt, load_backbone
 
 log = logging.getLogger(__name__)
@@ -155,6 +155,6 @@ def _write_points(path: Path, pts: np.ndarray, sem: np.ndarray, prob: np.ndarray
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["x", "y", "class", "prob"])
-        for (r, c), p in zip(pts, prob):
+        for (r, c), p in zip(pts, prob, strict=True):
             w.writerow([f"{c:.1f}", f"{r:.1f}", int(sem[int(r), int(c)]), f"{p:.4f}"])
 

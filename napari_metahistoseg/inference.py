@@ -27,11 +27,11 @@ import numpy as np
 import torch
 
 from .config import HoVerPostConfig, PointsConfig, TilingConfig, to_dict
-from .resilience import oom_fallback_gen
 from .data.io import to_rgb_uint8
 from .devices import resolve_devices
 from .pipeline import AdaptedHead, Backbone, _check_mpp, rescale
 from .postprocess import HoVerPostProcessor
+from .resilience import oom_fallback_gen
 from .slide import LazyImage, create_outputs, open_image
 from .tiling import (
     BandBlender,

@@ -95,9 +95,9 @@ def _shard_grads(fast: Params, names: Sequence[str], loss_fns: Sequence[LossFn],
         return grad_and_value(shard_loss)({n: fast[n].to(dev) for n in names})
 
     if pool is None:
-        results = [one(dev, fn) for dev, fn in zip(devs, loss_fns)]
+        results = [one(dev, fn) for dev, fn in zip(devs, loss_fns, strict=True)]
     else:
-        futures = [pool.submit(one, dev, fn) for dev, fn in zip(devs, loss_fns)]
+        futures = [pool.submit(one, dev, fn) for dev, fn in zip(devs, loss_fns, strict=True)]
         results = [f.result() for f in futures]
     total_loss = 0.0
     grads: Params = {}
@@ -174,7 +174,7 @@ def head_pixel_loss(head: nn.Module, params: Params, x: Tensor, y: Tensor, w: Te
 def shard_pixels(x: Tensor, y: Tensor, devices: Sequence[torch.device | str]) -> list[tuple[Tensor, Tensor]]:
     """Split pixel support into one contiguous shard per device (moved to it)."""
     parts = torch.tensor_split(torch.arange(len(y)), len(devices))
-    return [(x[p].to(d), y[p].to(d)) for p, d in zip(parts, devices)]
+    return [(x[p].to(d), y[p].to(d)) for p, d in zip(parts, devices, strict=True)]
 
 
 def head_params(head: nn.Module) -> Params:
@@ -203,8 +203,8 @@ def adapt_head_on_pixels(
     # ``head`` is only a stateless template for functional_call (no buffers): the fast weights themselves
     # are replicated per device inside inner_loop.
     fns = [
-        (lambda p, xs=xs, ys=ys, ws=w.to(xs.device): head_pixel_loss(head, p, xs, ys, ws, norm))
-        for xs, ys in shards
+        (lambda p, xs=xs, ys=ys, ws=ws: head_pixel_loss(head, p, xs, ys, ws, norm))
+        for xs, ys, ws in ((xs, ys, w.to(xs.device)) for xs, ys in shards)
     ]
     return (yield from inner_loop(fns, init, list(init), steps=steps, lr=lr, first_order=first_order, lrs=lrs,
                                   devices=list(devices)))

@@ -68,9 +68,10 @@ def evaluate_patches(
         with open(Path(out) / "predictions.csv", "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["id", "label", "prob"])
-            for i, p, q in zip(qry_ids, pred, prob):
+            for i, p, q in zip(qry_ids, pred, prob, strict=True):
                 w.writerow([i, ds.class_names[p], f"{q:.4f}"])
     return {"task": ds.task, "method": method, "n_support": len(sup_ids), "n_query": len(qry_ids),
-            "miou": None, "dice": None, "accuracy": sc["accuracy"], "balanced_accuracy": sc["balanced_accuracy"], "f1": sc["f1"],
+            "miou": None, "dice": None, "accuracy": sc["accuracy"], "balanced_accuracy": sc["balanced_accuracy"],
+            "f1": sc["f1"],
             "precision": sc["precision"], "recall": sc["recall"], "adapt_seconds": round(adapt_s, 3),
             "predict_seconds": round(time.time() - t1, 3)}

@@ -45,7 +45,8 @@ class UNet(nn.Module):
         for c in chs:
             self.encoders.append(ConvBlock(cin, c, cfg.groups))
             cin = c
-        self.decoders = nn.ModuleList(ConvBlock(chs[i + 1] + chs[i], chs[i], cfg.groups) for i in reversed(range(cfg.depth - 1)))
+        self.decoders = nn.ModuleList(ConvBlock(chs[i + 1] + chs[i], chs[i], cfg.groups)
+                                      for i in reversed(range(cfg.depth - 1)))
         self.register_buffer("mean", torch.tensor(cfg.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(cfg.std).view(1, 3, 1, 1), persistent=False)
 

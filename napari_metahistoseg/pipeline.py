@@ -147,7 +147,7 @@ def _check_support(images, labels, n_classes: int) -> None:
     if len(images) != len(labels) or not images:
         raise ValueError(f"support needs as many label masks as images (got {len(images)} and {len(labels)})")
     present: set[int] = set()
-    for i, (im, lab) in enumerate(zip(images, labels)):
+    for i, (im, lab) in enumerate(zip(images, labels, strict=True)):
         if lab.shape != im.shape[:2]:
             raise ValueError(f"support labels {i} have shape {lab.shape}, image has {im.shape[:2]}")
         if lab.dtype != bool and not np.issubdtype(lab.dtype, np.integer):
@@ -246,7 +246,7 @@ def adapt(
     for i, m in enumerate(mpps):
         _check_mpp(m, f"support image {i}")
     sup = []
-    for im, lab, m in zip(images, labels, mpps):
+    for im, lab, m in zip(images, labels, mpps, strict=True):
         f = (m or backbone.mpp) / backbone.mpp
         im2, lab2 = rescale(im, f, order=1), rescale(lab.astype(np.uint8), f, order=0)
         sup.append(_crop_to_labels(im2, lab2, CONTEXT_PX))
@@ -353,14 +353,15 @@ def _adapt_full(backbone, sup, n_classes, start, cfg, devs, t0, balance) -> Gene
     parts = np.array_split(np.arange(len(crops)), len(devs))
     replicas = [model.to(devs[0])] + [copy.deepcopy(model).to(d) for d in devs[1:]]
     fns = []
-    for dev, rep, idx in zip(devs, replicas, parts):
+    for dev, rep, idx in zip(devs, replicas, parts, strict=True):
         x = torch.from_numpy(np.stack([crops[i][0] for i in idx])).to(dev).permute(0, 3, 1, 2).float() / 255
         y = ys[idx].to(dev)
         enc = None
         if cfg.adapt == "decoder":  # the encoder is frozen: encode the support once, not at every step
             with torch.no_grad():
                 enc = rep.backbone.encode(x)
-        fns.append(lambda p, m=rep, x=x, y=y, w=w.to(dev), enc=enc: F.cross_entropy(
+        wd = w.to(dev)
+        fns.append(lambda p, m=rep, x=x, y=y, w=wd, enc=enc: F.cross_entropy(
             functional_call(m, p, (None if enc is not None else x, TASK), {"encoded": enc})["seg"], y, weight=w,
             ignore_index=IGNORE, reduction="sum") / norm)
     concurrent = len(devs) > 1

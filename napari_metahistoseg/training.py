@@ -29,7 +29,7 @@ from .data.readers import open_dataset
 from .data.samplers import Batch, Episode, batch_loader, episode_loader, rescale_sample
 from .data.task import IGNORE, Sample
 from .losses import hover_loss, seg_loss
-from .maml import adapt_head_on_pixels, head_pixel_loss, pixel_support
+from .maml import adapt_head_on_pixels, pixel_support
 from .models import MetaHistoSegNet, to_tensor_image
 
 log = logging.getLogger(__name__)
@@ -56,8 +56,8 @@ def consep_mosaics(samples: list[Sample]) -> list[Sample]:
                                   np.concatenate([q.image for q in quad[2:]], 1)], 0)
             sem = np.block([[quad[0].semantic, quad[1].semantic], [quad[2].semantic, quad[3].semantic]])
             offs = np.cumsum([0] + [int(q.instances.max()) for q in quad[:3]])
-            inst = np.block([[np.where(q.instances > 0, q.instances + o, 0) for q, o in zip(quad[:2], offs[:2])],
-                             [np.where(q.instances > 0, q.instances + o, 0) for q, o in zip(quad[2:], offs[2:])]])
+            shifted = [np.where(q.instances > 0, q.instances + o, 0) for q, o in zip(quad, offs, strict=True)]
+            inst = np.block([shifted[:2], shifted[2:]])
             out.append(quad[0].with_(image=img, semantic=sem, instances=inst.astype(np.uint32),
                                      sample_id=f"{parent}_m{k // 4}"))
     return out
@@ -92,11 +92,11 @@ def hover_targets(batch: Batch, device: torch.device) -> tuple[torch.Tensor, tor
     """NP targets (0/1/IGNORE), HV targets and a validity flag per crop (instance truth of nuclear tasks)."""
     from .postprocess import hv_targets
 
-    valid = np.array([h and t in NUCLEI_TASKS for h, t in zip(batch.has_instances, batch.tasks)])
+    valid = np.array([h and t in NUCLEI_TASKS for h, t in zip(batch.has_instances, batch.tasks, strict=True)])
     np_t = np.where(batch.semantic == IGNORE, IGNORE, (batch.semantic > 0)).astype(np.int64)
     np_t[~valid] = IGNORE
     hv = np.stack([hv_targets(i) if v else np.zeros((2,) + i.shape, np.float32)
-                   for i, v in zip(batch.instances, valid)])
+                   for i, v in zip(batch.instances, valid, strict=True)])
     return (torch.from_numpy(np_t).to(device), torch.from_numpy(hv).to(device), torch.from_numpy(valid).to(device))
 
 

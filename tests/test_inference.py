@@ -21,7 +21,8 @@ from napari_metahistoseg.models import MetaHistoSegNet
 from napari_metahistoseg.pipeline import AdaptedHead, initial_head, load_backbone
 
 HOVER_TYPES = ["background", "other", "inflammatory", "epithelial", "spindle"]
-TILING = TilingConfig(tile_px=128, halo_px=32, batch_size=2, cpu_batch_size=2, instance_window_px=96, instance_margin_um=12.0)
+TILING = TilingConfig(tile_px=128, halo_px=32, batch_size=2, cpu_batch_size=2, instance_window_px=96,
+                      instance_margin_um=12.0)
 
 
 @pytest.fixture(autouse=True)

@@ -4,11 +4,18 @@ import numpy as np
 import pytest
 import torch
 
+from napari_metahistoseg.data.task import IGNORE
 from napari_metahistoseg.maml import (
-    adapt_head_on_pixels, balanced_weights, head_params, head_pixel_logits, inner_loop, pixel_support, run, sgd_update,
+    adapt_head_on_pixels,
+    balanced_weights,
+    head_params,
+    head_pixel_logits,
+    inner_loop,
+    pixel_support,
+    run,
+    sgd_update,
 )
 from napari_metahistoseg.models import PixelHead
-from napari_metahistoseg.data.task import IGNORE
 
 
 def _problem(seed=0, n=400, f=8):

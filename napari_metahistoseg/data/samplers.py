@@ -116,7 +116,7 @@ def episode_loader(
         raise ValueError("episode_loader needs at least one task")
     w = np.array([cfg.task_weights.get(t, 0.0) if cfg.task_weights else 1.0 for t in names], np.float64)
     if w.sum() <= 0 or (w < 0).any():
-        raise ValueError(f"task weights must be >= 0 with a positive sum, got {dict(zip(names, w))}")
+        raise ValueError(f"task weights must be >= 0 with a positive sum, got {dict(zip(names, w, strict=True))}")
     p = w / w.sum()
     rng = np.random.default_rng(seed)
     while True:

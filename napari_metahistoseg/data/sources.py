@@ -281,7 +281,7 @@ def _open_amibr(root: Path, **_) -> TaskDataset:
     votes = np.array([[int(_truthy(r[k])) for k in experts] for r in rows], np.int64)
     labels, agreement = vote_labels(votes, n_classes=2, tie="first")
     by_id = {}
-    for r, lab, agr, v in zip(rows, labels, agreement, votes):
+    for r, lab, agr, v in zip(rows, labels, agreement, votes, strict=True):
         sid = Path(r["patch"]).stem
         by_id[sid] = (r, int(lab), float(agr), v.tolist())
 
