@@ -144,6 +144,9 @@ class TilingConfig:
     halo_px: int = 32  # overlap on each side, blended with a cosine ramp
     batch_size: int = 4  # tiles per forward pass and device (GPU)
     cpu_batch_size: int = 1  # tiles per forward pass when every device is a CPU (1 was fastest on 2 cores)
+    # CPU-only device sets: tiles run side by side in this many threads of one intra-op thread each (0 = torch's
+    # thread count; 1 = one tile at a time on all threads). Convolutions scale poorly over threads, tiles do not
+    cpu_workers: int = 0
     channels_last: bool = True  # NHWC tensors (faster convolutions on CPU and CUDA)
     autocast_bf16: bool = False  # bf16 autocast on CUDA
     instance_window_px: int = 1024  # core side of the HoVer post-processing windows (image pixels)
@@ -157,12 +160,25 @@ class TilingConfig:
                   "stream_above_mp", "tile_multiple_px", "band_float32_max_mb")
         if not 0 <= 2 * self.halo_px < self.tile_px:
             raise ValueError("TilingConfig needs 0 <= 2*halo_px < tile_px")
+        if not (isinstance(self.cpu_workers, int) and self.cpu_workers >= 0):
+            raise ValueError(f"TilingConfig.cpu_workers must be an integer >= 0, got {self.cpu_workers!r}")
+
+    def workers_for(self, devices) -> int:
+        """Tile threads on ``devices``: ``cpu_workers`` (0 = torch's intra-op thread count) when all are CPUs,
+        else 1 (GPUs run their batches asynchronously)."""
+        if not all(getattr(d, "type", str(d).split(":")[0]) == "cpu" for d in devices):
+            return 1
+        if self.cpu_workers:
+            return self.cpu_workers
+        import torch
+
+        return max(1, torch.get_num_threads())
 
     def batch_for(self, devices) -> int:
-        """Tiles per forward pass and device on ``devices``: ``cpu_batch_size`` (capped by ``batch_size``, which
-        the out-of-memory fallback lowers) when all are CPUs, else ``batch_size``."""
+        """Tiles per forward round and device on ``devices``: ``cpu_batch_size`` per tile thread (capped by
+        ``batch_size``, which the out-of-memory fallback lowers) when all are CPUs, else ``batch_size``."""
         if all(getattr(d, "type", str(d).split(":")[0]) == "cpu" for d in devices):
-            return min(self.batch_size, self.cpu_batch_size)
+            return min(self.batch_size, self.cpu_batch_size * self.workers_for(devices))
         return self.batch_size
 
 

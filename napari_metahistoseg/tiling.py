@@ -17,7 +17,9 @@ Pieces, used by :func:`predict_tiled` (in memory) and by :func:`napari_metahisto
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable, Generator, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -99,12 +101,21 @@ class TileRunner:
         self.forwards, self.devices, self.cfg = list(forwards), list(devices), cfg
         self.channels, self.acts = dict(channels), dict(activations or {})
         self.cpu_channels_last = cpu_channels_last
+        self.workers = cfg.workers_for(self.devices)
 
     def __call__(self, crops: np.ndarray, model_hw: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
         n, h, w = crops.shape[:3]
-        parts = np.array_split(np.arange(n), len(self.devices))
-        pending = [(idx, self._launch(dev, fwd, crops[idx], model_hw))
-                   for dev, fwd, idx in zip(self.devices, self.forwards, parts, strict=False) if len(idx)]
+        if self.workers > 1 and n > 1:  # CPU only: parts of the batch side by side, one intra-op thread each
+            parts = np.array_split(np.arange(n), min(n, self.workers))
+            pool = _cpu_pool(self.workers)
+            futures = [(idx, pool.submit(_one_thread, self._launch, self.devices[0],
+                                         self.forwards[i % len(self.forwards)], crops[idx], model_hw))
+                       for i, idx in enumerate(parts)]
+            pending = [(idx, f.result()) for idx, f in futures]
+        else:
+            parts = np.array_split(np.arange(n), len(self.devices))
+            pending = [(idx, self._launch(dev, fwd, crops[idx], model_hw))
+                       for dev, fwd, idx in zip(self.devices, self.forwards, parts, strict=False) if len(idx)]
         outs = {k: np.empty((n, c, h, w), np.float32) for k, c in self.channels.items()}
         for idx, res in pending:
             for k in outs:
@@ -133,6 +144,25 @@ class TileRunner:
                     t = F.interpolate(t, size=(h, w), mode="bilinear", align_corners=False)
                 res[k] = t.contiguous()
         return res
+
+
+_CPU_POOLS: dict[int, ThreadPoolExecutor] = {}
+_CPU_POOLS_LOCK = threading.Lock()
+
+
+def _cpu_pool(workers: int) -> ThreadPoolExecutor:
+    """Shared tile threads (one pool per size, created on first use)."""
+    with _CPU_POOLS_LOCK:
+        if workers not in _CPU_POOLS:
+            _CPU_POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="tile-cpu")
+        return _CPU_POOLS[workers]
+
+
+def _one_thread(fn: Callable, *args):
+    """Run ``fn`` with one intra-op thread (torch's OpenMP thread count is per calling thread)."""
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
+    return fn(*args)
 
 
 def group_by_shape(tiles: Sequence[tuple[int, int, int, int]]) -> list[list[tuple[int, int, int, int]]]:

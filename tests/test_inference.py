@@ -301,3 +301,31 @@ def test_decoder_adaptation_shards_side_by_side_equal_one_shard(backbone, image,
         np.testing.assert_allclose(two.state[k].numpy(), v.numpy(), atol=1e-5, rtol=1e-4, err_msg=k)
     with pytest.raises(ValueError, match="cpu_shards"):
         MAMLConfig(cpu_shards=-1)
+
+
+def test_cpu_tiles_side_by_side_equal_one_at_a_time(backbone, head, image, monkeypatch):
+    """cpu_workers=2 runs the tiles of a batch in two threads (one intra-op thread each): same maps, tiles really
+    spread over both threads, and the caller's thread count untouched."""
+    import threading
+
+    from napari_metahistoseg import tiling
+
+    seen = []
+    inner = tiling._one_thread
+
+    def spy(fn, *args):
+        out = inner(fn, *args)
+        seen.append((threading.current_thread().name, torch.get_num_threads()))
+        return out
+
+    one = run(predict(backbone, head, image, mpp=0.5, tiling=dataclasses.replace(TILING, cpu_workers=1)))[0]
+    assert not seen
+    monkeypatch.setattr(tiling, "_one_thread", spy)
+    two = run(predict(backbone, head, image, mpp=0.5, tiling=dataclasses.replace(TILING, cpu_workers=2)))[0]
+    assert len({name for name, _ in seen}) == 2 and all(n.startswith("tile-cpu") and t == 1 for n, t in seen)
+    assert torch.get_num_threads() == 1  # the fixture's setting, in this thread
+    np.testing.assert_allclose(two.probs, one.probs, atol=1e-5)
+    three = TilingConfig(cpu_workers=3)
+    assert three.batch_for(["cpu"]) == 3 and three.batch_for(["cuda:0"]) == 4
+    with pytest.raises(ValueError, match="cpu_workers"):
+        TilingConfig(cpu_workers=-1)
