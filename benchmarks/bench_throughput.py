@@ -11,7 +11,12 @@ slide case).
 
 Prints a table; writes ``benchmarks/results/throughput.json`` and ``throughput.png``.
 
-    .venv/bin/python benchmarks/bench_throughput.py [--threads 1,2] [--tiles 256,384,512,768] [--batches 1,2,4]
+    .venv/bin/python benchmarks/bench_throughput.py [--threads 1,2] [--workers both] [--tiles 256,384,512,768]
+        [--batches 1,2,4]
+
+On the CPU each thread count is run with one tile at a time (all threads on one forward pass) and, with
+``--workers both``, with as many tile threads as threads (``TilingConfig.cpu_workers``: tiles side by side, one
+intra-op thread each). ``batch`` is the tiles per forward pass (per tile thread).
 """
 
 from __future__ import annotations
@@ -83,6 +88,8 @@ def main() -> None:
     ap.add_argument("--batches", default="1,2,4", help="tiles per forward")
     ap.add_argument("--size", type=int, default=1024, help="image side (px) for the tile/batch sweep")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--workers", default="both",
+                    help="CPU tile threads (TilingConfig.cpu_workers): 'both' = 1 and the thread count, or a number")
     ap.add_argument("--no-gpu", action="store_true")
     ap.add_argument("--append", action="store_true",
                     help="keep the rows of an earlier throughput.json for device/thread settings not rerun")
@@ -100,34 +107,46 @@ def main() -> None:
     mp = args.size * args.size / 1e6
     rows: list[dict] = []
     kept = _earlier_rows(args)
-    targets = [("cpu", int(t), False) for t in args.threads.split(",")]
+    # CPU: (threads, tile threads); a tile-thread count of 1 is one tile at a time on all threads
+    targets = [("cpu", int(t), w, False) for t in args.threads.split(",")
+               for w in sorted({1, int(t)} if args.workers == "both" else {int(args.workers or t)})]
     if torch.cuda.is_available() and not args.no_gpu:
-        targets += [("cuda:0", 0, False), ("cuda:0", 0, True)]
+        targets += [("cuda:0", 0, 1, False), ("cuda:0", 0, 1, True)]
     info = machine()
-    for device, threads, bf16 in targets:
+    for device, threads, workers, bf16 in targets:
         if device == "cpu":
             torch.set_num_threads(threads)
-        label = f"cpu x{threads}" if device == "cpu" else f"{device}{' bf16' if bf16 else ''}"
+        label = _label(device, threads, workers, bf16)
         tiles = [int(t) for t in args.tiles.split(",")]
         batches = [int(b) for b in args.batches.split(",")]
         if device != "cpu":
             tiles, batches = sorted(set(tiles) | {1024}), sorted(set(batches) | {8})
+
+        def tiling(tile: int, batch: int) -> TilingConfig:  # batch = tiles per forward pass (per tile thread)
+            return TilingConfig(tile_px=tile, halo_px=32, batch_size=batch * workers, cpu_batch_size=batch,
+                                cpu_workers=workers, autocast_bf16=bf16)
+
         for tile in tiles:
             for batch in batches:
-                cfg = TilingConfig(tile_px=tile, halo_px=32, batch_size=batch, autocast_bf16=bf16)
-                ts, cpu = time_predict(bb, head, img, bb.mpp, cfg, device, args.repeats)
+                ts, cpu = time_predict(bb, head, img, bb.mpp, tiling(tile, batch), device, args.repeats)
                 rows.append(_row(label, tile, batch, args.size, bb.mpp, ts, cpu, mp))
                 _show(rows[-1])
                 _save(kept + rows, info, args, bb)  # a stopped run keeps what it measured
         best = max((r for r in rows if r["device"] == label),  # CPU: by CPU time (robust to other jobs)
                    key=lambda r: r["mp_per_cpu_s"] if device == "cpu" else r["mp_per_s"])
-        cfg = TilingConfig(tile_px=best["tile"], halo_px=32, batch_size=best["batch"], autocast_bf16=bf16)
-        ts, cpu = time_predict(bb, head, img40, bb.mpp / 2, cfg, device, args.repeats)
+        ts, cpu = time_predict(bb, head, img40, bb.mpp / 2, tiling(best["tile"], best["batch"]), device,
+                               args.repeats)
         rows.append(_row(label, best["tile"], best["batch"], args.size, bb.mpp / 2, ts, cpu, mp))
         _show(rows[-1])
         _save(kept + rows, info, args, bb)
     info["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
     _report(kept + rows, info, args, bb)
+
+
+def _label(device: str, threads: int, workers: int, bf16: bool) -> str:
+    if device != "cpu":
+        return f"{device}{' bf16' if bf16 else ''}"
+    return f"cpu x{threads}" + (f", {workers} tile threads" if workers > 1 else "")
 
 
 def _row(label: str, tile: int, batch: int, size: int, mpp: float, ts: list[float], cpu: list[float],
@@ -154,8 +173,9 @@ def _earlier_rows(args) -> list[dict]:
     path = RESULTS / "throughput.json"
     if not (args.append and path.exists()):
         return []
-    labels = {f"cpu x{t}" for t in args.threads.split(",")} | {"cuda:0", "cuda:0 bf16"}
-    return [r for r in json.loads(path.read_text())["rows"] if r["device"] not in labels]
+    threads = {f"cpu x{t}" for t in args.threads.split(",")}
+    return [r for r in json.loads(path.read_text())["rows"]
+            if r["device"].split(",")[0] not in threads and r["device"] not in {"cuda:0", "cuda:0 bf16"}]
 
 
 def _save(rows: list[dict], info: dict, args, bb) -> None:
