@@ -145,8 +145,9 @@ class TilingConfig:
     batch_size: int = 4  # tiles per forward pass and device (GPU)
     cpu_batch_size: int = 1  # tiles per forward pass when every device is a CPU (1 was fastest on 2 cores)
     # CPU-only device sets: tiles run side by side in this many threads of one intra-op thread each (0 = torch's
-    # thread count; 1 = one tile at a time on all threads). Convolutions scale poorly over threads, tiles do not
-    cpu_workers: int = 0
+    # thread count; 1 = one tile at a time on all threads). On the 2-core dev VM the two were within its run-to-run
+    # noise (0-15 % either way, BENCHMARKS.md), so 1 stays the default; on many cores tile threads may scale better
+    cpu_workers: int = 1
     channels_last: bool = True  # NHWC tensors (faster convolutions on CPU and CUDA)
     autocast_bf16: bool = False  # bf16 autocast on CUDA
     instance_window_px: int = 1024  # core side of the HoVer post-processing windows (image pixels)
