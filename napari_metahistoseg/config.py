@@ -148,6 +148,9 @@ class TilingConfig:
     # thread count; 1 = one tile at a time on all threads). On the 2-core dev VM the two were within its run-to-run
     # noise (0-15 % either way, BENCHMARKS.md), so 1 stays the default; on many cores tile threads may scale better
     cpu_workers: int = 1
+    # freed memory (MB) glibc keeps for reuse instead of unmapping it after every tile (process-wide, set when a
+    # CPU runs tiles; 0 = leave malloc alone); page faults on fresh pages cost ~35 % of 1024² prediction on the VM
+    malloc_keep_mb: float = 256.0
     channels_last: bool = True  # NHWC tensors (faster convolutions on CPU and CUDA)
     autocast_bf16: bool = False  # bf16 autocast on CUDA
     instance_window_px: int = 1024  # core side of the HoVer post-processing windows (image pixels)
@@ -161,6 +164,8 @@ class TilingConfig:
                   "stream_above_mp", "tile_multiple_px", "band_float32_max_mb")
         if not 0 <= 2 * self.halo_px < self.tile_px:
             raise ValueError("TilingConfig needs 0 <= 2*halo_px < tile_px")
+        if not self.malloc_keep_mb >= 0:
+            raise ValueError(f"TilingConfig.malloc_keep_mb must be >= 0, got {self.malloc_keep_mb!r}")
         if not (isinstance(self.cpu_workers, int) and self.cpu_workers >= 0):
             raise ValueError(f"TilingConfig.cpu_workers must be an integer >= 0, got {self.cpu_workers!r}")
 

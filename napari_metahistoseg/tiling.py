@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import TilingConfig
+from .devices import tune_cpu_allocator
 
 Forward = Callable[[torch.Tensor], dict[str, torch.Tensor]]
 Segment = Callable[[int, int, int, int], tuple[np.ndarray, dict]]
@@ -102,6 +103,8 @@ class TileRunner:
         self.channels, self.acts = dict(channels), dict(activations or {})
         self.cpu_channels_last = cpu_channels_last
         self.workers = cfg.workers_for(self.devices)
+        if any(torch.device(d).type == "cpu" for d in self.devices):
+            tune_cpu_allocator(cfg.malloc_keep_mb)
 
     def __call__(self, crops: np.ndarray, model_hw: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
         n, h, w = crops.shape[:3]
