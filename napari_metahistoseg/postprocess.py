@@ -122,7 +122,7 @@ def _fill_holes_inside(seed: np.ndarray, mask: np.ndarray) -> np.ndarray:
 def _small_components(mask: np.ndarray, min_px: float) -> tuple[np.ndarray, np.ndarray]:
     """4-connected components of ``mask``: (int32 labels, ``keep`` (n+1,) bool — False for those < ``min_px``)."""
     lab, n = ndi.label(mask)
-    keep = np.bincount(lab.ravel(), minlength=n + 1) >= min_px
+    keep = np.bincount(lab[mask], minlength=n + 1) >= min_px  # over the mask's pixels only (a sparse mask)
     keep[0] = False
     return lab, keep
 
