@@ -181,6 +181,7 @@ def _earlier_rows(args) -> list[dict]:
 def _save(rows: list[dict], info: dict, args, bb) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = {"rows": rows, "machine": info, "backbone": bb.name, "backbone_sha256": bb.sha256,
+           "commit": common.git_commit(),
            "command": " ".join([".venv/bin/python", *sys.argv]), "repeats": args.repeats,
            "note": "median of repeats after one warm-up; MP/s = image pixels per wall-clock second (at 0.25 µm/px "
                    "the model processes a quarter of them); MP per CPU-s = per second of this process's CPU time, "

@@ -51,7 +51,8 @@ def throughput_md(d: dict) -> str:
     rows = [[r["device"], r["tile"], r["batch"], f"{r['image_px']}²", r["mpp"], f"{r['seconds']:.2f}",
              f"{r['mp_per_s']:.2f}", f"{r['cpu_seconds']:.2f}" if r.get("cpu_seconds") is not None else "–"]
             for r in d["rows"]]
-    head = (f"Machine: {_machine(d.get('machine'))}  \nCommand: `{d['command']}`  \n"
+    head = (f"Machine: {_machine(d.get('machine'))}  \nCommit: `{d.get('commit', 'not recorded')}`  \n"
+            f"Command: `{d['command']}`  \n"
             f"Backbone: `{d['backbone']}` ({d['backbone_sha256'][:12]}); {d.get('note', '')}\n\n")
     return head + common.md_table(["device", "tile px", "batch", "image", "image µm/px", "median wall s",
                                    "MP/s (image px)", "median CPU s"], rows)
