@@ -203,8 +203,8 @@ class HoVerPostConfig:
     marker_open_radius_um: float = 0.5  # opening radius of the marker mask (hover_net: 5x5 ellipse)
     fill_mask_holes: bool = True  # fill holes of the thresholded NP mask (hover_net does not)
     surface_blur_um: float = 0.2  # Gaussian sigma smoothing the watershed surface (hover_net: 3x3 at 0.25 µm/px)
-    threads: int = 2  # 2 = edge map beside the mask labelling, markers/watershed on two halves (1 = one thread;
-    #                   results identical)
+    threads: int = 2  # >= 2: edge map beside the mask labelling, markers/watershed on two halves in two threads
+    #                   (more than 2 behaves like 2); 1 = one thread; results identical
 
     def __post_init__(self) -> None:
         _positive(self, "sobel_kernel_um")
