@@ -489,7 +489,7 @@ class HoVerPostProcessor:
         if nc_prob is not None:
             _check_nc(nc_prob, np.shape(np_prob))
         inst = self.instances(np_prob, hv, mpp)
-        return inst, instance_table(inst, nc_prob)
+        return inst, instance_table(inst, nc_prob, threads=self.cfg.threads)
 
 
 # ------------------------------------------------------------------------------------------------ two halves
@@ -569,7 +569,7 @@ def _pixels(inst: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return idx, lut[lab], ids
 
 
-def instance_table(instances: np.ndarray, nc_prob: np.ndarray | None = None) -> dict:
+def instance_table(instances: np.ndarray, nc_prob: np.ndarray | None = None, *, threads: int = 1) -> dict:
     """Per-nucleus table of an ``(H, W)`` integer instance map (0 = background), as a dict of columns.
 
     ``id`` (N,) uint32 instance ids, ascending; ``centroid_row``, ``centroid_col`` (N,) float64;
@@ -578,7 +578,8 @@ def instance_table(instances: np.ndarray, nc_prob: np.ndarray | None = None) -> 
     level-0.5 contour of the nucleus mask, as ``skimage.measure.find_contours`` on its crop (nuclei are
     4-connected; with several pieces the largest is taken). With ``nc_prob (C, H, W)``: ``type`` (N,) int64, the
     most frequent non-background per-pixel argmax type in the nucleus (0 only if all pixels are background), and
-    ``type_prob`` (N,) float32, the mean probability of that type over the nucleus.
+    ``type_prob`` (N,) float32, the mean probability of that type over the nucleus. ``threads >= 2`` traces the
+    contours in a worker thread while the other columns are computed (same table).
     """
     inst = _check_instances(instances)
     nc = _check_nc(nc_prob, inst.shape) if nc_prob is not None else None
@@ -588,20 +589,29 @@ def instance_table(instances: np.ndarray, nc_prob: np.ndarray | None = None) -> 
     area = np.bincount(lab, minlength=n + 1)[1:]
     seq = np.zeros(inst.shape, dtype=np.int32)
     seq.ravel()[idx] = lab
-    table = dict(id=ids.astype(np.uint32), area_px=area.astype(np.int64),
-                 centroid_row=np.bincount(lab, rows, minlength=n + 1)[1:] / np.maximum(area, 1),
-                 centroid_col=np.bincount(lab, cols, minlength=n + 1)[1:] / np.maximum(area, 1),
-                 bbox=np.array([[s[0].start, s[1].start, s[0].stop, s[1].stop] for s in ndi.find_objects(seq, n)],
-                               dtype=np.int64).reshape(n, 4),
-                 contour=_outer_contours(seq, rows, cols, n))
-    if nc is not None:
-        c = nc.shape[0]
-        probs = nc.reshape(c, -1)[:, idx]  # (C, P) at the nuclear pixels
-        counts = np.bincount(lab * c + probs.argmax(0), minlength=(n + 1) * c).reshape(n + 1, c)[1:, 1:]
-        typ = np.where(counts.sum(1) > 0, counts.argmax(1) + 1, 0)
-        mean = np.bincount(lab, probs[typ[lab - 1], np.arange(idx.size)], minlength=n + 1)[1:] / np.maximum(area, 1)
-        table.update(type=typ.astype(np.int64), type_prob=mean.astype(np.float32))
+    contours = _pool().submit(_outer_contours, seq, rows, cols, n) if threads > 1 and n else None
+    try:
+        table = dict(id=ids.astype(np.uint32), area_px=area.astype(np.int64),
+                     centroid_row=np.bincount(lab, rows, minlength=n + 1)[1:] / np.maximum(area, 1),
+                     centroid_col=np.bincount(lab, cols, minlength=n + 1)[1:] / np.maximum(area, 1),
+                     bbox=np.array([[s[0].start, s[1].start, s[0].stop, s[1].stop]
+                                    for s in ndi.find_objects(seq, n)], dtype=np.int64).reshape(n, 4))
+        if nc is not None:
+            _type_columns(table, nc, idx, lab, area, n)
+    finally:
+        traced = contours.result() if contours is not None else None
+    table["contour"] = traced if contours is not None else _outer_contours(seq, rows, cols, n)
     return table
+
+
+def _type_columns(table: dict, nc: np.ndarray, idx: np.ndarray, lab: np.ndarray, area: np.ndarray, n: int) -> None:
+    """``type`` and ``type_prob`` columns of :func:`instance_table` from ``nc (C, H, W)``."""
+    c = nc.shape[0]
+    probs = nc.reshape(c, -1)[:, idx]  # (C, P) at the nuclear pixels
+    counts = np.bincount(lab * c + probs.argmax(0), minlength=(n + 1) * c).reshape(n + 1, c)[1:, 1:]
+    typ = np.where(counts.sum(1) > 0, counts.argmax(1) + 1, 0)
+    mean = np.bincount(lab, probs[typ[lab - 1], np.arange(idx.size)], minlength=n + 1)[1:] / np.maximum(area, 1)
+    table.update(type=typ.astype(np.int64), type_prob=mean.astype(np.float32))
 
 
 # side k of a pixel, clockwise on screen: 0 top, 1 right, 2 bottom, 3 left

@@ -364,3 +364,20 @@ def test_two_thread_split_equals_one_thread_on_many_nuclei():
     assert one.max() > 100 and np.array_equal(one, two)
     rows_of = [np.flatnonzero((two == i).any(1)) for i in range(1, two.max() + 1)]
     assert any(r[0] < 160 <= r[-1] for r in rows_of)  # some nuclei straddle the split
+
+
+def test_table_with_a_contour_thread_equals_one_thread():
+    rng = np.random.default_rng(3)
+    inst = discs((120, 140), rng.integers(5, 115, size=(25, 2)), 6)
+    nc = rng.random((4, 120, 140)).astype(np.float32)
+    nc /= nc.sum(0)
+    one = instance_table(inst, nc, threads=1)
+    two = instance_table(inst, nc, threads=2)
+    assert list(one) == list(two) and len(one["id"]) > 15
+    for k in one:
+        if k == "contour":
+            assert all(np.array_equal(a, b) for a, b in zip(one[k], two[k], strict=True))
+        else:
+            assert np.array_equal(one[k], two[k]), k
+    empty = instance_table(np.zeros((8, 8), np.uint32), threads=2)
+    assert empty["contour"] == [] and empty["bbox"].shape == (0, 4)
