@@ -458,7 +458,7 @@ class HoVerPostProcessor:
         """Instance map only: ``(H, W) uint32``, 0 = background, ids 1..N."""
         mpp = _check_mpp(mpp)
         hv = _check_hv(hv, _check_2d(np.asarray(np_prob), "np_prob").shape)
-        if self.cfg.threads > 1:  # the two Sobel passes run in worker threads while the mask is labelled here
+        if self.cfg.threads > 1:
             # one worker computes the edge map while this thread labels the mask (two busy threads on two cores;
             # a third would only make them take turns)
             future = _pool().submit(hv_edge_map, hv, self.cfg, mpp)
