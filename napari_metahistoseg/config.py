@@ -136,6 +136,11 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.method must be 'maml' or 'transfer', got {self.method!r}")
 
 
+def _all_cpu(devices) -> bool:
+    """Whether every device (``torch.device`` or a spec string such as ``"cuda:1"``) is a CPU."""
+    return all(getattr(d, "type", str(d).split(":")[0]) == "cpu" for d in devices)
+
+
 @dataclass(frozen=True)
 class TilingConfig:
     """Tiled inference over large images."""
@@ -172,7 +177,7 @@ class TilingConfig:
     def workers_for(self, devices) -> int:
         """Tile threads on ``devices``: ``cpu_workers`` (0 = torch's intra-op thread count) when all are CPUs,
         else 1 (GPUs run their batches asynchronously)."""
-        if not all(getattr(d, "type", str(d).split(":")[0]) == "cpu" for d in devices):
+        if not _all_cpu(devices):
             return 1
         if self.cpu_workers:
             return self.cpu_workers
@@ -183,7 +188,7 @@ class TilingConfig:
     def batch_for(self, devices) -> int:
         """Tiles per forward round and device on ``devices``: ``cpu_batch_size`` per tile thread (capped by
         ``batch_size``, which the out-of-memory fallback lowers) when all are CPUs, else ``batch_size``."""
-        if all(getattr(d, "type", str(d).split(":")[0]) == "cpu" for d in devices):
+        if _all_cpu(devices):
             return min(self.batch_size, self.cpu_batch_size * self.workers_for(devices))
         return self.batch_size
 

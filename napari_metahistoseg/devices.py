@@ -73,6 +73,14 @@ def resolve_devices(spec: str | Sequence[str] | None) -> list[torch.device]:
     return devs
 
 
+def with_intra_op_threads(n: int, fn, *args):
+    """``fn(*args)`` with ``n`` torch intra-op threads in the calling thread (the OpenMP thread count is per thread,
+    so a worker thread that runs one CPU shard or tile of several side by side sets its own)."""
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return fn(*args)
+
+
 # ------------------------------------------------------------------------------------------------ CPU allocator
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value
 
 from .data.task import IGNORE
+from .devices import with_intra_op_threads
 
 Params = dict[str, Tensor]
 LossFn = Callable[[Params], Tensor]
@@ -49,6 +50,7 @@ def inner_loop(
     lrs: Params | None = None,
     devices: Sequence[torch.device | str] | None = None,
     concurrent: bool = False,
+    shard_threads: int | None = None,
 ) -> Generator[dict, None, Params]:
     """Run ``steps`` SGD steps on the parameters ``names``.
 
@@ -57,7 +59,8 @@ def inner_loop(
     (FOMAML); otherwise the graph is kept for a second-order outer update. Yields progress per step and
     returns the fast-weight dict (the input ``params`` is left untouched). ``concurrent=True`` computes the
     shards in one thread each (torch releases the GIL; each ``loss_fns[d]`` must use its own module replica);
-    the gradients are still summed in shard order, so the result does not depend on it.
+    the gradients are still summed in shard order, so the result does not depend on it. ``shard_threads``: torch
+    intra-op threads of each concurrent shard (e.g. 1 for CPU shards side by side; None = inherited).
     """
     if not loss_fns:
         raise ValueError("inner_loop needs at least one loss function (support shard)")
@@ -71,7 +74,7 @@ def inner_loop(
     pool = ThreadPoolExecutor(len(devs), thread_name_prefix="inner-shard") if concurrent and len(devs) > 1 else None
     try:
         for step in range(steps):
-            grads, total_loss = _shard_grads(fast, names, loss_fns, devs, pool)
+            grads, total_loss = _shard_grads(fast, names, loss_fns, devs, pool, shard_threads)
             if first_order:
                 grads = {n: g.detach() for n, g in grads.items()}
             fast = sgd_update(fast, grads, lr, lrs)
@@ -83,7 +86,7 @@ def inner_loop(
 
 
 def _shard_grads(fast: Params, names: Sequence[str], loss_fns: Sequence[LossFn], devs: list[torch.device],
-                 pool: ThreadPoolExecutor | None) -> tuple[Params, float]:
+                 pool: ThreadPoolExecutor | None, shard_threads: int | None = None) -> tuple[Params, float]:
     """Gradients of the summed shard losses w.r.t. ``names`` (on ``devs[0]``) and the total loss."""
 
     def one(dev: torch.device, fn: LossFn) -> tuple[Params, Tensor]:
@@ -97,7 +100,9 @@ def _shard_grads(fast: Params, names: Sequence[str], loss_fns: Sequence[LossFn],
     if pool is None:
         results = [one(dev, fn) for dev, fn in zip(devs, loss_fns, strict=True)]
     else:
-        futures = [pool.submit(one, dev, fn) for dev, fn in zip(devs, loss_fns, strict=True)]
+        futures = [pool.submit(one, dev, fn) if shard_threads is None else
+                   pool.submit(with_intra_op_threads, shard_threads, one, dev, fn)
+                   for dev, fn in zip(devs, loss_fns, strict=True)]
         results = [f.result() for f in futures]
     total_loss = 0.0
     grads: Params = {}

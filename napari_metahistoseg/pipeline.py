@@ -27,7 +27,7 @@ from .config import MAMLConfig, TilingConfig, from_dict, to_dict
 from .data.io import to_rgb_uint8
 from .data.task import IGNORE
 from .devices import resolve_devices
-from .maml import adapt_head_on_pixels, inner_loop, pixel_support
+from .maml import adapt_head_on_pixels, balanced_weights, inner_loop, pixel_support
 from .models import MetaHistoSegNet, PixelHead, adapted_param_names
 from .resilience import oom_fallback_gen
 from .tiling import predict_tiled
@@ -342,14 +342,11 @@ def _adapt_full(backbone, sup, n_classes, start, cfg, devs, t0, balance) -> Gene
     names = adapted_param_names(model, TASK, cfg.adapt)
     crops = _support_crops(sup, size=256, per_image=max(1, 8 // len(sup)), seed=cfg.seed)
     ys = torch.from_numpy(np.stack([c[1] for c in crops]).astype(np.int64))
-    counts = torch.bincount(ys[ys != IGNORE], minlength=n_classes).float()
-    w = torch.where(counts > 0, counts.sum() / counts.clamp(min=1), torch.zeros_like(counts)) if balance \
-        else torch.ones(n_classes)
+    w = balanced_weights(ys[ys != IGNORE], n_classes, balance)
     norm = float(w[ys[ys != IGNORE]].sum())
-    threads = torch.get_num_threads()
     cpu_only = all(d.type == "cpu" for d in devs)
     if cpu_only:  # shards side by side, one core each (faster than one shard on all cores: conv backward scales badly)
-        devs = [devs[0]] * max(1, min(len(crops), cfg.cpu_shards or threads))
+        devs = [devs[0]] * max(1, min(len(crops), cfg.cpu_shards or torch.get_num_threads()))
     parts = np.array_split(np.arange(len(crops)), len(devs))
     replicas = [model.to(devs[0])] + [copy.deepcopy(model).to(d) for d in devs[1:]]
     fns = []
@@ -366,18 +363,15 @@ def _adapt_full(backbone, sup, n_classes, start, cfg, devs, t0, balance) -> Gene
             ignore_index=IGNORE, reduction="sum") / norm)
     concurrent = len(devs) > 1
     gen = inner_loop(fns, {k: v.to(devs[0]) for k, v in params.items()}, names, steps=cfg.steps, lr=cfg.inner_lr,
-                     first_order=cfg.first_order, devices=devs, concurrent=concurrent)
+                     first_order=cfg.first_order, devices=devs, concurrent=concurrent,
+                     shard_threads=1 if cpu_only else None)
     log.info("adapting %s on %s (%d shard%s%s)", cfg.adapt, ", ".join(map(str, dict.fromkeys(devs))), len(devs),
              "s" if len(devs) > 1 else "", ", side by side" if concurrent else "")
     while True:
-        if cpu_only and concurrent:  # one intra-op thread per shard while a step runs (restored between steps)
-            torch.set_num_threads(1)
         try:
             p = next(gen)
         except StopIteration as s:
             return {k: s.value[k] for k in names}
-        finally:
-            torch.set_num_threads(threads)
         yield _progress(p, t0, "adapt")
 
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import TilingConfig
-from .devices import tune_cpu_allocator
+from .devices import tune_cpu_allocator, with_intra_op_threads
 
 Forward = Callable[[torch.Tensor], dict[str, torch.Tensor]]
 Segment = Callable[[int, int, int, int], tuple[np.ndarray, dict]]
@@ -111,7 +111,7 @@ class TileRunner:
         if self.workers > 1 and n > 1:  # CPU only: parts of the batch side by side, one intra-op thread each
             parts = np.array_split(np.arange(n), min(n, self.workers))
             pool = _cpu_pool(self.workers)
-            futures = [(idx, pool.submit(_one_thread, self._launch, self.devices[0],
+            futures = [(idx, pool.submit(with_intra_op_threads, 1, self._launch, self.devices[0],
                                          self.forwards[i % len(self.forwards)], crops[idx], model_hw))
                        for i, idx in enumerate(parts)]
             pending = [(idx, f.result()) for idx, f in futures]
@@ -159,13 +159,6 @@ def _cpu_pool(workers: int) -> ThreadPoolExecutor:
         if workers not in _CPU_POOLS:
             _CPU_POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="tile-cpu")
         return _CPU_POOLS[workers]
-
-
-def _one_thread(fn: Callable, *args):
-    """Run ``fn`` with one intra-op thread (torch's OpenMP thread count is per calling thread)."""
-    if torch.get_num_threads() != 1:
-        torch.set_num_threads(1)
-    return fn(*args)
 
 
 def group_by_shape(tiles: Sequence[tuple[int, int, int, int]]) -> list[list[tuple[int, int, int, int]]]:

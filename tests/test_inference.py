@@ -311,16 +311,16 @@ def test_cpu_tiles_side_by_side_equal_one_at_a_time(backbone, head, image, monke
     from napari_metahistoseg import tiling
 
     seen = []
-    inner = tiling._one_thread
+    inner = tiling.with_intra_op_threads
 
-    def spy(fn, *args):
-        out = inner(fn, *args)
+    def spy(n, fn, *args):
+        out = inner(n, fn, *args)
         seen.append((threading.current_thread().name, torch.get_num_threads()))
         return out
 
     one = run(predict(backbone, head, image, mpp=0.5, tiling=dataclasses.replace(TILING, cpu_workers=1)))[0]
     assert not seen
-    monkeypatch.setattr(tiling, "_one_thread", spy)
+    monkeypatch.setattr(tiling, "with_intra_op_threads", spy)
     two = run(predict(backbone, head, image, mpp=0.5, tiling=dataclasses.replace(TILING, cpu_workers=2)))[0]
     assert len({name for name, _ in seen}) == 2 and all(n.startswith("tile-cpu") and t == 1 for n, t in seen)
     assert torch.get_num_threads() == 1  # the fixture's setting, in this thread
