@@ -202,8 +202,12 @@ class HoVerPostConfig:
     # hover_net uses 0.4 with its fully trained HV maps; 0.65 (with sobel_kernel_um=8) was best for the bundled
     # backbone's weaker HV maps on the MoNuSeg dev tiles (AJI 0.04 -> 0.48; benchmarks/tune notes in BENCHMARKS.md)
     marker_threshold: float = 0.65
-    min_object_area_um2: float = 2.5  # smaller objects are removed (hover_net: 10 px at 0.25 µm/px)
-    min_marker_area_um2: float = 0.6
+    min_object_area_um2: float = 2.5  # smaller objects are removed (hover_net: 10 px = 0.6 µm² at 0.25 µm/px)
+    # smaller markers are removed (hover_net: 0.6 µm²). 4.5 µm² on the nuclear dev tiles (MoNuSeg, CPM-15, CoNSeP;
+    # benchmarks/tune_instances.py): mean PQ 0.357 -> 0.378, AJI unchanged, with the bundled backbone's weak HV maps
+    # (fewer spurious splits); with perfect NP/HV maps it costs PQ 0.006 (MoNuSeg) / 0.016 (CPM-15). Raising
+    # min_object_area_um2 to 8 gained 0.003 more but cost 0.024 / 0.035 there (6-9 % of nuclei are < 8 µm²)
+    min_marker_area_um2: float = 4.5
     sobel_kernel_um: float = 8.0  # Sobel kernel size, rounded to odd px (hover_net: 21 px = 5.25 µm at 0.25 µm/px)
     marker_open_radius_um: float = 0.5  # opening radius of the marker mask (hover_net: 5x5 ellipse)
     fill_mask_holes: bool = True  # fill holes of the thresholded NP mask (hover_net does not)
@@ -270,11 +274,13 @@ class PointsConfig:
     min_detection_area_px: int = 20  # predicted blobs smaller than this are not detections
     background_margin_px: float = 6.0  # for exhaustive point annotation: ring left unknown around circles
     # detections = local maxima of the Gaussian-smoothed foreground probability, chosen on the BM-Graz dev images
-    # (1 support, 3 queries; benchmarks/tune_detection.py) for the default adaptation (calibrated, unbalanced
-    # head on a fully annotated support): F1 0.84 (sigma 3 / distance 12 / threshold 0.5; plateau 0.83-0.84)
-    peak_sigma_px: float = 3.0  # smoothing of the probability map before peak finding (image px)
-    peak_min_distance_px: int = 12  # minimum distance between two detections (image px)
-    peak_threshold: float = 0.5  # smoothed probability a detection must reach (0-1)
+    # (every image once as the support, the 3 others as queries; benchmarks/tune_detection.py) for the default
+    # adaptation: F1 0.847 at sigma 5 / distance 8 / threshold 0.4 (plateau 0.845-0.849 for sigma 5-6, threshold
+    # 0.35-0.45), vs 0.829 at the session-2 choice 3 / 12 / 0.5 picked on one support image. Scaled with the
+    # clicked circles' radius when that differs from ``radius``
+    peak_sigma_px: float = 5.0  # smoothing of the probability map before peak finding (image px)
+    peak_min_distance_px: int = 8  # minimum distance between two detections (image px)
+    peak_threshold: float = 0.4  # smoothed probability a detection must reach (0-1)
 
 
 # ------------------------------------------------------------------------------------------ JSON I/O

@@ -358,7 +358,7 @@ def test_two_thread_split_equals_one_thread_on_many_nuclei():
     np_prob, hv = maps(truth)
     np_prob = np.clip(ndi.gaussian_filter(np_prob, 1) + rng.normal(0, 0.1, np_prob.shape), 0, 1).astype(np.float32)
     hv = np.clip(hv + rng.normal(0, 0.05, hv.shape), -1, 1).astype(np.float32)
-    cfg = replace(CFG, marker_threshold=0.4)
+    cfg = replace(CFG, marker_threshold=0.4, min_marker_area_um2=0.6)  # discs of 7 µm²: small markers
     one = HoVerPostProcessor(replace(cfg, threads=1)).instances(np_prob, hv, MPP)
     two = HoVerPostProcessor(replace(cfg, threads=2)).instances(np_prob, hv, MPP)
     assert one.max() > 100 and np.array_equal(one, two)
