@@ -20,8 +20,9 @@ Protocol (details in BENCHMARKS.md):
   the support drawn from the rest, so every K and draw is scored on the same images.
 * **Metrics** exactly as ``metahistoseg evaluate`` computes them: mIoU (pixels pooled over the query set,
   classes absent from truth and prediction skipped), foreground Dice, AJI and PQ per image then averaged
-  (nuclear tasks: HoVer instances from the adapted foreground probability; GlaS and the RF: connected
-  components), detection precision/recall/F1 for point data (matching radius 12 px).
+  (nuclear tasks: HoVer instances from the adapted foreground probability, connected components for the RF,
+  which has no HV maps; GlaS: the large-object instances of ``evaluate``, ``object_instances`` with
+  ``ObjectPostConfig()``, for every method), detection precision/recall/F1 for point data (matching radius 12 px).
 * **Sparse support** (``sparse``): only a random 10 % of the objects of each class (at least one) are painted,
   plus background strokes (random 3 px wide lines kept 2 px away from any object); everything else unknown.
 * **Clicked centroids** (BM-Graz ``clicks``): a random square window of one support image that contains exactly N
@@ -56,7 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from baselines import PixelRandomForest, RFConfig, rf_features  # noqa: E402
 
-from napari_metahistoseg.config import HoVerPostConfig, MAMLConfig, PointsConfig, TilingConfig  # noqa: E402
+from napari_metahistoseg.config import HoVerPostConfig, MAMLConfig, ObjectPostConfig, PointsConfig, TilingConfig  # noqa: E402
 from napari_metahistoseg.data import open_dataset  # noqa: E402
 from napari_metahistoseg.data.points import points_to_masks  # noqa: E402
 from napari_metahistoseg.data.task import IGNORE, Sample  # noqa: E402
@@ -79,7 +80,7 @@ from napari_metahistoseg.pipeline import (  # noqa: E402
     rescale,
     support_balance,
 )
-from napari_metahistoseg.postprocess import HoVerPostProcessor  # noqa: E402
+from napari_metahistoseg.postprocess import HoVerPostProcessor, object_instances  # noqa: E402
 
 log = logging.getLogger("bench_fewshot")
 
@@ -333,8 +334,12 @@ class Scorer:
 
         self.acc.update(pred.semantic, q.semantic if q.semantic is not None else np.full(q.shape, IGNORE, np.uint8))
         if q.instances is not None and self.kind != "points":
-            inst = pred.instances if (self.nuclear and pred.instances is not None) else \
-                ndi.label(pred.semantic > 0)[0].astype(np.uint32)
+            if not self.nuclear:  # glands: the large-object instances of evaluate
+                inst = object_instances(pred.semantic > 0, ObjectPostConfig(), q.mpp or 0.5)
+            elif pred.instances is not None:  # HoVer instances
+                inst = pred.instances
+            else:  # the random forest on nuclei has no HV maps: connected components
+                inst = ndi.label(pred.semantic > 0)[0].astype(np.uint32)
             self.inst.append((aji(q.instances, inst), panoptic_quality(q.instances, inst)["pq"]))
         if self.kind == "points" and q.points is not None:
             pts, _ = detect_points(pred.probs[1:].sum(0), self.pcfg)
@@ -756,13 +761,13 @@ def merge(args) -> int:
     parts = [common.read_json(n) for n, _ in items]
     if any(p is None for p in parts):
         raise SystemExit(f"missing result file among {args.merge}")
-    for p, (_, methods) in zip(parts, items):  # "part:rf+scratch" takes only those methods' records from it
+    for p, (_, methods) in zip(parts, items, strict=True):  # "part:rf+scratch": only those methods' records
         if methods is not None:
             p["records"] = [r for r in p["records"] if r["method"] in methods]
             p["checks"] = [] if "maml" not in methods else p["checks"]
     backbones: dict[str, dict] = {}
     records: dict[tuple, dict] = {}
-    for (name, _), p in zip(items, parts):
+    for (name, _), p in zip(items, parts, strict=True):
         for m in sorted({r["method"] for r in p["records"]} & set(p["backbones"])):
             if m in backbones and backbones[m] != p["backbones"][m]:
                 raise SystemExit(f"method {m!r}: {name} used backbone {p['backbones'][m]['sha256'][:12]}, an "

@@ -228,6 +228,25 @@ class HoVerPostConfig:
 
 
 @dataclass(frozen=True)
+class ObjectPostConfig:
+    """Semantic foreground → instances of large objects (glands, not nuclei): what ``metahistoseg evaluate`` scores
+    AJI/PQ on for non-nuclear tasks. Sizes in µm, converted with the image mpp. Defaults chosen on the GlaS dev
+    images (benchmarks/tune_objects.py; BENCHMARKS.md): PQ 0.05 -> 0.37 against plain connected components."""
+
+    fill_holes: bool = True  # fill holes (gland lumens) before anything else
+    min_object_area_um2: float = 200.0  # smaller objects are removed (GlaS glands: median ≈ 3700 µm²)
+    # objects joined by a neck are split by a marker watershed on the smoothed distance transform (in µm); markers
+    # are its maxima at least this deep (skimage h-maxima). 0 = connected components only
+    split_depth_um: float = 10.0
+    smooth_um: float = 4.0  # Gaussian sigma smoothing the distance transform (0 = none)
+
+    def __post_init__(self) -> None:
+        for name in ("min_object_area_um2", "split_depth_um", "smooth_um"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"ObjectPostConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+
+
+@dataclass(frozen=True)
 class MitosisConfig:
     """Mitosis patch classification: candidate patches, the small GroupNorm CNN, few-shot adaptation."""
 

@@ -1,7 +1,10 @@
 """Few-shot evaluation on a data folder: adapt on support images, predict the rest, score against the truth.
 
 This is what ``metahistoseg evaluate`` runs and what the benchmarks call. The default method and settings are
-exactly the GUI's Adapt button (``MAMLConfig()`` on the bundled backbone).
+exactly the GUI's Adapt button (``MAMLConfig()`` on the bundled backbone). Instance truth is scored against HoVer
+instances for nuclear tasks (median truth object < ``NUCLEUS_MAX_AREA_UM2``) and against large-object instances
+of the semantic foreground (:func:`~napari_metahistoseg.postprocess.object_instances`, ``ObjectPostConfig()``:
+holes filled, small objects removed, necks split) otherwise, e.g. glands.
 """
 
 from __future__ import annotations
@@ -15,12 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import MAMLConfig, PointsConfig
+from .config import MAMLConfig, ObjectPostConfig, PointsConfig
 from .data.readers import TaskDataset, open_dataset
 from .data.task import IGNORE, Sample
-from .inference import Prediction, detect_points, predict
+from .inference import detect_points, predict
 from .metrics import ConfusionAccumulator, aji, detection_scores, panoptic_quality
 from .pipeline import adapt, load_backbone
+from .postprocess import object_instances
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +110,8 @@ def evaluate(
         pred = yield from predict(bb, head, q.image, mpp=q.mpp, devices=devices, instances=nuclear)
         acc.update(pred.semantic, q.semantic if q.semantic is not None else np.full(q.shape, IGNORE, np.uint8))
         if q.instances is not None and ds.kind != "points":
-            inst = pred.instances if nuclear else _components(pred)
+            inst = pred.instances if nuclear else object_instances(pred.semantic > 0, ObjectPostConfig(),
+                                                                   q.mpp or bb.mpp)
             pq = panoptic_quality(q.instances, inst)
             inst_scores.append((aji(q.instances, inst), pq["pq"]))
             if outdir:
@@ -131,12 +136,6 @@ def evaluate(
     res.update(adapt_seconds=round(adapt_s, 3), predict_seconds=round(time.time() - t1, 3),
                backbone=bb.name, steps=cfg.steps, adapt_mode=cfg.adapt, devices=head.provenance["devices"])
     return res
-
-
-def _components(pred: Prediction) -> np.ndarray:
-    from scipy import ndimage as ndi
-
-    return ndi.label(pred.semantic > 0)[0].astype(np.uint32)
 
 
 def _write_semantic(path: Path, sem: np.ndarray) -> None:

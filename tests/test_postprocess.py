@@ -381,3 +381,56 @@ def test_table_with_a_contour_thread_equals_one_thread():
             assert np.array_equal(one[k], two[k]), k
     empty = instance_table(np.zeros((8, 8), np.uint32), threads=2)
     assert empty["contour"] == [] and empty["bbox"].shape == (0, 4)
+
+
+# ------------------------------------------------------------------------------------------ large objects
+
+
+def _dumbbell(neck_px: int) -> np.ndarray:
+    """Two discs of radius 40 px joined by a horizontal neck ``neck_px`` wide (a gland pair touching)."""
+    yy, xx = np.mgrid[:120, :240]
+    m = ((yy - 60) ** 2 + (xx - 60) ** 2 <= 40**2) | ((yy - 60) ** 2 + (xx - 180) ** 2 <= 40**2)
+    m[60 - neck_px // 2:60 + (neck_px + 1) // 2, 60:180] = True
+    return m
+
+
+def test_object_instances_split_necks_fill_lumens_drop_crumbs():
+    from napari_metahistoseg.config import ObjectPostConfig
+    from napari_metahistoseg.postprocess import object_instances
+
+    cfg = ObjectPostConfig()
+    mask = _dumbbell(6)
+    ring = (np.hypot(*np.mgrid[-30:31, -30:31]) <= 30) & (np.hypot(*np.mgrid[-30:31, -30:31]) > 12)
+    big = np.zeros((200, 400), bool)
+    big[:120, :240] = mask
+    big[130:191, 300:361] = ring  # a gland with its lumen
+    big[10:16, 300:306] = True  # a 36 px crumb = 9 µm² at 0.5 µm/px
+    inst = object_instances(big, cfg, 0.5)
+    assert inst.dtype == np.uint32 and inst.shape == big.shape
+    assert len(np.unique(inst)) - 1 == 3  # two halves of the dumbbell + the ring; the crumb is gone
+    assert len(np.unique(inst[60, [40, 200]])) == 2  # the two discs are different objects
+    lumen = inst[160, 330]
+    assert lumen > 0 and np.all(inst[130:191, 300:361][ring] == lumen)  # lumen filled, same object as the ring
+    assert not inst[10:16, 300:306].any()
+    # components only (depth 0): the dumbbell stays one object; no fill: the lumen stays empty
+    flat = object_instances(big, ObjectPostConfig(split_depth_um=0), 0.5)
+    assert len(np.unique(flat)) - 1 == 2 and flat[60, 40] == flat[60, 200]
+    assert object_instances(big, ObjectPostConfig(fill_holes=False), 0.5)[160, 330] == 0
+    # sizes are in µm: at 4 µm/px the same crumb is 576 µm² and is kept as an object of its own
+    coarse = object_instances(big, cfg, 4.0)
+    assert coarse[10:16, 300:306].all() and len(np.unique(coarse[10:16, 300:306])) == 1
+
+
+def test_object_instances_never_drop_a_thin_object():
+    from napari_metahistoseg.config import ObjectPostConfig
+    from napari_metahistoseg.postprocess import object_instances
+
+    strip = np.zeros((60, 300), bool)
+    strip[28:34, 10:290] = True  # 3 µm wide, 140 µm long: no distance maximum 10 µm deep
+    inst = object_instances(strip, ObjectPostConfig(), 0.5)
+    assert set(np.unique(inst)) == {0, 1} and np.array_equal(inst > 0, strip)
+    assert not object_instances(np.zeros((5, 7), bool), ObjectPostConfig(), 0.5).any()
+    with pytest.raises(ValueError, match="split_depth_um"):
+        ObjectPostConfig(split_depth_um=-1)
+    with pytest.raises(ValueError, match="mpp"):
+        object_instances(strip, ObjectPostConfig(), 0.0)
