@@ -15,12 +15,12 @@ from napari_metahistoseg.postprocess import object_instances
 
 
 def _glands(seed: int, size: int = 192) -> Sample:
-    """Pink stroma with a few dark-purple round 'glands' (radius 22-30 px = 11-15 µm at 0.5 µm/px)."""
+    """Pink stroma with a few dark-purple round 'glands' (radius 28-36 px = 14-18 µm at 0.5 µm/px)."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[:size, :size]
     inst = np.zeros((size, size), np.uint32)
     for k, (r, c) in enumerate(rng.integers(40, size - 40, size=(3, 2)), start=1):
-        inst[((yy - r) ** 2 + (xx - c) ** 2 <= rng.integers(22, 31) ** 2) & (inst == 0)] = k
+        inst[((yy - r) ** 2 + (xx - c) ** 2 <= rng.integers(28, 37) ** 2) & (inst == 0)] = k
     img = np.empty((size, size, 3), np.uint8)
     img[:] = (236, 180, 210)
     img[inst > 0] = (110, 60, 150)

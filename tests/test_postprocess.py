@@ -426,7 +426,7 @@ def test_object_instances_never_drop_a_thin_object():
     from napari_metahistoseg.postprocess import object_instances
 
     strip = np.zeros((60, 300), bool)
-    strip[28:34, 10:290] = True  # 3 µm wide, 140 µm long: no distance maximum 10 µm deep
+    strip[25:35, 10:290] = True  # 5 µm wide, 140 µm long (700 µm²): no distance maximum 12 µm deep
     inst = object_instances(strip, ObjectPostConfig(), 0.5)
     assert set(np.unique(inst)) == {0, 1} and np.array_equal(inst > 0, strip)
     assert not object_instances(np.zeros((5, 7), bool), ObjectPostConfig(), 0.5).any()
