@@ -219,6 +219,20 @@ def write_md(name: str, text: str) -> Path:
     return path
 
 
+def floats(spec: str) -> list[float]:
+    """``"0.4,0.5"`` → ``[0.4, 0.5]`` (comma lists of the sweep scripts' arguments)."""
+    return [float(v) for v in spec.split(",")]
+
+
+def write_sweep(name: str, data: dict, note: str, table: str) -> None:
+    """Results of a tuning sweep: ``<name>.json`` (``data`` + provenance) and ``<name>.md`` (machine, commit,
+    command, ``note``, ``table``)."""
+    prov = provenance()
+    write_json(name, {**prov, **data})
+    write_md(name, f"{machine_line(prov['machine'])}  \nCommand (commit `{prov['commit']}`): `{prov['command']}`  \n"
+             f"{note}\n\n{table}\n")
+
+
 def new_figure(ncols: int, width: float = 4.0, height: float = 3.2):
     import matplotlib
 

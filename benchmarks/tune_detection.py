@@ -28,10 +28,6 @@ from napari_metahistoseg.metrics import detection_scores  # noqa: E402
 from napari_metahistoseg.pipeline import adapt, load_backbone  # noqa: E402
 
 
-def _floats(s: str) -> list[float]:
-    return [float(v) for v in s.split(",")]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=str(common.DATA / "bm_graz_cells"))
@@ -52,7 +48,8 @@ def main() -> None:
                 pairs.append((si, run(predict(bb, head, q.image, mpp=q.mpp)).probs[1:].sum(0), q.points))
     default = PointsConfig()
     rows = []
-    for sig, md, th in itertools.product(_floats(args.sigmas), _floats(args.distances), _floats(args.thresholds)):
+    grid = itertools.product(common.floats(args.sigmas), common.floats(args.distances), common.floats(args.thresholds))
+    for sig, md, th in grid:
         cfg = PointsConfig(peak_sigma_px=sig, peak_min_distance_px=int(md), peak_threshold=th)
         per = {}
         for si, prob, truth in pairs:
@@ -77,11 +74,9 @@ def main() -> None:
           common.fmt(x["recall"]), ", ".join(common.fmt(v) for v in x["f1_per_support"]), "yes" if x["default"] else ""]
          for x in shown])
     print(table)
-    prov = common.provenance()
-    common.write_json("tune_detection", {**prov, "rows": rows, "supports": ds.ids})
-    common.write_md("tune_detection", f"{common.machine_line(prov['machine'])}  \nCommand (commit `{prov['commit']}`): "
-                    f"`{prov['command']}`  \n{len(ds.ids)} support draws × {len(ds.ids) - 1} queries; best "
-                    f"{args.top} settings and the default\n\n{table}\n")
+    common.write_sweep("tune_detection", {"rows": rows, "supports": ds.ids},
+                       f"{len(ds.ids)} support draws × {len(ds.ids) - 1} queries; best {args.top} settings and the "
+                       "default", table)
 
 
 if __name__ == "__main__":

@@ -70,9 +70,6 @@ def score(kw: dict) -> tuple[dict, dict]:
     return kw, {t: np.mean(v, 0).tolist() for t, v in res.items()}
 
 
-def _floats(s: str) -> list[float]:
-    return [float(v) for v in s.split(",")]
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -83,7 +80,7 @@ def main() -> None:
     args = ap.parse_args()
     maps = cache_maps()
     grid = [dict(min_object_area_um2=a, min_marker_area_um2=b, marker_threshold=c) for a, b, c in itertools.product(
-        _floats(args.min_object), _floats(args.min_marker), _floats(args.marker_threshold))]
+        common.floats(args.min_object), common.floats(args.min_marker), common.floats(args.marker_threshold))]
     with ProcessPoolExecutor(2, initializer=_init, initargs=(maps,)) as ex:
         results = list(ex.map(score, grid))
     d = HoVerPostConfig()
@@ -103,11 +100,8 @@ def main() -> None:
                                                  enumerate(x["per_task"][t])) for t in tasks],
           "yes" if x["default"] else ""] for x in shown])
     print(table)
-    prov = common.provenance()
-    common.write_json("tune_instances", {**prov, "rows": rows})
-    common.write_md("tune_instances", f"{common.machine_line(prov['machine'])}  \nCommand (commit `{prov['commit']}`): "
-                    f"`{prov['command']}`  \nBest {args.top} settings by mean PQ over the three tasks, and the "
-                    f"default\n\n{table}\n")
+    common.write_sweep("tune_instances", {"rows": rows},
+                       f"Best {args.top} settings by mean PQ over the three tasks, and the default", table)
 
 
 if __name__ == "__main__":

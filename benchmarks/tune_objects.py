@@ -32,9 +32,6 @@ from napari_metahistoseg.postprocess import object_instances  # noqa: E402
 DRAWS = ((0, 9, 17, 26), (3, 12, 20, 29))  # support image indices per draw
 
 
-def _floats(s: str) -> list[float]:
-    return [float(v) for v in s.split(",")]
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -57,8 +54,8 @@ def main() -> None:
                 q = ds.load(qid)
                 queries.append((run(predict(bb, head, q.image, mpp=q.mpp)).semantic > 0, q.instances, q.mpp or bb.mpp))
     grid = [ObjectPostConfig(fill_holes=f == "true", min_object_area_um2=a, split_depth_um=d, smooth_um=s)
-            for f, a, d, s in itertools.product(args.fill.split(","), _floats(args.min_area), _floats(args.depths),
-                                                _floats(args.smooth))]
+            for f, a, d, s in itertools.product(args.fill.split(","), common.floats(args.min_area),
+                                                common.floats(args.depths), common.floats(args.smooth))]
     grid = list(dict.fromkeys(dataclasses.replace(c, smooth_um=0.0) if c.split_depth_um == 0 else c for c in grid))
     baseline = ObjectPostConfig(fill_holes=False, min_object_area_um2=0.0, split_depth_um=0.0, smooth_um=0.0)
     if baseline not in grid:
@@ -81,11 +78,9 @@ def main() -> None:
           common.fmt(x["pq"]), common.fmt(x["ratio"], 2),
           "default" if x["default"] else ("connected components" if x["components"] else "")] for x in shown])
     print(table)
-    prov = common.provenance()
-    common.write_json("tune_objects", {**prov, "rows": rows, "draws": [[ds.ids[i] for i in d] for d in DRAWS]})
-    common.write_md("tune_objects", f"{common.machine_line(prov['machine'])}  \nCommand (commit `{prov['commit']}`): "
-                    f"`{prov['command']}`  \n{len(DRAWS)} draws of 4 support images, {len(queries)} query images "
-                    f"in all; best {args.top} settings by PQ, the default and plain connected components\n\n{table}\n")
+    common.write_sweep("tune_objects", {"rows": rows, "draws": [[ds.ids[i] for i in d] for d in DRAWS]},
+                       f"{len(DRAWS)} draws of 4 support images, {len(queries)} query images in all; best "
+                       f"{args.top} settings by PQ, the default and plain connected components", table)
 
 
 if __name__ == "__main__":
