@@ -26,11 +26,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import HoVerPostConfig, PointsConfig, TilingConfig, to_dict
+from .config import HoVerPostConfig, ObjectPostConfig, PointsConfig, TilingConfig, to_dict
 from .data.io import to_rgb_uint8
 from .devices import resolve_devices
 from .pipeline import AdaptedHead, Backbone, _check_mpp, rescale
-from .postprocess import HoVerPostProcessor
+from .postprocess import (
+    OBJECT_COLUMNS,
+    CoarseObjects,
+    HoVerPostProcessor,
+    ObjectStats,
+    downsample_mask,
+    object_factor,
+    object_instances,
+    object_table,
+)
 from .resilience import oom_fallback_gen
 from .slide import LazyImage, create_outputs, open_image
 from .tiling import (
@@ -56,7 +65,9 @@ NUCLEI_COLUMNS = ("id", "centroid_row", "centroid_col", "bbox_min_row", "bbox_mi
 class Prediction:
     """``semantic (H,W) uint8``; ``probs (C,H,W) float32``; with instances: ``np_prob (H,W)``,
     ``hv (2,H,W)``, ``instances (H,W) uint32`` and the per-nucleus ``table`` (dict of columns; with ``type`` and
-    ``type_prob`` when the backbone has a HoVer type branch)."""
+    ``type_prob`` when the backbone has a HoVer type branch); with objects: ``objects (H,W) uint32`` (large-object
+    instances of the foreground, e.g. glands: :func:`.postprocess.object_instances`) and ``object_table``
+    (:class:`.postprocess.ObjectStats` columns)."""
 
     semantic: np.ndarray
     probs: np.ndarray
@@ -65,6 +76,8 @@ class Prediction:
     hv: np.ndarray | None = None
     instances: np.ndarray | None = None
     table: dict | None = None
+    objects: np.ndarray | None = None
+    object_table: dict | None = None
     seconds: float = 0.0
 
 
@@ -74,8 +87,9 @@ class LargePrediction:
 
     The zarr group ``store`` holds ``semantic (H,W) uint8`` class ids at image resolution and, with instances,
     ``instances (H,W) uint32``, ``np (H,W) uint8`` (nuclear probability × 255), ``hv (2,H,W) int8`` (HV × 127) and,
-    when the backbone has a type branch, ``nc (T,H,W) uint8`` (type probabilities × 255). Its attributes repeat
-    ``classes``, ``mpp``, the tiling and ``complete`` (False until the prediction finished).
+    when the backbone has a type branch, ``nc (T,H,W) uint8`` (type probabilities × 255); with objects,
+    ``objects (H,W) uint32`` (large-object instances, found on a coarse grid: ``ObjectPostConfig.large_work_mpp_um``).
+    Its attributes repeat ``classes``, ``mpp``, the tiling and ``complete`` (False until the prediction finished).
     """
 
     store: Path
@@ -85,6 +99,8 @@ class LargePrediction:
     tiles: int
     nuclei_csv: Path | None = None
     n_instances: int = 0
+    objects_csv: Path | None = None
+    n_objects: int = 0
     seconds: float = 0.0
     roi: tuple[int, int, int, int] | None = None
     complete: bool = True
@@ -123,10 +139,13 @@ def predict(
     instances: bool = False,
     hover: HoVerPostConfig | None = None,
     np_source: str = "adapted",
+    objects: bool = False,
+    object_cfg: ObjectPostConfig | None = None,
 ) -> Generator[dict, None, Prediction]:
     """Predict ``image (H,W,3)`` (``mpp`` µm/px; ``None`` = the backbone's). ``np_source`` picks the nuclear-pixel
     map for instances: ``"adapted"`` (foreground probability of the adapted head; binary tasks) or ``"hover"``
-    (the pretrained HoVer NP branch)."""
+    (the pretrained HoVer NP branch). ``objects``: also instances of large objects (glands) of the semantic
+    foreground (every non-background class), with ``object_cfg`` (default ``ObjectPostConfig()``)."""
     if np_source not in ("adapted", "hover"):
         raise ValueError(f"np_source must be 'adapted' or 'hover', got {np_source!r}")
     t0 = time.time()
@@ -175,6 +194,11 @@ def predict(
                                           mpp or backbone.mpp, nc)
         pred.np_prob, pred.hv = np_prob, hv
         yield {"stage": "instances", "done": 1, "total": 1}
+    if objects:
+        yield {"stage": "objects", "done": 0, "total": 1}
+        pred.objects = object_instances(pred.semantic > 0, object_cfg or ObjectPostConfig(), mpp or backbone.mpp)
+        pred.object_table = object_table(pred.objects, pred.semantic, n_cls)
+        yield {"stage": "objects", "done": 1, "total": 1}
     pred.seconds = time.time() - t0
     return pred
 
@@ -234,6 +258,25 @@ class NucleiCSV:
     def close(self) -> None:
         if not self._f.closed:
             self._f.close()
+
+
+class ObjectsCSV:
+    """Write a per-object table (:data:`.postprocess.OBJECT_COLUMNS`; :class:`.postprocess.ObjectStats`) to CSV."""
+
+    @staticmethod
+    def write(path: str | os.PathLike, table: dict, *, mpp: float, classes: Sequence[str]) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(OBJECT_COLUMNS)
+            for i in range(len(table["id"])):
+                c = int(table["class"][i])
+                area = int(table["area_px"][i])
+                w.writerow([int(table["id"][i]), c, classes[c] if c < len(classes) else "",
+                            f"{table['centroid_row'][i]:.2f}", f"{table['centroid_col'][i]:.2f}",
+                            *np.asarray(table["bbox"][i], np.int64).tolist(), area, f"{area * mpp ** 2:.2f}"])
+        return path
 
 
 # ------------------------------------------------------------------------------------------ streamed
@@ -377,6 +420,9 @@ def predict_large(
     roi_only: bool = False,
     np_source: str = "adapted",
     nuclei_csv: str | os.PathLike | None = None,
+    objects: bool = False,
+    object_cfg: ObjectPostConfig | None = None,
+    objects_csv: str | os.PathLike | None = None,
 ) -> Generator[dict, None, LargePrediction]:
     """Predict a large image streamed into the zarr group ``out_dir`` (see :class:`LargePrediction`).
 
@@ -384,8 +430,11 @@ def predict_large(
     pixel of the image (default: its metadata, else the backbone's, with a warning). ``roi = (r0, c0, r1, c1)``
     (image pixels, e.g. the visible field of view) is predicted first and announced by a ``{"stage": "roi"}``
     progress event; its tiles are computed again by the full pass, which ``roi_only`` skips. The nuclei table
-    goes to ``nuclei_csv`` (default ``<out_dir without .zarr>.nuclei.csv``). Progress: ``{"stage": "predict" |
-    "instances", "done", "total"}`` per tile / per instance window. Close the generator to cancel.
+    goes to ``nuclei_csv`` (default ``<out_dir without .zarr>.nuclei.csv``). ``objects``: large-object instances
+    of the semantic foreground after the full pass (not for ``roi_only``), found on a grid of about
+    ``object_cfg.large_work_mpp_um`` and painted back in row strips, table in ``objects_csv`` (default
+    ``<out_dir without .zarr>.objects.csv``). Progress: ``{"stage": "predict" | "instances" | "objects", "done",
+    "total"}`` per tile / per instance window / per strip. Close the generator to cancel.
     """
     if np_source not in ("adapted", "hover"):
         raise ValueError(f"np_source must be 'adapted' or 'hover', got {np_source!r}")
@@ -398,6 +447,11 @@ def predict_large(
         res = yield from oom_fallback_gen(
             lambda t: _predict_large(backbone, head, image, Path(out_dir), mpp, devs, t, instances,
                                      hover or HoVerPostConfig(), roi, roi_only, np_source, nuclei_csv), tiling)
+        if objects and not (roi_only and roi is not None):
+            res.complete = False
+            res.objects_csv = Path(objects_csv) if objects_csv else Path(out_dir).with_suffix(".objects.csv")
+            res.n_objects = yield from large_objects(res, object_cfg or ObjectPostConfig(), res.objects_csv)
+            res.complete = True
     finally:
         if image is not source:
             image.close()
@@ -462,6 +516,46 @@ def _predict_large(backbone, head, image, out, mpp, devs, tiling, instances, hov
     root.attrs["n_instances"] = res.n_instances
     log.info("%s: %d tiles, %d nuclei", image.name, res.tiles, res.n_instances)
     return res
+
+
+def large_objects(res: LargePrediction, cfg: ObjectPostConfig, csv_path: str | os.PathLike,
+                  strip_px: int = 1024) -> Generator[dict, None, int]:
+    """Large-object instances of the stored semantic map of ``res`` (written to its ``objects`` array, table to
+    ``csv_path``): the foreground is read in row strips of about ``strip_px`` rows and down-sampled to a grid of
+    about ``cfg.large_work_mpp_um`` (:func:`.postprocess.object_factor`), the objects found there
+    (:class:`.postprocess.CoarseObjects`) and painted back strip by strip. Memory: the coarse grid plus one strip.
+    Yields ``{"stage": "objects", "done", "total"}`` (two passes over the strips); returns the object count."""
+    import zarr
+
+    root = zarr.open_group(str(res.store), mode="r+")
+    sem = root["semantic"]
+    H, W = res.shape
+    f = object_factor(ObjectPostConfig(**{**to_dict(cfg), "work_mpp_um": max(cfg.work_mpp_um,
+                                                                            cfg.large_work_mpp_um)}), res.mpp)
+    strip = max(f, strip_px // f * f)  # a multiple of the factor: strips map onto whole coarse rows
+    starts = list(range(0, H, strip))
+    total = 2 * len(starts)
+    coarse = np.zeros((-(-H // f), -(-W // f)), bool)
+    for k, r0 in enumerate(starts):
+        block = sem[r0:r0 + strip] > 0
+        coarse[r0 // f: r0 // f + -(-block.shape[0] // f)] = downsample_mask(block, f)
+        yield {"stage": "objects", "done": k + 1, "total": total}
+    objs = CoarseObjects(coarse, cfg, res.mpp * f, f)
+    del coarse
+    if "objects" not in root:
+        root.create_array("objects", shape=(H, W), chunks=sem.chunks, dtype="uint32", fill_value=0)
+    stats = ObjectStats(objs.n, len(res.classes))
+    for k, r0 in enumerate(starts):
+        s = sem[r0:r0 + strip]
+        lab = objs.paint(s > 0, r0, 0)
+        root["objects"][r0:r0 + s.shape[0]] = lab
+        stats.add(lab, s, r0, 0)
+        yield {"stage": "objects", "done": len(starts) + k + 1, "total": total}
+    table = stats.table()
+    ObjectsCSV.write(csv_path, table, mpp=res.mpp, classes=res.classes)
+    root.attrs["n_objects"] = int(len(table["id"]))
+    root.attrs["objects_work_factor"] = int(f)
+    return int(len(table["id"]))
 
 
 def _roi_pass(job: _Job, roi, instances: bool, post, mpp: float, core: int, margin: int) -> Generator[dict, None, None]:

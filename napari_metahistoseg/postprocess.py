@@ -707,14 +707,37 @@ def hv_targets(instances: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------------------------------ large objects
 
 
-def object_instances(mask: np.ndarray, cfg: ObjectPostConfig, mpp: float) -> np.ndarray:
-    """Instances of large objects (glands) from a binary foreground ``mask (H, W)`` at ``mpp`` µm/px → ``uint32``.
+def object_factor(cfg: ObjectPostConfig, mpp: float) -> int:
+    """Integer down-sampling factor from ``mpp`` to ``cfg.work_mpp_um`` (1 = work at the mask's resolution)."""
+    mpp = _check_mpp(mpp)
+    return max(1, int(math.floor(cfg.work_mpp_um / mpp + 1e-6))) if cfg.work_mpp_um > 0 else 1
 
-    Holes are filled (``cfg.fill_holes``), 4-connected objects smaller than ``cfg.min_object_area_um2`` removed, and
-    objects that touch through a neck are split by a marker watershed on the distance transform (in µm, smoothed
-    with ``cfg.smooth_um``), whose markers are the maxima at least ``cfg.split_depth_um`` deep. An object without
-    such a maximum (thinner than the depth) stays one instance; none is ever dropped after the size filter.
-    """
+
+def downsample_mask(mask: np.ndarray, factor: int) -> np.ndarray:
+    """``(H, W) bool`` → ``(ceil(H/f), ceil(W/f)) bool``: a coarse pixel is set when at least half of its block
+    (the part inside the image, at the right and bottom edges) is set."""
+    mask = np.asarray(mask, dtype=bool)
+    if factor == 1:
+        return mask.copy()
+    h, w = mask.shape
+    hc, wc = -(-h // factor), -(-w // factor)
+    count = np.zeros((hc, wc), np.int32)
+    full_h, full_w = (h // factor) * factor, (w // factor) * factor
+    count[: h // factor, : w // factor] = mask[:full_h, :full_w].reshape(h // factor, factor, w // factor,
+                                                                          factor).sum((1, 3), dtype=np.int32)
+    if full_h < h:
+        count[-1, : w // factor] = mask[full_h:, :full_w].reshape(h - full_h, w // factor, factor).sum((0, 2))
+    if full_w < w:
+        count[: h // factor, -1] = mask[:full_h, full_w:].reshape(h // factor, factor, w - full_w).sum((1, 2))
+    if full_h < h and full_w < w:
+        count[-1, -1] = mask[full_h:, full_w:].sum()
+    rows = np.minimum(factor, h - np.arange(hc) * factor)
+    cols = np.minimum(factor, w - np.arange(wc) * factor)
+    return 2 * count >= rows[:, None] * cols[None, :]
+
+
+def objects_at(mask: np.ndarray, cfg: ObjectPostConfig, mpp: float) -> np.ndarray:
+    """The object rules of :func:`object_instances` run on ``mask`` at its own resolution ``mpp`` → ``uint32``."""
     from skimage.morphology import h_maxima
 
     mask = _check_2d(mask, "mask").astype(bool)
@@ -737,3 +760,111 @@ def object_instances(mask: np.ndarray, cfg: ObjectPostConfig, mpp: float) -> np.
         extra, _ = ndi.label(rest)
         out[rest] = extra[rest].astype(np.uint32) + out.max()
     return out
+
+
+class CoarseObjects:
+    """Object instances found on a coarse grid (``factor`` × the fine pixel), to paint back at full resolution
+    block by block: :meth:`paint` gives the labels of any fine-resolution block from its own mask. A fine pixel gets
+    the label of its coarse pixel (labels grown by one coarse pixel into the background first, so the fine
+    object's rim outside the coarse one is kept) when the fine mask is set there, or when the coarse pixel is a
+    filled hole (lumen) of that object. Neighbouring objects never overwrite each other."""
+
+    def __init__(self, coarse_mask: np.ndarray, cfg: ObjectPostConfig, coarse_mpp: float, factor: int) -> None:
+        from skimage.segmentation import expand_labels
+
+        self.factor = int(factor)
+        core = objects_at(coarse_mask, cfg, coarse_mpp)
+        self.labels = expand_labels(core, 1).astype(np.uint32) if self.factor > 1 else core
+        self.hole = (core > 0) & ~np.asarray(coarse_mask, dtype=bool)
+        self.n = int(core.max())
+
+    def paint(self, fine_mask: np.ndarray, row0: int = 0, col0: int = 0) -> np.ndarray:
+        """``uint32`` labels of the fine block ``fine_mask`` whose top-left pixel is (``row0``, ``col0``)."""
+        fine_mask = np.asarray(fine_mask, dtype=bool)
+        if self.factor == 1:
+            return self.labels[row0:row0 + fine_mask.shape[0], col0:col0 + fine_mask.shape[1]].copy()
+        r = (row0 + np.arange(fine_mask.shape[0])) // self.factor
+        c = (col0 + np.arange(fine_mask.shape[1])) // self.factor
+        lab = self.labels[r[:, None], c[None, :]]
+        keep = fine_mask | self.hole[r[:, None], c[None, :]]
+        return np.where(keep, lab, 0).astype(np.uint32)
+
+
+def object_instances(mask: np.ndarray, cfg: ObjectPostConfig, mpp: float) -> np.ndarray:
+    """Instances of large objects (glands) from a binary foreground ``mask (H, W)`` at ``mpp`` µm/px → ``uint32``.
+
+    Holes are filled (``cfg.fill_holes``), 4-connected objects smaller than ``cfg.min_object_area_um2`` removed, and
+    objects that touch through a neck are split by a marker watershed on the distance transform (in µm, smoothed
+    with ``cfg.smooth_um``), whose markers are the maxima at least ``cfg.split_depth_um`` deep. An object without
+    such a maximum (thinner than the depth) stays one instance; none is ever dropped after the size filter.
+    These rules run on a grid of about ``cfg.work_mpp_um`` µm/px (an integer multiple of ``mpp``; the mask is
+    down-sampled by majority) and the labels are painted back at ``mpp`` (:class:`CoarseObjects`): the cost then
+    scales with the area in µm², not with the pixel count, and a whole slide's mask never has to be in memory.
+    """
+    mask = _check_2d(mask, "mask").astype(bool)
+    mpp = _check_mpp(mpp)
+    f = object_factor(cfg, mpp)
+    if f == 1:
+        return objects_at(mask, cfg, mpp)
+    return CoarseObjects(downsample_mask(mask, f), cfg, mpp * f, f).paint(mask)
+
+
+OBJECT_COLUMNS = ("id", "class", "class_name", "centroid_row", "centroid_col", "bbox_min_row", "bbox_min_col",
+                  "bbox_max_row", "bbox_max_col", "area_px", "area_um2")
+
+
+class ObjectStats:
+    """Per-object table of a label map accumulated block by block (a slide's objects are painted in row strips):
+    area, centroid, bounding box and the object's class — the most frequent non-background class of the semantic
+    map over its pixels (0 where the object is only a filled hole)."""
+
+    def __init__(self, n_objects: int, n_classes: int) -> None:
+        self.n, self.c = int(n_objects), max(int(n_classes), 1)
+        self.area = np.zeros(self.n + 1, np.int64)
+        self.sum_r = np.zeros(self.n + 1, np.float64)
+        self.sum_c = np.zeros(self.n + 1, np.float64)
+        big = np.iinfo(np.int64).max
+        self.lo = np.full((self.n + 1, 2), big, np.int64)
+        self.hi = np.full((self.n + 1, 2), -1, np.int64)
+        self.classes = np.zeros((self.n + 1, self.c), np.int64)
+
+    def add(self, labels: np.ndarray, semantic: np.ndarray, row0: int = 0, col0: int = 0) -> None:
+        """Count the block ``labels (h, w)`` with its ``semantic (h, w)`` classes; its top-left is (row0, col0)."""
+        idx = np.flatnonzero(labels)
+        if idx.size == 0:
+            return
+        lab = labels.ravel()[idx].astype(np.intp)
+        if int(lab.max()) > self.n:
+            raise ValueError(f"object label {int(lab.max())} > the {self.n} objects announced")
+        rows, cols = np.divmod(idx, labels.shape[1])
+        rows, cols = rows + row0, cols + col0
+        n1 = self.n + 1
+        self.area += np.bincount(lab, minlength=n1)
+        self.sum_r += np.bincount(lab, rows, minlength=n1)
+        self.sum_c += np.bincount(lab, cols, minlength=n1)
+        np.minimum.at(self.lo, (lab, 0), rows)
+        np.minimum.at(self.lo, (lab, 1), cols)
+        np.maximum.at(self.hi, (lab, 0), rows)
+        np.maximum.at(self.hi, (lab, 1), cols)
+        sem = np.minimum(semantic.ravel()[idx].astype(np.intp), self.c - 1)
+        self.classes += np.bincount(lab * self.c + sem, minlength=n1 * self.c).reshape(n1, self.c)
+
+    def table(self) -> dict:
+        """Columns of the objects present (area > 0), ids ascending: ``id``, ``class``, ``centroid_row``,
+        ``centroid_col``, ``bbox (N, 4)`` (min_row, min_col, max_row, max_col; max exclusive), ``area_px``."""
+        ids = np.flatnonzero(self.area[1:]) + 1
+        fg = self.classes[ids, 1:]
+        cls = np.where(fg.sum(1) > 0, fg.argmax(1) + 1, 0) if self.c > 1 else np.zeros(ids.size, np.int64)
+        area = self.area[ids]
+        return dict(id=ids.astype(np.uint32), **{"class": cls.astype(np.int64)},
+                    centroid_row=self.sum_r[ids] / area, centroid_col=self.sum_c[ids] / area,
+                    bbox=np.concatenate([self.lo[ids], self.hi[ids] + 1], axis=1).reshape(-1, 4),
+                    area_px=area)
+
+
+def object_table(objects: np.ndarray, semantic: np.ndarray, n_classes: int) -> dict:
+    """:class:`ObjectStats` table of a whole in-memory object map ``(H, W)`` and its semantic classes."""
+    objects = _check_instances(objects)
+    stats = ObjectStats(int(objects.max()) if objects.size else 0, n_classes)
+    stats.add(objects, np.asarray(semantic))
+    return stats.table()

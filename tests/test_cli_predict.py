@@ -160,6 +160,27 @@ def test_predict_streamed_matches_in_memory(work, head, capsys, tmp_path):
     assert (tmp_path / "zarr" / "q1.nuclei.csv").exists() and "instances" in root
 
 
+def test_predict_objects_in_memory_and_streamed(work, head, capsys, tmp_path):
+    """``--objects``: large-object instances + table, as a TIFF in memory and in the zarr when streamed."""
+    args = ["predict", work / "images" / "q2.tif", "--head", head, "--threads", "1", "--tile", "128", "--objects"]
+    code, out, err = cli(capsys, *args, "--out", tmp_path / "mem")
+    assert code == 0, err
+    res = json.loads(out.strip().splitlines()[-1])["images"][str(work / "images" / "q2.tif")]
+    obj = tifffile.imread(tmp_path / "mem" / "q2.objects.tif")
+    assert obj.dtype == np.uint32 and obj.shape == (144, 176)
+    with open(tmp_path / "mem" / "q2.objects.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert res["n_objects"] == len(rows) == len(np.unique(obj)) - 1
+    assert all(r["class_name"] in ("background", "nucleus") for r in rows)
+    code, out, err = cli(capsys, *args, "--stream", "--out", tmp_path / "zarr")
+    assert code == 0, err
+    root = zarr.open_group(str(tmp_path / "zarr" / "q2.zarr"), mode="r")
+    assert root.attrs["complete"] is True and "objects" in root and root["objects"].shape == (144, 176)
+    res = json.loads(out.strip().splitlines()[-1])["images"][str(work / "images" / "q2.tif")]
+    assert res["n_objects"] == root.attrs["n_objects"] and Path(res["objects_csv"]).exists()
+    assert "[objects] q2.tif" in err
+
+
 def test_predict_list_file_and_device_set(work, head, capsys, tmp_path):
     lst = tmp_path / "list.txt"
     lst.write_text("# images\n" + "".join(f"{work / 'images' / f'q{i}.tif'}\n" for i in range(3)))

@@ -434,3 +434,90 @@ def test_object_instances_never_drop_a_thin_object():
         ObjectPostConfig(split_depth_um=-1)
     with pytest.raises(ValueError, match="mpp"):
         object_instances(strip, ObjectPostConfig(), 0.0)
+
+
+def test_object_instances_on_a_coarse_grid_match_full_resolution():
+    """``work_mpp_um``: the rules run on a coarse grid and labels are painted back; same objects, the fine mask's
+    pixels (not blocks), the lumen still filled."""
+    from napari_metahistoseg.config import ObjectPostConfig
+    from napari_metahistoseg.postprocess import object_factor, object_instances
+
+    big = np.zeros((203, 401), bool)  # sizes not multiples of the factor
+    big[:120, :240] = _dumbbell(6)
+    ring = (np.hypot(*np.mgrid[-30:31, -30:31]) <= 30) & (np.hypot(*np.mgrid[-30:31, -30:31]) > 12)
+    big[130:191, 300:361] = ring
+    fine = object_instances(big, ObjectPostConfig(), 0.5)
+    cfg = ObjectPostConfig(work_mpp_um=1.5)
+    assert object_factor(cfg, 0.5) == 3 and object_factor(ObjectPostConfig(), 0.5) == 1
+    assert object_factor(cfg, 2.0) == 1  # never finer than the image
+    coarse = object_instances(big, cfg, 0.5)
+    assert coarse.shape == big.shape and coarse.dtype == np.uint32
+    assert len(np.unique(coarse)) - 1 == len(np.unique(fine)) - 1 == 3
+    assert len(np.unique(coarse[60, [40, 200]])) == 2 and coarse[160, 330] > 0  # split kept, lumen filled
+    # the lumen is filled with the ring's label; every other labelled pixel is a mask pixel; every mask pixel of a
+    # kept object is labelled
+    inner, lumen = np.zeros_like(big), np.zeros_like(big)
+    inner[130:191, 300:361] = np.hypot(*np.mgrid[-30:31, -30:31]) <= 10
+    lumen[130:191, 300:361] = np.hypot(*np.mgrid[-30:31, -30:31]) <= 12
+    assert np.all(coarse[inner] == coarse[160, 330])
+    assert not ((coarse > 0) & ~big & ~lumen).any()
+    assert np.all(coarse[big] > 0)
+    # the objects agree pixel for pixel up to the coarse grid at their borders
+    from napari_metahistoseg.metrics import aji
+    assert aji(fine, coarse) > 0.97
+
+
+def test_downsample_mask_majority_and_edges():
+    from napari_metahistoseg.postprocess import downsample_mask
+
+    m = np.zeros((5, 7), bool)
+    m[:2, :2] = True  # a full 2x2 block
+    m[2, 2] = True  # 1 of 4: not set
+    m[4, 6] = True  # the 1x1 corner block: set
+    d = downsample_mask(m, 2)
+    assert d.shape == (3, 4)
+    assert d[0, 0] and not d[1, 1] and d[2, 3] and d.sum() == 2
+    assert np.array_equal(downsample_mask(m, 1), m)
+
+
+def test_coarse_objects_paint_in_strips_equals_whole():
+    """Painting a slide strip by strip (what predict_large does) gives the whole-image labels."""
+    from napari_metahistoseg.config import ObjectPostConfig
+    from napari_metahistoseg.postprocess import CoarseObjects, downsample_mask
+
+    rng = np.random.default_rng(0)
+    mask = np.zeros((250, 330), bool)
+    for _ in range(12):
+        r, c, rad = rng.integers(20, 230), rng.integers(20, 310), rng.integers(8, 25)
+        mask |= np.hypot(*np.ogrid[-r:250 - r, -c:330 - c]) <= rad
+    objs = CoarseObjects(downsample_mask(mask, 4), ObjectPostConfig(), 2.0, 4)
+    whole = objs.paint(mask)
+    strips = np.concatenate([objs.paint(mask[r:r + 64], r, 0) for r in range(0, 250, 64)])
+    assert np.array_equal(whole, strips) and whole.max() == objs.n > 0
+
+
+def test_object_table_columns():
+    from napari_metahistoseg.postprocess import ObjectStats, object_table
+
+    obj = np.zeros((20, 30), np.uint32)
+    obj[2:6, 3:9] = 1
+    obj[10:20, 20:30] = 3
+    sem = np.zeros((20, 30), np.uint8)
+    sem[2:6, 3:9] = 2
+    sem[10:20, 20:25] = 1
+    sem[10:20, 25:30] = 2
+    sem[10:14, 20:30] = 1  # object 3: 60 px class 1, 40 px class 2 -> class 1
+    t = object_table(obj, sem, 3)
+    assert t["id"].tolist() == [1, 3] and t["class"].tolist() == [2, 1]
+    assert t["area_px"].tolist() == [24, 100]
+    assert t["bbox"].tolist() == [[2, 3, 6, 9], [10, 20, 20, 30]]
+    np.testing.assert_allclose(t["centroid_row"], [3.5, 14.5])
+    np.testing.assert_allclose(t["centroid_col"], [5.5, 24.5])
+    # accumulated over two strips: the same table
+    s = ObjectStats(3, 3)
+    s.add(obj[:12], sem[:12])
+    s.add(obj[12:], sem[12:], 12, 0)
+    t2 = s.table()
+    assert all(np.array_equal(np.asarray(t[k]), np.asarray(t2[k])) for k in t)
+    with pytest.raises(ValueError, match="label 3"):
+        ObjectStats(2, 3).add(obj, sem)

@@ -8,6 +8,8 @@ relative to the list). Per image ``<stem>``, in ``DIR``:
   ``instances``, ``np``, ``hv``, ``nc``), predicted streamed with bounded memory;
 * ``<stem>.points.csv`` — cell points detected on each class's probability (in-memory images only);
 * with ``--instances``: ``<stem>.instances.tif`` ``(H, W) uint32`` (or in the zarr) and ``<stem>.nuclei.csv``;
+* with ``--objects``: ``<stem>.objects.tif`` ``(H, W) uint32`` (or ``objects`` in the zarr) and
+  ``<stem>.objects.csv`` — large-object instances (glands) of the semantic foreground (``ObjectPostConfig``);
 * with ``--mitosis`` (needs :mod:`napari_metahistoseg.mitosis`; implies ``--instances``): ``<stem>.mitosis.csv``,
   every nucleus centroid classified as a patch (probability and call).
 
@@ -44,6 +46,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--instances", action="store_true", help="also nuclei instances and the per-nucleus table")
     p.add_argument("--np-source", choices=["adapted", "hover"], default="adapted",
                    help="nuclear-pixel map for instances: the adapted head's foreground or the HoVer NP branch")
+    p.add_argument("--objects", action="store_true",
+                   help="also large-object (gland) instances of the foreground and the per-object table")
     p.add_argument("--mitosis", action="store_true", help="classify every nucleus as mitotic or not")
     p.add_argument("--mitosis-model", default=None, help="mitosis classifier (default: the bundled one)")
     p.add_argument("--mpp", type=float, default=None, help="µm per pixel of the inputs (default: their metadata)")
@@ -238,12 +242,12 @@ class Predictor:
         import numpy as np
         import tifffile
 
-        from ..inference import NucleiCSV, hover_type_names, predict
+        from ..inference import NucleiCSV, ObjectsCSV, hover_type_names, predict
 
         image = img[:, :]
         pred = self._progress(path, predict(self.backbone, self.head, image, mpp=mpp, devices=devices,
                                             tiling=self.tiling, instances=self.args.instances,
-                                            np_source=self.args.np_source))
+                                            np_source=self.args.np_source, objects=self.args.objects))
         s = stem(path)
         res = {"mode": "in-memory", "shape": list(image.shape[:2]), "mpp": mpp, "classes": self.head.classes}
         tags = {"resolution": (1e4 / mpp, 1e4 / mpp), "resolutionunit": "CENTIMETER", "compression": "zlib"}
@@ -251,6 +255,12 @@ class Predictor:
         tifffile.imwrite(res["semantic"], pred.semantic, description=json.dumps({"classes": self.head.classes}),
                          **tags)
         res["points"] = str(self._points(s, pred.probs, mpp))
+        if pred.objects is not None:
+            res["objects"] = str(self.out / f"{s}.objects.tif")
+            tifffile.imwrite(res["objects"], pred.objects, **tags)
+            res["objects_csv"] = str(ObjectsCSV.write(self.out / f"{s}.objects.csv", pred.object_table, mpp=mpp,
+                                                      classes=self.head.classes))
+            res["n_objects"] = len(pred.object_table["id"])
         if pred.instances is not None:
             res["instances"] = str(self.out / f"{s}.instances.tif")
             tifffile.imwrite(res["instances"], pred.instances.astype(np.uint32), **tags)
@@ -298,9 +308,13 @@ class Predictor:
         res = self._progress(path, predict_large(self.backbone, self.head, img, out_dir=self.out / f"{s}.zarr",
                                                  mpp=mpp, devices=devices, tiling=self.tiling,
                                                  instances=self.args.instances, np_source=self.args.np_source,
-                                                 nuclei_csv=self.out / f"{s}.nuclei.csv"))
+                                                 nuclei_csv=self.out / f"{s}.nuclei.csv",
+                                                 objects=self.args.objects,
+                                                 objects_csv=self.out / f"{s}.objects.csv"))
         out = {"mode": "streamed", "shape": list(res.shape), "mpp": mpp, "classes": res.classes,
                "zarr": str(res.store), "tiles": res.tiles}
+        if res.objects_csv is not None:
+            out.update(objects_csv=str(res.objects_csv), n_objects=res.n_objects)
         if res.nuclei_csv is not None:
             out.update(nuclei=str(res.nuclei_csv), n_nuclei=res.n_instances)
             if self.mitosis is not None:
