@@ -11,7 +11,7 @@ from typing import Any
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QLineEdit, QSlider, QSpinBox, QWidget
 
-from ..config import HoVerPostConfig, MAMLConfig, TilingConfig
+from ..config import HoVerPostConfig, MAMLConfig, ObjectPostConfig, TilingConfig
 from ..devices import available_devices, device_label
 from . import jobs
 from .common import path_row, row
@@ -24,6 +24,7 @@ class AdaptSettings(QWidget):
     def __init__(self, backbone_spec: str, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.hover = HoVerPostConfig()  # NP/HV post-processing thresholds used by Predict
+        self.objects_cfg = ObjectPostConfig()  # gland/object instance rules used by Predict
         self.tiling = TilingConfig()
         self.backbone_edit = QLineEdit(backbone_spec, placeholderText="backbone checkpoint (bundled: default)")
         self.start_combo = QComboBox()
@@ -36,6 +37,9 @@ class AdaptSettings(QWidget):
         self.first_order = QCheckBox("first-order", checked=MAMLConfig.first_order)
         self.device_boxes = {d: QCheckBox(device_label(d), checked=(d == "cpu")) for d in available_devices()}
         self.instances = QCheckBox("nuclei instances (HoVer)", checked=True)
+        self.objects = QCheckBox("gland / object instances", checked=False,
+                                 toolTip="instances of large objects (glands) of the predicted foreground: holes "
+                                         "filled, small pieces dropped, touching objects split at necks")
         self.fov_first = QCheckBox("visible field first", checked=True)
         self.live = QCheckBox("live: re-adapt after each stroke")
         on = jobs.MITOSIS_AVAILABLE
@@ -48,7 +52,7 @@ class AdaptSettings(QWidget):
         for label, w in [("backbone", path_row(self.backbone_edit, "Backbone", "Backbone (*.safetensors *.json)")),
                          ("start from", self.start_combo), ("mode", self.mode_combo),
                          ("steps / inner lr", row(self.steps, self.inner_lr, self.first_order)),
-                         ("devices", row(*self.device_boxes.values())), ("", self.instances),
+                         ("devices", row(*self.device_boxes.values())), ("", row(self.instances, self.objects)),
                          ("", row(self.fov_first, self.live)), ("", row(self.mitosis, self.mitosis_edit)),
                          ("threshold", self.threshold)]:
             form.addRow(label, w)
@@ -72,4 +76,5 @@ class AdaptSettings(QWidget):
         region = visible_region(image_layer) if self.fov_first.isChecked() else None
         return jobs.PredictSettings(mpp=image_mpp(image_layer), devices=self.devices(), tiling=self.tiling,
                                     instances=self.instances.isChecked(), hover=self.hover, region=region,
-                                    mitosis_model=mitosis)
+                                    mitosis_model=mitosis, objects=self.objects.isChecked(),
+                                    object_cfg=self.objects_cfg)

@@ -1,4 +1,5 @@
-"""Show predictions in the viewer: classes, nuclei (with the per-nucleus table as features), mitosis candidates.
+"""Show predictions in the viewer: classes, nuclei (with the per-nucleus table as features), gland/object instances
+(with the per-object table), mitosis candidates.
 
 Final results replace the data of the plugin's layers for the same image (or add them); the visible-field
 preview goes to one temporary layer that the Adapt widget removes when the run ends, so a cancelled or failed
@@ -14,7 +15,7 @@ import numpy as np
 
 from ..sample_data import labels_colormap
 from .jobs import Result
-from .layers import META, find_layers, placement, table_features, upsert_labels
+from .layers import META, find_layers, object_features, placement, table_features, upsert_labels
 
 MITOSIS_THRESHOLD = 0.5  # initial value of the candidate threshold slider
 MITOSIS_POINT_SIZE_PX = 10.0
@@ -49,6 +50,12 @@ def show_result(viewer: napari.Viewer, image_layer: Any, result: Result, colours
         inst.features = table_features(pred.table, result.type_names)
         inst.contour = 1
         created += [inst] if new else []
+    if pred.objects is not None:
+        obj, new = upsert_labels(viewer, "objects", pred.objects, name=f"objects ({image_layer.name})",
+                                 image_layer=image_layer, opacity=0.5)
+        obj.features = object_features(pred.object_table, list(pred.classes))
+        obj.contour = 2
+        created += [obj] if new else []
     if result.mitosis_points is not None:
         created += show_mitosis(viewer, image_layer, result.mitosis_points, result.mitosis_probs)
     return created

@@ -1,5 +1,6 @@
 """Evaluate: held-out metrics of the current prediction against truth layers — mIoU, Dice and pixel accuracy
-(truth == 255 or an unpainted support pixel is skipped), AJI and PQ for nuclei instances, detection F1 for points.
+(truth == 255 or an unpainted support pixel is skipped), AJI and PQ for instances (nuclei or gland/object
+instances), detection F1 for points.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from .common import LayerCombo
 from .layers import kind_of, layer_to_support, plugin_meta
 from .workers import error_text
 
-NOT_TRUTH = ("prediction", "instances", "preview", "circles")
+NOT_TRUTH = ("prediction", "instances", "objects", "preview", "circles")
 
 
 def truth_classes(layer: Any) -> np.ndarray:
@@ -65,7 +66,7 @@ class EvaluateWidget(QWidget):
         self.pred_combo = LayerCombo(v, napari.layers.Labels, kinds=("prediction",))
         self.truth_combo = LayerCombo(v, napari.layers.Labels, exclude_kinds=NOT_TRUTH + ("truth_instances",),
                                       optional=True)
-        self.pred_inst_combo = LayerCombo(v, napari.layers.Labels, kinds=("instances",), optional=True)
+        self.pred_inst_combo = LayerCombo(v, napari.layers.Labels, kinds=("instances", "objects"), optional=True)
         self.truth_inst_combo = LayerCombo(v, napari.layers.Labels, exclude_kinds=NOT_TRUTH + ("support", "truth"),
                                            optional=True)
         self.points_combo = LayerCombo(v, napari.layers.Points, exclude_kinds=("mitosis", "points"), optional=True)
@@ -78,7 +79,7 @@ class EvaluateWidget(QWidget):
         self.results: dict[str, float] = {}
         form = QFormLayout()
         for label, w in [("prediction", self.pred_combo), ("truth classes", self.truth_combo),
-                         ("predicted nuclei", self.pred_inst_combo), ("truth nuclei", self.truth_inst_combo),
+                         ("predicted instances", self.pred_inst_combo), ("truth instances", self.truth_inst_combo),
                          ("truth points", self.points_combo)]:
             form.addRow(label, w)
         lay = QVBoxLayout(self)

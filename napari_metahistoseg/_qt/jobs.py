@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..config import HoVerPostConfig, MAMLConfig, MitosisConfig, TilingConfig
+from ..config import HoVerPostConfig, MAMLConfig, MitosisConfig, ObjectPostConfig, TilingConfig
 from ..inference import Prediction, hover_type_names, predict
 from ..pipeline import AdaptedHead, Backbone, adapt
 
@@ -32,6 +32,8 @@ class PredictSettings:
     region: tuple[int, int, int, int] | None = None  # (r0, r1, c0, c1) predicted first, then the full image
     mitosis_model: str | None = None  # path of a mitosis classifier, "" = bundled, None = no mitosis step
     mitosis: MitosisConfig = field(default_factory=MitosisConfig)
+    objects: bool = False  # large-object (gland) instances of the foreground
+    object_cfg: ObjectPostConfig = field(default_factory=ObjectPostConfig)
 
 
 @dataclass
@@ -47,7 +49,8 @@ class Result:
 def _predict_region(backbone: Backbone, head: AdaptedHead, image: np.ndarray, s: PredictSettings,
                     ) -> Generator[dict, None, Prediction]:
     return (yield from predict(backbone, head, image, mpp=s.mpp, devices=list(s.devices), tiling=s.tiling,
-                               instances=s.instances, hover=s.hover, np_source="adapted"))
+                               instances=s.instances, hover=s.hover, np_source="adapted", objects=s.objects,
+                               object_cfg=s.object_cfg))
 
 
 def _mitosis(image: np.ndarray, table: dict | None, s: PredictSettings, mpp: float) -> Generator[dict, None, tuple]:

@@ -122,6 +122,17 @@ def table_features(table: dict | None, type_names: list[str] | None = None) -> d
     return out
 
 
+def object_features(table: dict | None, classes: list[str]) -> dict[str, np.ndarray]:
+    """The per-object table (:class:`~napari_metahistoseg.postprocess.ObjectStats`) as Labels features: the
+    nucleus columns plus ``class`` and ``class_name``."""
+    out = table_features(table)
+    if out:
+        cls = np.asarray(table["class"], np.int64)
+        out["class"] = cls
+        out["class_name"] = np.array([classes[c] if 0 <= c < len(classes) else str(c) for c in cls])
+    return out
+
+
 def upsert_labels(viewer: napari.Viewer, kind: str, data: np.ndarray, *, name: str, image_layer: Any,
                   meta: dict | None = None, **kwargs: Any) -> tuple[Any, bool]:
     """Replace the data of the plugin layer of ``kind`` made for ``image_layer`` or add a new one.

@@ -20,7 +20,8 @@ from qtpy.QtWidgets import QLabel, QProgressBar
 log = logging.getLogger(__name__)
 
 STAGE_NAMES = {"backbone": "loading backbone", "features": "support features", "adapt": "adapting",
-               "predict": "predicting", "instances": "nuclei (HoVer)", "preview": "visible field shown",
+               "predict": "predicting", "instances": "nuclei (HoVer)", "objects": "gland / object instances",
+               "preview": "visible field shown",
                "fov": "visible field", "mitosis": "mitosis candidates", "adapted": "head adapted"}
 
 

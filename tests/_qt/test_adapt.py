@@ -35,7 +35,7 @@ def run(qtbot, worker, widget):
 
 
 def prediction_layers(viewer):
-    return [ly for ly in viewer.layers if kind_of(ly) in ("prediction", "instances", "preview", "mitosis")]
+    return [ly for ly in viewer.layers if kind_of(ly) in ("prediction", "instances", "objects", "preview", "mitosis")]
 
 
 def test_adapt_then_predict_end_to_end(viewer, qtbot, adapt, errors):
@@ -58,6 +58,27 @@ def test_adapt_then_predict_end_to_end(viewer, qtbot, adapt, errors):
     adapt.settings.instances.setChecked(False)
     run(qtbot, adapt.run_predict(), adapt)
     assert len(find_layers(viewer, "prediction")) == 1 and adapt.last_created == []
+
+
+def test_gland_object_instances_layer(viewer, qtbot, adapt, errors):
+    """The 'gland / object instances' box adds an objects Labels layer with the per-object table as features;
+    the Evaluate widget offers it as predicted instances."""
+    from napari_metahistoseg.config import ObjectPostConfig
+
+    small_demo(viewer)
+    adapt.settings.instances.setChecked(False)
+    adapt.settings.objects.setChecked(True)
+    adapt.settings.objects_cfg = ObjectPostConfig(min_object_area_um2=5.0, split_depth_um=2.0, smooth_um=1.0)
+    run(qtbot, adapt.run_adapt(), adapt)
+    assert errors == []
+    [sem] = find_layers(viewer, "prediction")
+    [obj] = find_layers(viewer, "objects")
+    assert find_layers(viewer, "instances") == [] and obj.data.shape == sem.data.shape
+    ids = sorted(set(np.unique(obj.data).tolist()) - {0})
+    assert ids and sorted(obj.features["index"]) == ids
+    assert set(obj.features["class_name"]) <= {"background", "nucleus"} and "area_px" in obj.features
+    _, ev = viewer.window.add_plugin_dock_widget(PLUGIN, "Evaluate")
+    assert obj in ev.pred_inst_combo.candidates() and obj not in ev.truth_combo.candidates()
 
 
 def test_full_mode_adapts_decoder(viewer, qtbot, adapt, errors):
