@@ -89,6 +89,31 @@ def texture_tile(r0: int, c0: int, h: int, w: int, mpp: float) -> np.ndarray:
     return np.clip(rgb, 0, 255).astype(np.uint8)
 
 
+GLAND_CELL_UM = 120.0  # one potential gland per cell of this side (object-instance benchmark)
+GLAND_RADIUS_UM = (30.0, 58.0)  # neighbours can touch: the rules must split them at the neck
+LUMEN_FRACTION = 0.35  # lumen radius / gland radius (a hole the rules fill)
+
+
+def gland_rows(r0: int, h: int, w: int, mpp: float) -> np.ndarray:
+    """``(h, w) uint8`` semantic map (1 = gland) of a synthetic gland layout, rows ``r0 .. r0 + h``."""
+    cell = GLAND_CELL_UM / mpp
+    ci = np.floor(np.arange(r0, r0 + h) / cell).astype(np.int64)
+    gi = np.arange(ci[0] - 1, ci[-1] + 2)[:, None]
+    gj = np.arange(-1, int(w / cell) + 2)[None, :]
+    cy, cx = (gi + 0.15 + 0.7 * _hash(gi, gj, 11)) * cell, (gj + 0.15 + 0.7 * _hash(gi, gj, 12)) * cell
+    rad = (GLAND_RADIUS_UM[0] + (GLAND_RADIUS_UM[1] - GLAND_RADIUS_UM[0]) * _hash(gi, gj, 13)) / mpp
+    present = _hash(gi, gj, 14) < 0.7
+    out = np.zeros((h, w), bool)
+    for a, b in zip(*np.nonzero(present), strict=True):  # each gland drawn inside its bounding box only
+        y, x, r = cy[a, b] - r0, cx[a, b], rad[a, b]
+        y0, y1, x0, x1 = max(0, int(y - r)), min(h, int(y + r) + 2), max(0, int(x - r)), min(w, int(x + r) + 2)
+        if y1 <= y0 or x1 <= x0:
+            continue
+        d = np.hypot(np.arange(y0, y1)[:, None] - y, np.arange(x0, x1)[None, :] - x)
+        out[y0:y1, x0:x1] |= (d <= r) & (d > LUMEN_FRACTION * r)
+    return out.astype(np.uint8)
+
+
 def write_slide(path: Path, size: int, mpp: float) -> dict:
     """Write the synthetic slide tile by tile (bounded memory); returns timing and peak RSS."""
     import tifffile
@@ -158,7 +183,8 @@ def predict(args, slide: Path) -> dict:
     cpu0 = time.process_time()
     spent = {"predict": 0.0, "instances": 0.0}
     gen = predict_large(bb, head, slide, out_dir=Path(args.dir) / f"slide_{args.size}.zarr", tiling=tiling,
-                        instances=not args.no_instances, np_source="hover", devices=args.devices)
+                        instances=not args.no_instances, np_source="hover", devices=args.devices,
+                        objects=args.objects)
     shown = 0.0
     while True:
         try:
@@ -177,11 +203,44 @@ def predict(args, slide: Path) -> dict:
     peak = sampler.stop()
     mp = args.size * args.size / 1e6
     return {"wall_s": wall, "cpu_s": cpu, "predict_s": spent["predict"], "instances_s": spent["instances"],
+            "objects_s": spent.get("objects", 0.0), "objects": res.n_objects,
             "tiles": res.tiles, "nuclei": res.n_instances, "image_mp": mp, "image_mp_per_s": mp / wall,
             "model_mp": mp * (args.mpp / bb.mpp) ** 2, "peak_rss_mb_sampled": peak, "peak_rss_mb_ru_maxrss":
             _ru_maxrss_mb(), "threads": args.threads, "tile_px": args.tile, "batch": args.batch,
             "devices": args.devices, "backbone": bb.name, "store": str(res.store),
             "store_mb": sum(f.stat().st_size for f in Path(res.store).rglob("*") if f.is_file()) / 1e6}
+
+
+def objects_only(args) -> dict:
+    """Large-object instances (``inference.large_objects``) of a synthetic whole-slide gland map (written to
+    ``<dir>/glands_<size>.zarr`` row block by row block: glands with lumens on a jittered grid, some touching)."""
+    import zarr
+
+    from napari_metahistoseg.config import ObjectPostConfig
+    from napari_metahistoseg.inference import LargePrediction, large_objects
+    from napari_metahistoseg.maml import run
+
+    from napari_metahistoseg.slide import create_outputs
+
+    store = Path(args.dir) / f"glands_{args.size}.zarr"
+    t0 = time.time()
+    root = create_outputs(store, (args.size, args.size), {"semantic": ((), "uint8")}, chunk_px=512)
+    for r in range(0, args.size, 512):
+        root["semantic"][r:r + 512] = gland_rows(r, min(512, args.size - r), args.size, args.mpp)
+    root.attrs.update({"complete": True, "classes": ["background", "gland"], "mpp": args.mpp})
+    print(f"synthetic gland map written in {time.time() - t0:.0f} s", flush=True)
+    res = LargePrediction(store, (args.size, args.size), ["background", "gland"], args.mpp, 0)
+    cfg = ObjectPostConfig()
+    sampler = RSSSampler()
+    sampler.start()
+    t0, cpu0 = time.time(), time.process_time()
+    n = run(large_objects(res, cfg, store.with_suffix(".objects.csv")))
+    wall, cpu = time.time() - t0, time.process_time() - cpu0
+    fg = float(np.mean([(root["semantic"][r:r + 1000] > 0).mean() for r in range(0, res.shape[0], 1000)]))
+    return {"objects_only": True, "objects_s": wall, "cpu_s": cpu, "objects": n, "foreground_fraction": fg,
+            "work_factor": int(zarr.open_group(str(store), mode="r").attrs["objects_work_factor"]),
+            "object_cfg": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
+            "peak_rss_mb_sampled": sampler.stop(), "peak_rss_mb_ru_maxrss": _ru_maxrss_mb()}
 
 
 def main() -> None:
@@ -194,6 +253,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2, help="TilingConfig.batch_size")
     ap.add_argument("--devices", default="cpu")
     ap.add_argument("--no-instances", action="store_true")
+    ap.add_argument("--objects", action="store_true", help="also large-object (gland) instances of the foreground")
+    ap.add_argument("--objects-only", action="store_true",
+                    help="only the large-object instances, of a synthetic gland map of the same size")
     ap.add_argument("--write-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     d = Path(args.dir)
@@ -201,6 +263,15 @@ def main() -> None:
     slide = d / f"slide_{args.size}_{args.mpp}.tif"
     if args.write_only:
         print(json.dumps(write_slide(slide, args.size, args.mpp)))
+        return
+    if args.objects_only:
+        res = {**objects_only(args), "size": args.size, "mpp": args.mpp, "commit": common.git_commit(),
+               "load_avg_end": [round(x, 2) for x in os.getloadavg()],
+               "command": " ".join([".venv/bin/python", *sys.argv])}
+        print(f"{args.size}²: {res['objects']} objects in {res['objects_s']:.0f} s (grid factor {res['work_factor']}, "
+              f"foreground {res['foreground_fraction']:.1%}); peak RSS {res['peak_rss_mb_ru_maxrss']:.0f} MB")
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / f"large_objects_{args.size}.json").write_text(json.dumps(res, indent=1) + "\n")
         return
     write = {"reused": True, "file_mb": slide.stat().st_size / 1e6} if slide.exists() else None
     if write is None:
