@@ -45,13 +45,13 @@ xvfb:
 
 test: deps xvfb
 	$(BIN)/lint-imports --no-cache --no-logo
-	$(BIN)/ruff check napari_metahistoseg tests
+	$(BIN)/ruff check napari_metahistoseg tests benchmarks scripts
 	$(BIN)/npe2 validate napari-metahistoseg
 	$(BIN)/python -m pytest -q
 
 lint: deps
 	$(BIN)/lint-imports --no-cache --no-logo
-	$(BIN)/ruff check napari_metahistoseg tests
+	$(BIN)/ruff check napari_metahistoseg tests benchmarks scripts
 
 demo: deps
 	$(BIN)/python -m napari_metahistoseg.demo --out demo_output

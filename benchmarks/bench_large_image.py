@@ -33,6 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (benchmarks/common.py)
+
 TILE = 256  # TIFF tile side
 CELL_UM = 12.0  # one potential nucleus per cell of this side
 NUCLEUS_RADIUS_UM = (2.5, 4.5)  # nucleus radius range
@@ -219,7 +220,6 @@ def objects_only(args) -> dict:
     from napari_metahistoseg.config import ObjectPostConfig
     from napari_metahistoseg.inference import LargePrediction, large_objects
     from napari_metahistoseg.maml import run
-
     from napari_metahistoseg.slide import create_outputs
 
     store = Path(args.dir) / f"glands_{args.size}.zarr"

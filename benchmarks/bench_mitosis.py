@@ -27,8 +27,8 @@ import argparse
 import dataclasses
 import json
 import platform
-import time
 import sys
+import time
 from pathlib import Path
 
 import numpy as np

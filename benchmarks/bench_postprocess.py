@@ -23,12 +23,12 @@ import statistics
 import time
 from pathlib import Path
 
+import common  # noqa: E402  (benchmarks/common.py, next to this script)
 import imageio.v3 as iio
 import numpy as np
 from scipy import ndimage as ndi
 from skimage.segmentation import watershed
 
-import common  # noqa: E402  (benchmarks/common.py, next to this script)
 from napari_metahistoseg.config import HoVerPostConfig
 from napari_metahistoseg.metrics import aji, panoptic_quality
 from napari_metahistoseg.postprocess import HoVerPostProcessor, hv_targets

@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (benchmarks/common.py)
+
 SEED = 0
 
 
@@ -122,7 +123,8 @@ def main() -> None:
         if device != "cpu":
             tiles, batches = sorted(set(tiles) | {1024}), sorted(set(batches) | {8})
 
-        def tiling(tile: int, batch: int) -> TilingConfig:  # batch = tiles per forward pass (per tile thread)
+        def tiling(tile: int, batch: int, workers: int = workers, bf16: bool = bf16) -> TilingConfig:
+            # batch = tiles per forward pass (per tile thread)
             return TilingConfig(tile_px=tile, halo_px=32, batch_size=batch * workers, cpu_batch_size=batch,
                                 cpu_workers=workers, autocast_bf16=bf16)
 

@@ -27,8 +27,7 @@ from napari_metahistoseg.data import open_dataset  # noqa: E402
 from napari_metahistoseg.maml import adapt_head_on_pixels, head_pixel_logits, pixel_support, run  # noqa: E402
 from napari_metahistoseg.metrics import ConfusionAccumulator  # noqa: E402
 from napari_metahistoseg.models import PixelHead  # noqa: E402
-from napari_metahistoseg.pipeline import (  # noqa: E402
-    _features, _learned_lrs, initial_head, load_backbone, rescale, support_balance)
+from napari_metahistoseg.pipeline import _features, _learned_lrs, initial_head, load_backbone, rescale, support_balance  # noqa: E402
 
 DATA = ROOT / ".." / "shared" / "data"
 TASKS = {"monuseg": (1, 4), "glas": (4, 8), "bm_graz_cells": (1, 3), "cpm15": (2, 6), "consep_tiles": (8, 24)}
@@ -46,7 +45,7 @@ def cached(bb, samples):
 def score(bb, sup, qry, n_cls, cfg: MAMLConfig) -> float:
     balance = support_balance(cfg, [lab for _, lab, _ in sup], n_cls)
     xs, ys = zip(*[pixel_support(f[None], torch.from_numpy(lab)[None], n_cls, max_pixels=cfg.max_support_pixels
-                                 // len(sup), seed=cfg.seed, stratified=balance) for f, lab, _ in sup])
+                                 // len(sup), seed=cfg.seed, stratified=balance) for f, lab, _ in sup], strict=True)
     x, y = torch.cat(xs), torch.cat(ys)
     head = PixelHead(bb.model.backbone.out_channels, n_cls, bb.model.cfg.head_hidden)
     init = {k.split("heads.user.")[1]: v for k, v in initial_head(bb, n_cls, seed=cfg.seed).items()}
