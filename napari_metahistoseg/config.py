@@ -60,8 +60,13 @@ class MAMLConfig:
     # decoder/all modes on a CPU-only device set: support shards computed side by side, each with one intra-op
     # thread (0 = one shard per torch thread; 1 = a single shard using all threads). 2 shards on 2 cores: 1.6x
     cpu_shards: int = 0
+    # decoder mode: how many decoder blocks adapt, counted from the full-resolution end (0 = all of them). The
+    # deeper, frozen blocks run once on the support instead of at every step
+    decoder_blocks: int = 0
 
     def __post_init__(self) -> None:
+        if not (isinstance(self.decoder_blocks, int) and self.decoder_blocks >= 0):
+            raise ValueError(f"MAMLConfig.decoder_blocks must be an integer >= 0, got {self.decoder_blocks!r}")
         if not (isinstance(self.cpu_shards, int) and self.cpu_shards >= 0):
             raise ValueError(f"MAMLConfig.cpu_shards must be an integer >= 0, got {self.cpu_shards!r}")
         if self.adapt not in ("head", "decoder", "all"):

@@ -75,15 +75,30 @@ class UNet(nn.Module):
             skips.append(x)
         return skips, h, w
 
-    def decode(self, skips: list[torch.Tensor], h: int, w: int) -> torch.Tensor:
-        """Decoder half: features ``(B, base_channels, h, w)`` from :meth:`encode`'s output (not modified)."""
+    def decode(self, skips: list[torch.Tensor], h: int, w: int, x: torch.Tensor | None = None,
+               start: int = 0) -> torch.Tensor:
+        """Decoder half: features ``(B, base_channels, h, w)`` from :meth:`encode`'s output (not modified); or,
+        from :meth:`decode_head_start`'s output, the decoder blocks ``start..`` only."""
         skips = list(skips)
-        x = skips.pop()
-        for dec in self.decoders:
+        if x is None:
+            x = skips.pop()
+        for dec in list(self.decoders)[start:]:
             skip = skips.pop()
             x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
             x = dec(torch.cat([x, skip], dim=1))
         return x[..., :h, :w]
+
+    def decode_head_start(self, skips: list[torch.Tensor], h: int, w: int, start: int
+                          ) -> tuple[list[torch.Tensor], int, int, torch.Tensor, int]:
+        """Run the first ``start`` decoder blocks (the deep, low-resolution ones): returns the arguments of
+        :meth:`decode` that finish the decoding from there — the skips not used yet, ``x`` and ``start``."""
+        skips = list(skips)
+        x = skips.pop()
+        for dec in list(self.decoders)[:start]:
+            skip = skips.pop()
+            x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+            x = dec(torch.cat([x, skip], dim=1))
+        return skips, h, w, x, start
 
 
 class PixelHead(nn.Module):
@@ -162,12 +177,18 @@ def decoder_param_names(model: nn.Module) -> list[str]:
     return [n for n, _ in model.named_parameters() if n.startswith("backbone.decoders.")]
 
 
-def adapted_param_names(model: nn.Module, task: str, which: str) -> list[str]:
-    """Names of the parameters an inner loop adapts: ``"head"``, ``"decoder"`` (+head) or ``"all"``."""
+def adapted_param_names(model: nn.Module, task: str, which: str, decoder_blocks: int = 0) -> list[str]:
+    """Names of the parameters an inner loop adapts: ``"head"``, ``"decoder"`` (+head; with ``decoder_blocks``
+    > 0 only that many decoder blocks at the full-resolution end) or ``"all"``."""
     if which == "head":
         return head_param_names(model, task)
     if which == "decoder":
-        return decoder_param_names(model) + head_param_names(model, task)
+        names = decoder_param_names(model)
+        if decoder_blocks:
+            n = len(model.backbone.decoders)
+            keep = {f"backbone.decoders.{i}." for i in range(max(0, n - decoder_blocks), n)}
+            names = [k for k in names if any(k.startswith(p) for p in keep)]
+        return names + head_param_names(model, task)
     if which == "all":
         return [n for n, _ in model.named_parameters() if not n.startswith("heads.") or n.startswith(f"heads.{task}.")]
     raise ValueError(f"unknown adapt choice {which!r} (head, decoder, all)")

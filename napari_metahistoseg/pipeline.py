@@ -339,7 +339,9 @@ def _adapt_full(backbone, sup, n_classes, start, cfg, devs, t0, balance) -> Gene
     model.add_head(TASK, n_classes)
     params = {k: v.detach() for k, v in model.named_parameters()}
     params.update({k: v.detach().clone() for k, v in start.items()})
-    names = adapted_param_names(model, TASK, cfg.adapt)
+    names = adapted_param_names(model, TASK, cfg.adapt, cfg.decoder_blocks)
+    n_dec = len(model.backbone.decoders)
+    frozen = max(0, n_dec - cfg.decoder_blocks) if cfg.adapt == "decoder" and cfg.decoder_blocks else 0
     crops = _support_crops(sup, size=256, per_image=max(1, 8 // len(sup)), seed=cfg.seed)
     ys = torch.from_numpy(np.stack([c[1] for c in crops]).astype(np.int64))
     w = balanced_weights(ys[ys != IGNORE], n_classes, balance)
@@ -357,6 +359,8 @@ def _adapt_full(backbone, sup, n_classes, start, cfg, devs, t0, balance) -> Gene
         if cfg.adapt == "decoder":  # the encoder is frozen: encode the support once, not at every step
             with torch.no_grad():
                 enc = rep.backbone.encode(x)
+                if frozen:  # and so are the deeper decoder blocks: decode them once too
+                    enc = rep.backbone.decode_head_start(*enc, frozen)
         wd = w.to(dev)
         fns.append(lambda p, m=rep, x=x, y=y, w=wd, enc=enc: F.cross_entropy(
             functional_call(m, p, (None if enc is not None else x, TASK), {"encoded": enc})["seg"], y, weight=w,

@@ -348,6 +348,27 @@ def test_decoder_adaptation_shards_side_by_side_equal_one_shard(backbone, image,
         MAMLConfig(cpu_shards=-1)
 
 
+def test_decoder_adaptation_of_the_last_blocks_only(backbone, image):
+    """``MAMLConfig.decoder_blocks = 1``: only the full-resolution decoder block (and the head) adapt; the adapted
+    state carries just those tensors, and the head still predicts."""
+    from napari_metahistoseg.pipeline import adapt
+
+    labels = np.full(image.shape[:2], 255, np.uint8)
+    labels[:80, :90], labels[100:180, 120:220] = 0, 1
+    head, _ = run(adapt(backbone, [image], [labels], ["background", "nucleus"], mpp=0.5, tiling=TILING,
+                        cfg=MAMLConfig(steps=3, adapt="decoder", decoder_blocks=1)))
+    last = len(backbone.model.backbone.decoders) - 1
+    blocks = {k.split(".")[2] for k in head.state if k.startswith("backbone.")}
+    assert blocks == {str(last)}
+    orig = dict(backbone.model.named_parameters())
+    assert any(not torch.equal(v.float(), orig[k].detach().float()) for k, v in head.state.items()
+               if k.startswith("backbone."))
+    pred, _ = run(predict(backbone, head, image, mpp=0.5, tiling=TILING))
+    assert pred.semantic.shape == image.shape[:2]
+    with pytest.raises(ValueError, match="decoder_blocks"):
+        MAMLConfig(decoder_blocks=-1)
+
+
 def test_cpu_tiles_side_by_side_equal_one_at_a_time(backbone, head, image, monkeypatch):
     """cpu_workers=2 runs the tiles of a batch in two threads (one intra-op thread each): same maps, tiles really
     spread over both threads, and the caller's thread count untouched."""

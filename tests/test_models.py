@@ -57,6 +57,32 @@ def test_encode_decode_split_equals_forward():
         torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-5, atol=1e-7)
 
 
+def test_partial_decode_equals_forward():
+    """``decoder_blocks``: the deep decoder blocks are run once (``decode_head_start``) and only the rest per step;
+    same output and same gradient wrt the adapted (last) blocks as the full forward."""
+    m = tiny().eval()
+    x = torch.rand(2, 3, 37, 50)
+    enc = m.backbone.encode(x)
+    n = len(m.backbone.decoders)
+    for start in range(n + 1):
+        part = m.backbone.decode_head_start(*enc, start)
+        torch.testing.assert_close(m.backbone.decode(*part), m.backbone(x), rtol=0, atol=0)
+    assert len(enc[0]) == TINY.depth  # the cached skips are not consumed
+    names = adapted_param_names(m, "a", "decoder", decoder_blocks=1)
+    assert {k.split(".")[2] for k in names if k.startswith("backbone.")} == {str(n - 1)}
+    assert set(adapted_param_names(m, "a", "decoder", decoder_blocks=n)) == set(adapted_param_names(m, "a", "decoder"))
+    with torch.no_grad():
+        part = m.backbone.decode_head_start(*enc, n - 1)
+    params = dict(m.named_parameters())
+    grads = []
+    for args, kw in (((x, "a"), {}), ((None, "a"), {"encoded": part})):
+        def loss(sub, args=args, kw=kw):
+            return torch.func.functional_call(m, {**params, **sub}, args, kw)["seg"].square().mean()
+        grads.append(torch.func.grad(loss)({k: params[k] for k in names}))
+    for k in names:
+        torch.testing.assert_close(grads[0][k], grads[1][k], rtol=1e-5, atol=1e-7)
+
+
 def test_groupnorm_no_batch_dependence():
     m = tiny().eval()
     x = torch.rand(3, 3, 32, 32)
