@@ -7,7 +7,8 @@ nucleus masks (every pixel labelled). Rows:
   pixel sampling of ``pipeline.adapt``): what a second Adapt click on the same support costs;
 * ``head, total``     — ``pipeline.adapt`` from images (features + sampling + loop), the first click;
 * ``decoder``         — ``pipeline.adapt`` with ``MAMLConfig(adapt="decoder")`` (first-order, decoder + head) on
-  8 crops.
+  8 crops, once per ``--decoder-blocks`` value (0 = every decoder block adapts; N = the last N blocks, the deeper
+  ones decoded once).
 
 Each number is the median of ``--repeats`` runs; one untimed warm-up run precedes the first measurement of
 each mode (none before the decoder rows: one decoder run costs minutes on a loaded 2-core CPU). CUDA rows are
@@ -99,7 +100,8 @@ def total_fn(bb, images, labels, cfg: MAMLConfig, device: str):
     return fn
 
 
-def measure(bb, device: str, repeats: int, sizes, steps_list, decoder_repeats: int) -> list[dict]:
+def measure(bb, device: str, repeats: int, sizes, steps_list, decoder_repeats: int,
+            decoder_blocks: tuple[int, ...] = (0,)) -> list[dict]:
     rows = []
     dev = torch.device(device)
     images, labels = support_crops(bb, max(sizes))
@@ -119,14 +121,15 @@ def measure(bb, device: str, repeats: int, sizes, steps_list, decoder_repeats: i
         rows.append({"device": device, "mode": "head, total", "support": n, "steps": 20, "median_s": med,
                      "times_s": times, "median_cpu_s": cmed, "cpu_s": ctimes})
         log.info("%s", rows[-1])
-    if decoder_repeats:
-        cfg = MAMLConfig(steps=DECODER_STEPS, adapt="decoder")
+    for blocks in decoder_blocks if decoder_repeats else ():
+        cfg = MAMLConfig(steps=DECODER_STEPS, adapt="decoder", decoder_blocks=blocks)
         n = max(sizes)
         med, times, cmed, ctimes = common.median_wall_cpu(total_fn(bb, images[:n], labels[:n], cfg, device),
                                                           decoder_repeats, warmup=0)
-        rows.append({"device": device, "mode": "decoder (first-order), total", "support": n,
-                     "steps": DECODER_STEPS, "median_s": med, "times_s": times,
-                         "median_cpu_s": cmed, "cpu_s": ctimes})
+        which = "all decoder blocks" if blocks == 0 else f"last {blocks} decoder block{'s' if blocks > 1 else ''}"
+        rows.append({"device": device, "mode": f"decoder (first-order, {which}), total", "support": n,
+                     "steps": DECODER_STEPS, "decoder_blocks": blocks, "median_s": med, "times_s": times,
+                     "median_cpu_s": cmed, "cpu_s": ctimes})
         log.info("%s", rows[-1])
     return rows
 
@@ -170,7 +173,9 @@ def targets(rows: list[dict]) -> str:
                         r["median_s"], r.get("median_cpu_s"), _met(r, TARGET_HEAD_S)])
         for r in rows:
             if r["device"] == dev and r["mode"].startswith("decoder"):
-                out.append([dev, f"{r['steps']} first-order decoder steps, 8×256² ≤ {TARGET_DECODER_S} s (total)",
+                which = r["mode"].split("(first-order")[1].split(")")[0].lstrip(", ") or "all decoder blocks"
+                out.append([dev, f"{r['steps']} first-order decoder steps ({which}), 8×256² ≤ {TARGET_DECODER_S} s "
+                            "(total)",
                             r["median_s"], r.get("median_cpu_s"), _met(r, TARGET_DECODER_S)])
     return common.md_table(["device", "target", "median wall s", "median CPU s", "met (wall / CPU)"], out)
 
@@ -189,6 +194,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="1 and 8 crops, 5 and 20 steps, 1 repeat")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     p.add_argument("--decoder-repeats", type=int, default=3, help="runs of the decoder row (0 = skip it)")
+    p.add_argument("--decoder-blocks", default="0,2,1",
+                   help="MAMLConfig.decoder_blocks of the decoder rows (0 = all blocks)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -200,7 +207,8 @@ def main(argv=None) -> int:
     devices = ["cpu"] + (["cuda:0"] if torch.cuda.is_available() else [])
     rows = []
     for dev in devices:
-        rows += measure(bb, dev, repeats, sizes, steps, args.decoder_repeats if not args.quick else 1)
+        rows += measure(bb, dev, repeats, sizes, steps, args.decoder_repeats if not args.quick else 1,
+                        tuple(int(b) for b in args.decoder_blocks.split(",")))
     result["rows"] = rows
     common.write_json("adapt_speed", result)
     plot(rows)

@@ -31,6 +31,12 @@ class AdaptSettings(QWidget):
         self.start_combo.addItems(["new head", "current head"])
         self.mode_combo = QComboBox()
         self.mode_combo.addItems(list(MODES))
+        self.decoder_blocks = QSpinBox(minimum=0, maximum=16, value=MAMLConfig.decoder_blocks, prefix="blocks: ",
+                                       specialValueText="blocks: all",
+                                       toolTip="full mode: decoder blocks that adapt, from the full-resolution "
+                                               "end (all = every block; fewer = faster, the rest run once)")
+        self.decoder_blocks.setEnabled(False)  # head-only mode has no decoder blocks to choose
+        self.mode_combo.currentTextChanged.connect(lambda t: self.decoder_blocks.setEnabled(MODES[t] == "decoder"))
         self.steps = QSpinBox(minimum=0, maximum=10000, value=MAMLConfig.steps)
         self.inner_lr = QDoubleSpinBox(decimals=4, minimum=1e-4, maximum=10.0, singleStep=0.005,
                                        value=MAMLConfig.inner_lr)
@@ -50,7 +56,7 @@ class AdaptSettings(QWidget):
         form = QFormLayout(self)
         form.setContentsMargins(0, 0, 0, 0)
         for label, w in [("backbone", path_row(self.backbone_edit, "Backbone", "Backbone (*.safetensors *.json)")),
-                         ("start from", self.start_combo), ("mode", self.mode_combo),
+                         ("start from", self.start_combo), ("mode", row(self.mode_combo, self.decoder_blocks)),
                          ("steps / inner lr", row(self.steps, self.inner_lr, self.first_order)),
                          ("devices", row(*self.device_boxes.values())), ("", row(self.instances, self.objects)),
                          ("", row(self.fov_first, self.live)), ("", row(self.mitosis, self.mitosis_edit)),
@@ -66,7 +72,8 @@ class AdaptSettings(QWidget):
 
     def maml_config(self) -> MAMLConfig:
         return MAMLConfig(steps=self.steps.value(), inner_lr=self.inner_lr.value(),
-                          first_order=self.first_order.isChecked(), adapt=MODES[self.mode_combo.currentText()])
+                          first_order=self.first_order.isChecked(), adapt=MODES[self.mode_combo.currentText()],
+                          decoder_blocks=self.decoder_blocks.value())
 
     def start_from_current(self) -> bool:
         return self.start_combo.currentText() == "current head"

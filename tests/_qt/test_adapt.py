@@ -81,13 +81,23 @@ def test_gland_object_instances_layer(viewer, qtbot, adapt, errors):
     assert obj in ev.pred_inst_combo.candidates() and obj not in ev.truth_combo.candidates()
 
 
+def viewer_backbone_decoders(widget):
+    from napari_metahistoseg.pipeline import load_backbone
+
+    return load_backbone(widget.settings.backbone_edit.text()).model.backbone.decoders
+
+
 def test_full_mode_adapts_decoder(viewer, qtbot, adapt, errors):
     small_demo(viewer)
+    assert not adapt.settings.decoder_blocks.isEnabled()
     adapt.settings.mode_combo.setCurrentIndex(1)
+    assert adapt.settings.decoder_blocks.isEnabled()
+    adapt.settings.decoder_blocks.setValue(1)
     adapt.settings.instances.setChecked(False)
     run(qtbot, adapt.run_adapt(predict=False), adapt)
-    assert errors == [] and adapt.state.head.maml.adapt == "decoder"
-    assert any(k.startswith("backbone.") for k in adapt.state.head.state)
+    assert errors == [] and adapt.state.head.maml.adapt == "decoder" and adapt.state.head.maml.decoder_blocks == 1
+    blocks = {k.split(".")[2] for k in adapt.state.head.state if k.startswith("backbone.")}
+    assert blocks == {str(len(viewer_backbone_decoders(adapt)) - 1)}
     assert prediction_layers(viewer) == []
 
 
