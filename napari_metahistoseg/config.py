@@ -254,9 +254,13 @@ class ObjectPostConfig:
     # the grid for images predicted to disk in tiles (``predict_large``), whose mask is never held in memory at full
     # resolution (GlaS dev: PQ 0.354 -> 0.344 at 1.9 µm/px against full resolution, 4x faster; tune_objects.py)
     large_work_mpp_um: float = 2.0
+    # the split markers (h-maxima of the smoothed distance transform, the slow step) are searched on a grid of about
+    # this many µm per pixel, the watershed runs at the working resolution; 0 = at the working resolution
+    marker_mpp_um: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("min_object_area_um2", "split_depth_um", "smooth_um", "work_mpp_um", "large_work_mpp_um"):
+        for name in ("min_object_area_um2", "split_depth_um", "smooth_um", "work_mpp_um", "large_work_mpp_um",
+                     "marker_mpp_um"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"ObjectPostConfig.{name} must be >= 0, got {getattr(self, name)!r}")
 

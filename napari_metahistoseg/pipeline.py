@@ -10,6 +10,7 @@ Progress dicts carry ``stage`` ("features", "adapt", "predict", "instances"), ``
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import math
 import time
@@ -169,6 +170,15 @@ def _check_support(images, labels, n_classes: int) -> None:
                          "(e.g. some background as well as the objects)")
 
 
+def array_sha256(a: np.ndarray) -> str:
+    """SHA-256 of an array's shape, dtype and C-order bytes (a support image or its labels, as given): names the
+    exact support an adapted head was made from in its provenance."""
+    a = np.ascontiguousarray(a)
+    h = hashlib.sha256(f"{a.shape}|{a.dtype.str}|".encode())
+    h.update(a.reshape(-1).view(np.uint8))
+    return h.hexdigest()
+
+
 def _crop_to_labels(image: np.ndarray, lab: np.ndarray, margin: int) -> tuple[np.ndarray, np.ndarray]:
     rr, cc = np.nonzero(lab != IGNORE)
     r0, r1 = max(0, rr.min() - margin), min(lab.shape[0], rr.max() + margin + 1)
@@ -260,8 +270,9 @@ def adapt(
     else:
         fast = yield from _adapt_full(backbone, sup, len(classes), start, cfg, devs, t0, balance)
     prov = {"support": [{"shape": list(im.shape[:2]), "labelled_px": int((lab != IGNORE).sum()),
-                         "class_px": {str(c): int((lab == c).sum()) for c in range(len(classes))}}
-                        for im, lab in sup],
+                         "class_px": {str(c): int((lab == c).sum()) for c in range(len(classes))},
+                         "image_sha256": array_sha256(im0), "labels_sha256": array_sha256(lab0)}
+                        for (im, lab), im0, lab0 in zip(sup, images, labels, strict=True)],
             "devices": [str(d) for d in devs], "adapt_seconds": round(time.time() - t0, 3),
             "class_balance_used": balance,
             "backbone": backbone.name}

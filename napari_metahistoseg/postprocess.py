@@ -753,7 +753,13 @@ def objects_at(mask: np.ndarray, cfg: ObjectPostConfig, mpp: float) -> np.ndarra
     dist = ndi.distance_transform_edt(mask).astype(np.float32) * np.float32(mpp)
     if cfg.smooth_um > 0:
         dist = ndi.gaussian_filter(dist, cfg.smooth_um / mpp)
-    seeds = ndi.label(h_maxima(dist, cfg.split_depth_um) & mask)[0]
+    fm = max(1, int(math.floor(cfg.marker_mpp_um / mpp + 1e-6))) if cfg.marker_mpp_um > 0 else 1
+    if fm > 1:  # markers on a sub-sampled grid (the smoothed distance is slowly varying), placed back at full res
+        coarse = h_maxima(np.ascontiguousarray(dist[::fm, ::fm]), cfg.split_depth_um) & mask[::fm, ::fm]
+        seeds = np.zeros(mask.shape, np.int32)
+        seeds[::fm, ::fm] = ndi.label(coarse)[0]
+    else:
+        seeds = ndi.label(h_maxima(dist, cfg.split_depth_um) & mask)[0]
     out = _sk_watershed(-dist, seeds, mask=mask).astype(np.uint32)
     rest = mask & (out == 0)  # objects with no maximum that deep: one instance each
     if rest.any():

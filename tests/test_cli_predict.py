@@ -94,6 +94,16 @@ def test_adapt_with_labels_writes_a_head_with_provenance(head):
     prov = desc["provenance"]
     assert prov["support_kind"] == "labels" and prov["image_mpp"] == 0.5 and prov["backbone"].endswith("bb")
     assert (head.parent / "head.mhshead.safetensors").exists()
+    # the exact support is named by hashes of the image and labels as given (USERS.md: support-set hashes)
+    from napari_metahistoseg.data.io import to_rgb_uint8
+    from napari_metahistoseg.pipeline import array_sha256
+
+    [sup] = prov["support"]
+    image = to_rgb_uint8(tifffile.imread(head.parent / "a.tif"))
+    assert sup["image_sha256"] == array_sha256(image)
+    assert sup["labels_sha256"] == array_sha256(tifffile.imread(head.parent / "a_labels.tif"))
+    assert array_sha256(image[::-1]) != sup["image_sha256"]
+    assert array_sha256(np.zeros((2, 3), np.uint8)) != array_sha256(np.zeros((3, 2), np.uint8))  # shape counts
 
 
 def test_adapt_with_points(work, capsys):
