@@ -42,6 +42,7 @@ def main() -> None:
     ap.add_argument("--min-area", default="0,200,1000")
     ap.add_argument("--fill", default="true,false")
     ap.add_argument("--work-mpp", default="0", help="work_mpp_um values (0 = the image's own resolution)")
+    ap.add_argument("--marker-mpp", default="0", help="marker_mpp_um values (0 = at the working resolution)")
     ap.add_argument("--truth", action="store_true",
                     help="score the rules on the truth foreground (what they cost on a perfect mask)")
     ap.add_argument("--top", type=int, default=12)
@@ -60,10 +61,10 @@ def main() -> None:
                 fg = q.instances > 0 if args.truth else run(predict(bb, head, q.image, mpp=q.mpp)).semantic > 0
                 queries.append((fg, q.instances, q.mpp or bb.mpp))
     grid = [ObjectPostConfig(fill_holes=f == "true", min_object_area_um2=a, split_depth_um=d, smooth_um=s,
-                             work_mpp_um=w)
-            for f, a, d, s, w in itertools.product(args.fill.split(","), common.floats(args.min_area),
-                                                   common.floats(args.depths), common.floats(args.smooth),
-                                                   common.floats(args.work_mpp))]
+                             work_mpp_um=w, marker_mpp_um=m)
+            for f, a, d, s, w, m in itertools.product(args.fill.split(","), common.floats(args.min_area),
+                                                      common.floats(args.depths), common.floats(args.smooth),
+                                                      common.floats(args.work_mpp), common.floats(args.marker_mpp))]
     grid = list(dict.fromkeys(dataclasses.replace(c, smooth_um=0.0) if c.split_depth_um == 0 else c for c in grid))
     baseline = ObjectPostConfig(fill_holes=False, min_object_area_um2=0.0, split_depth_um=0.0, smooth_um=0.0)
     if baseline not in grid:
@@ -84,10 +85,12 @@ def main() -> None:
     rows.sort(key=lambda x: -x["pq"])
     shown = rows[:args.top] + [x for x in rows[args.top:] if x["default"] or x["components"]]
     table = common.md_table(
-        ["fill holes", "min area µm²", "split depth µm", "smooth µm", "work µm/px", "AJI", "PQ", "n ratio",
+        ["fill holes", "min area µm²", "split depth µm", "smooth µm", "work µm/px", "marker µm/px", "AJI", "PQ",
+         "n ratio",
          "ms / MP", "note"],
         [[x["fill_holes"], x["min_object_area_um2"], x["split_depth_um"], x["smooth_um"], x["work_mpp_um"],
-          common.fmt(x["aji"]), common.fmt(x["pq"]), common.fmt(x["ratio"], 2), f"{x['ms_per_mp']:.0f}",
+          x["marker_mpp_um"], common.fmt(x["aji"]), common.fmt(x["pq"]), common.fmt(x["ratio"], 2),
+          f"{x['ms_per_mp']:.0f}",
           "default" if x["default"] else ("connected components" if x["components"] else "")] for x in shown])
     print(table)
     common.write_sweep(args.out, {"rows": rows, "draws": [[ds.ids[i] for i in d] for d in DRAWS]},
