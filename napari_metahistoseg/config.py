@@ -256,8 +256,9 @@ class ObjectPostConfig:
     large_work_mpp_um: float = 2.0
     # the split markers (h-maxima of the smoothed distance transform, the slow step) are searched on a grid of about
     # this many µm per pixel, the watershed runs at the working resolution; 0 = at the working resolution. GlaS dev:
-    # AJI/PQ identical to 3 decimals (predictions and truth masks) at 2.48 µm/px, 3x faster (tune_objects.py)
-    marker_mpp_um: float = 2.5
+    # 3x faster at 2.48 µm/px with AJI/PQ identical to 3 decimals on the tuning queries, but the few-shot benchmark
+    # moved (transfer K=4 AJI 0.421 -> 0.388): not neutral enough to be the default (BENCHMARKS.md)
+    marker_mpp_um: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("min_object_area_um2", "split_depth_um", "smooth_um", "work_mpp_um", "large_work_mpp_um",
