@@ -106,6 +106,22 @@ def test_adapt_with_labels_writes_a_head_with_provenance(head):
     assert array_sha256(np.zeros((2, 3), np.uint8)) != array_sha256(np.zeros((3, 2), np.uint8))  # shape counts
 
 
+def test_adapt_decoder_mode_last_blocks(work, capsys, tmp_path):
+    from safetensors.numpy import load_file
+
+    code, out, err = cli(capsys, "adapt", work / "a.tif", "--labels", work / "a_labels.tif", "--backbone",
+                         work / "bb", "--steps", "2", "--threads", "1", "--mode", "decoder", "--decoder-blocks", "1",
+                         "--out", tmp_path / "dec")
+    assert code == 0, err
+    desc = json.loads((tmp_path / "dec.mhshead.json").read_text())
+    assert desc["provenance"]["maml"]["adapt"] == "decoder" and desc["provenance"]["maml"]["decoder_blocks"] == 1
+    state = load_file(tmp_path / "dec.mhshead.safetensors")
+    assert {k.split(".")[2] for k in state if k.startswith("backbone.")} == {"1"}  # depth 3: decoder blocks 0, 1
+    code, out, err = cli(capsys, "adapt", work / "a.tif", "--labels", work / "a_labels.tif", "--backbone",
+                         work / "bb", "--mode", "decoder", "--decoder-blocks", "-1", "--out", tmp_path / "bad")
+    assert code == 2 and "decoder_blocks" in one_error_line(err)
+
+
 def test_adapt_with_points(work, capsys):
     code, out, err = cli(capsys, "adapt", work / "b.tif", "--points", work / "b_points.csv", "--points-exhaustive",
                          "--radius", "3", "--radius-unit", "um", "--backbone", work / "bb", *FAST,

@@ -38,6 +38,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=None, help="inner-loop steps (default: MAMLConfig.steps)")
     p.add_argument("--inner-lr", type=float, default=None, help="inner-loop step size (default: MAMLConfig)")
     p.add_argument("--mode", choices=["head", "decoder"], default="head", help="what adapts")
+    p.add_argument("--decoder-blocks", type=int, default=None,
+                   help="--mode decoder: decoder blocks that adapt, from the full-resolution end (0 = all; "
+                        "default: MAMLConfig.decoder_blocks)")
     p.add_argument("--devices", default="cpu", help="cpu | cuda:0 | cuda:0,cuda:1 | auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -69,8 +72,8 @@ def run(args: argparse.Namespace) -> int:
         else:
             crop, lab, classes, kind = _from_points(args, img, mpp, margin)
     cfg = MAMLConfig(seed=args.seed, adapt=args.mode)
-    cfg = dataclasses.replace(cfg, **{k: v for k, v in (("steps", args.steps), ("inner_lr", args.inner_lr))
-                                      if v is not None})
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in (("steps", args.steps), ("inner_lr", args.inner_lr),
+                                                         ("decoder_blocks", args.decoder_blocks)) if v is not None})
     gen = adapt(backbone, [crop], [lab], classes, mpp=mpp, cfg=cfg, devices=args.devices)
     while True:
         try:
