@@ -365,6 +365,19 @@ def library_cases(fx: Fixtures) -> list[Case]:
     predict_case("16-bit RGBA image", np.full((9, 7, 4), 40000, np.uint16), "converted")
     predict_case("mpp = -1", image, mpp=-1.0)
     predict_case("mpp = NaN", image, mpp=float("nan"), needs="mpp")
+
+    def objects_case(what, run):
+        cases.append(Case(what, "`postprocess.object_instances` (gland instances)", "error", run))
+
+    from napari_metahistoseg.config import ObjectPostConfig
+    from napari_metahistoseg.postprocess import object_instances
+
+    objects_case("object rules: work grid -1 µm/px", lambda: ObjectPostConfig(work_mpp_um=-1.0))
+    objects_case("object rules: marker grid NaN µm/px", lambda: ObjectPostConfig(marker_mpp_um=float("nan")))
+    objects_case("object instances of a 3-D mask", lambda: "objects " + _shape(
+        object_instances(np.zeros((4, 5, 6), bool), ObjectPostConfig(), 0.5)))
+    objects_case("object instances at mpp 0", lambda: "objects " + _shape(
+        object_instances(np.zeros((5, 6), bool), ObjectPostConfig(), 0.0)))
     return cases
 
 
@@ -449,6 +462,8 @@ def cli_cases(fx: Fixtures) -> list[CliCase]:
             CliCase("`adapt`: --mpp -1", ["adapt", str(img), "--labels", str(lab), "--mpp", "-1", *a]),
             CliCase("`adapt`: --classes with one name", ["adapt", str(img), "--labels", str(lab), "--classes", "x",
                                                         *a]),
+            CliCase("`adapt`: --decoder-blocks -1", ["adapt", str(img), "--labels", str(lab), "--mode", "decoder",
+                                                    "--decoder-blocks", "-1", *a]),
         ]
     if importlib.util.find_spec("napari_metahistoseg.cli.predict") is not None:
         fx.copy_pair("head", "head_tampered", head=True,
