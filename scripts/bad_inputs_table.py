@@ -581,11 +581,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "## Notes",
         "",
-        "* ✘ rows of `pipeline.adapt` / `inference.predict` (negative, NaN or fractional support labels; mpp <= 0 "
-        "or NaN; fewer mpp values than support images) are accepted silently or fail with an unclear message "
-        "(a ValueError that does not say which input is wrong): `pipeline.py` and `inference.py` need the "
-        "validation proposed with the hardening tests "
-        "(`tests/hardening/test_bad_inputs.py::test_bad_support_values_pending_pipeline_fix`, xfail until fixed).",
+        *(["* ✘ rows are bugs: each needs the validation that makes it a clear `ValueError` / one error line."]
+          if n_bad else []),
         "* `predict` with several inputs reports a bad image on one line, still predicts the others and exits 2; "
         "rows marked so also check that an earlier output in `--out` was kept.",
         "* Saving is crash-safe (temporary file + atomic rename; checkpoints commit their JSON between a "
