@@ -196,6 +196,12 @@ def _layout(shape: tuple[int, ...], name: str) -> str:
 # ------------------------------------------------------------------------------------------------ open
 
 
+def open_array(raw: Any, name: str, *, mpp: float | None = None) -> LazyImage:
+    """A :class:`LazyImage` over any array-like with ``shape``, ``dtype`` and slicing (numpy, zarr, dask: e.g. level
+    0 of a napari image layer), read region by region — never all at once."""
+    return LazyImage(raw, layout=_layout(tuple(raw.shape), name), name=name, mpp=mpp)
+
+
 def open_image(source: str | os.PathLike | np.ndarray, *, mpp: float | None = None) -> LazyImage:
     """Open an image for region reads (see the module docstring). ``mpp`` overrides the metadata.
 

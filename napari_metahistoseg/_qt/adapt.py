@@ -17,7 +17,7 @@ from ..sample_data import class_colours
 from . import display, jobs
 from .adapt_settings import AdaptSettings
 from .common import LayerCombo, row
-from .layers import find_layers, image_array, image_mpp, merged_support, plugin_meta
+from .layers import find_layers, image_mpp, image_source, merged_support, plugin_meta
 from .plot import LossCurve
 from .state import state_for
 from .workers import JobRunner
@@ -108,8 +108,8 @@ class AdaptWidget(QWidget):
         meta = plugin_meta(support_layer)
         circles = find_layers(self.viewer, "circles", group=meta.get("group")) if meta.get("group") else []
         support = merged_support(support_layer, circles[0] if circles else None)
-        image = image_array(image_layer)
-        if support.shape != image.shape[:2]:
+        image = image_source(image_layer)  # a large image is never read whole (the jobs cut or stream it)
+        if support.shape != tuple(image.shape[:2]):
             raise ValueError(f"support {support.shape} and image {image.shape[:2]} differ in size")
         classes = list(meta.get("classes") or [])
         colours = list(meta.get("colours") or class_colours(len(classes)))
@@ -134,7 +134,7 @@ class AdaptWidget(QWidget):
             raise ValueError("no adapted head: press Adapt or import a head")
         image_layer = self._image()
         self._colours = list(head.colours or class_colours(len(head.classes)))
-        return self.runner.run("Predict", jobs.predict_job, self.state.backbone, head, image_array(image_layer),
+        return self.runner.run("Predict", jobs.predict_job, self.state.backbone, head, image_source(image_layer),
                                self.settings.predict_settings(image_layer),
                                on_yield=lambda p: self._progress(p, image_layer),
                                on_return=lambda r: self._show(r, image_layer), on_stop=self._stopped)

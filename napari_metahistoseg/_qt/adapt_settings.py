@@ -84,4 +84,4 @@ class AdaptSettings(QWidget):
         return jobs.PredictSettings(mpp=image_mpp(image_layer), devices=self.devices(), tiling=self.tiling,
                                     instances=self.instances.isChecked(), hover=self.hover, region=region,
                                     mitosis_model=mitosis, objects=self.objects.isChecked(),
-                                    object_cfg=self.objects_cfg)
+                                    object_cfg=self.objects_cfg, name=image_layer.name)

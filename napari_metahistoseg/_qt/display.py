@@ -23,20 +23,24 @@ MITOSIS_POINT_SIZE_PX = 10.0
 
 def show_preview(viewer: napari.Viewer, image_layer: Any, prediction: Any, region: tuple[int, int, int, int],
                  colours: list[str]) -> Any:
-    """The visible-field prediction pasted into a full-size temporary Labels layer (returned)."""
-    from .layers import image_shape
-
+    """The visible-field prediction as a temporary Labels layer of the region's size, placed over it (returned;
+    region-sized, so a slide's preview costs no more memory than what is on screen)."""
     r0, r1, c0, c1 = region
-    full = np.zeros(image_shape(image_layer), np.uint8)
-    full[r0:r1, c0:c1] = prediction.semantic
-    return viewer.add_labels(full, name="prediction (visible field, preview)", opacity=0.5,
+    place = placement(image_layer)
+    scale = place.get("scale", (1.0, 1.0))
+    origin = place.get("translate", (0.0, 0.0))
+    place["translate"] = (origin[0] + r0 * scale[0], origin[1] + c0 * scale[1])
+    return viewer.add_labels(np.asarray(prediction.semantic)[: r1 - r0, : c1 - c0],
+                             name="prediction (visible field, preview)", opacity=0.5,
                              colormap=labels_colormap(colours, offset=0),
-                             metadata={META: {"kind": "preview", "image": image_layer.name}},
-                             **placement(image_layer))
+                             metadata={META: {"kind": "preview", "image": image_layer.name, "region": list(region)}},
+                             **place)
 
 
 def show_result(viewer: napari.Viewer, image_layer: Any, result: Result, colours: list[str]) -> list[Any]:
     """Add or update the prediction layers; returns the layers that were created (not merely updated)."""
+    if result.large is not None:
+        return show_large(viewer, image_layer, result, colours)
     pred = result.prediction
     created = []
     meta = {"classes": list(pred.classes), "colours": list(colours)}
@@ -58,6 +62,59 @@ def show_result(viewer: napari.Viewer, image_layer: Any, result: Result, colours
         created += [obj] if new else []
     if result.mitosis_points is not None:
         created += show_mitosis(viewer, image_layer, result.mitosis_points, result.mitosis_probs)
+    return created
+
+
+def _csv_columns(path: Any) -> dict[str, np.ndarray]:
+    """Numeric columns of a nuclei/objects CSV (text columns kept as strings)."""
+    import csv
+
+    if path is None:
+        return {}
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return {}
+    out: dict[str, np.ndarray] = {}
+    for k in rows[0]:
+        vals = [r[k] for r in rows]
+        try:
+            out[k] = np.array([float(v) if v != "" else np.nan for v in vals])
+        except ValueError:
+            out[k] = np.array(vals)
+    return out
+
+
+def _features(cols: dict[str, np.ndarray], keep: tuple[str, ...]) -> dict[str, np.ndarray]:
+    out = {"index": cols["id"].astype(np.int64)} if "id" in cols else {}
+    out.update({k: cols[k] for k in keep if k in cols})
+    return out
+
+
+def show_large(viewer: napari.Viewer, image_layer: Any, result: Result, colours: list[str]) -> list[Any]:
+    """Layers over the zarr arrays of a streamed prediction (read lazily by napari, never copied into memory);
+    nuclei and objects carry their CSV tables as features."""
+    import zarr
+
+    res = result.large
+    root = zarr.open_group(str(res.store), mode="r")
+    created = []
+    meta = {"classes": list(res.classes), "colours": list(colours), "store": str(res.store)}
+    sem, new = upsert_labels(viewer, "prediction", root["semantic"], name=f"classes ({image_layer.name})",
+                             image_layer=image_layer, meta=meta, opacity=0.5,
+                             colormap=labels_colormap(colours, offset=0))
+    created += [sem] if new else []
+    cols = ("centroid_row", "centroid_col", "area_px", "area_um2")
+    if "instances" in root:
+        inst, new = upsert_labels(viewer, "instances", root["instances"], name=f"nuclei ({image_layer.name})",
+                                  image_layer=image_layer, opacity=0.6, meta={"store": str(res.store)})
+        inst.features = _features(_csv_columns(res.nuclei_csv), cols + ("type", "type_name", "type_prob"))
+        created += [inst] if new else []
+    if "objects" in root:
+        obj, new = upsert_labels(viewer, "objects", root["objects"], name=f"objects ({image_layer.name})",
+                                 image_layer=image_layer, opacity=0.5, meta={"store": str(res.store)})
+        obj.features = _features(_csv_columns(res.objects_csv), cols + ("class", "class_name"))
+        created += [obj] if new else []
     return created
 
 

@@ -3,19 +3,33 @@
 They yield the core progress dicts unchanged plus a few of their own: ``{"stage": "adapted", "head"}`` once
 the head is ready (so the GUI keeps it even if prediction is cancelled later) and ``{"stage": "preview",
 "prediction", "region"}`` with the visible field of view, predicted before the full image.
+
+Images above ``TilingConfig.stream_above_mp`` megapixels (slides) are never read whole: the support is cut out
+around the painted pixels for adaptation, and prediction streams tile by tile into a zarr store
+(:func:`~napari_metahistoseg.inference.predict_large`) whose arrays the viewer then shows lazily.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import math
+import os
+import time
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 
 from ..config import HoVerPostConfig, MAMLConfig, MitosisConfig, ObjectPostConfig, TilingConfig
-from ..inference import Prediction, hover_type_names, predict
-from ..pipeline import AdaptedHead, Backbone, adapt
+from ..data.task import IGNORE
+from ..inference import LargePrediction, Prediction, hover_type_names, predict, predict_large
+from ..pipeline import CONTEXT_PX, AdaptedHead, Backbone, adapt
+from ..slide import open_array
+
+PREDICTIONS_ENV = "METAHISTOSEG_PREDICTIONS"  # where streamed predictions of large images go (zarr stores)
 
 MITOSIS_AVAILABLE = importlib.util.find_spec("napari_metahistoseg.mitosis") is not None
 
@@ -34,16 +48,29 @@ class PredictSettings:
     mitosis: MitosisConfig = field(default_factory=MitosisConfig)
     objects: bool = False  # large-object (gland) instances of the foreground
     object_cfg: ObjectPostConfig = field(default_factory=ObjectPostConfig)
+    stream_dir: str | None = None  # folder of the zarr stores of large images (None: predictions_root())
+    name: str = "image"  # names the store and the errors of a streamed prediction
+
+
+def predictions_root() -> Path:
+    """``$METAHISTOSEG_PREDICTIONS`` if set, else ``~/.napari-metahistoseg/predictions``."""
+    return Path(os.environ.get(PREDICTIONS_ENV) or Path.home() / ".napari-metahistoseg" / "predictions")
+
+
+def is_large(image: Any, tiling: TilingConfig) -> bool:
+    """Whether ``image`` (any array-like) is predicted streamed instead of in memory."""
+    return int(image.shape[0]) * int(image.shape[1]) > tiling.stream_above_mp * 1e6
 
 
 @dataclass
 class Result:
-    """A finished prediction, plus mitosis candidates when asked for."""
+    """A finished prediction (in memory, or ``large``: streamed into a zarr store), plus mitosis candidates."""
 
-    prediction: Prediction
+    prediction: Prediction | None
     mitosis_points: np.ndarray | None = None  # (N, 2) row, col
     mitosis_probs: np.ndarray | None = None  # (N,) probability of "mitotic"
     type_names: list[str] = field(default_factory=list)  # HoVer nucleus types (index 0 = background)
+    large: LargePrediction | None = None
 
 
 def _predict_region(backbone: Backbone, head: AdaptedHead, image: np.ndarray, s: PredictSettings,
@@ -67,10 +94,42 @@ def _mitosis(image: np.ndarray, table: dict | None, s: PredictSettings, mpp: flo
     return pts, probs
 
 
-def predict_job(backbone: Backbone | Callable[[], Backbone], head: AdaptedHead, image: np.ndarray,
+def _predict_streamed(bb: Backbone, head: AdaptedHead, image: Any, s: PredictSettings) -> Generator[dict, None, Result]:
+    """A large image streamed into ``<stream_dir>/<name>-<time>.zarr``; the visible field first (a preview)."""
+    out = Path(s.stream_dir) if s.stream_dir else predictions_root()
+    out.mkdir(parents=True, exist_ok=True)
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in s.name)[:80] or "image"
+    store = out / f"{safe}-{time.strftime('%Y%m%d-%H%M%S')}.zarr"
+    lazy = image if hasattr(image, "read") else open_array(image, s.name)
+    roi = (s.region[0], s.region[2], s.region[1], s.region[3]) if s.region is not None else None
+    gen = predict_large(bb, head, lazy, out_dir=store, mpp=s.mpp or bb.mpp, devices=list(s.devices),
+                        tiling=s.tiling, instances=s.instances, hover=s.hover, roi=roi, np_source="adapted",
+                        objects=s.objects, object_cfg=s.object_cfg)
+    while True:
+        try:
+            p = next(gen)
+        except StopIteration as stop:
+            res = stop.value
+            break
+        if p.get("stage") == "roi":
+            import zarr
+
+            r0, c0, r1, c1 = p["region"]
+            sem = zarr.open_group(str(store), mode="r")["semantic"][r0:r1, c0:c1]
+            yield {"stage": "preview", "prediction": SimpleNamespace(semantic=sem), "region": (r0, r1, c0, c1)}
+        else:
+            yield p
+    return Result(None, type_names=hover_type_names(bb), large=res)
+
+
+def predict_job(backbone: Backbone | Callable[[], Backbone], head: AdaptedHead, image: Any,
                 settings: PredictSettings) -> Generator[dict, None, Result]:
-    """Predict the visible region first (yielded as a preview), then the whole image."""
+    """Predict the visible region first (yielded as a preview), then the whole image — in memory, or streamed
+    into a zarr store when the image is large (:func:`is_large`; mitosis candidates are in-memory only)."""
     bb = backbone() if callable(backbone) else backbone
+    if is_large(image, settings.tiling):
+        return (yield from _predict_streamed(bb, head, image, settings))
+    image = np.asarray(image)
     if settings.region is not None:
         r0, r1, c0, c1 = settings.region
         part = yield from _predict_region(bb, head, image[r0:r1, c0:c1], settings)
@@ -83,13 +142,32 @@ def predict_job(backbone: Backbone | Callable[[], Backbone], head: AdaptedHead, 
     return result
 
 
-def adapt_job(backbone: Callable[[], Backbone], image: np.ndarray, support: np.ndarray, classes: list[str],
+def support_window(image: Any, support: np.ndarray, margin_px: int) -> tuple[np.ndarray, np.ndarray]:
+    """The image and support cut to the painted pixels plus ``margin_px`` (only that part of a large image is
+    read)."""
+    rows = np.flatnonzero((support != IGNORE).any(1))
+    cols = np.flatnonzero((support != IGNORE).any(0))
+    if rows.size == 0:
+        return np.asarray(image[:1, :1]), support[:1, :1]  # nothing painted: adapt() reports it
+    r0, r1 = max(0, rows[0] - margin_px), min(support.shape[0], rows[-1] + margin_px + 1)
+    c0, c1 = max(0, cols[0] - margin_px), min(support.shape[1], cols[-1] + margin_px + 1)
+    return np.asarray(image[r0:r1, c0:c1]), support[r0:r1, c0:c1]
+
+
+def adapt_job(backbone: Callable[[], Backbone], image: Any, support: np.ndarray, classes: list[str],
               colours: list[str], cfg: MAMLConfig, devices: Sequence[str], init: AdaptedHead | None,
               mpp: float | None, then_predict: PredictSettings | None) -> Generator[dict, None, Result | None]:
-    """Adapt a head on one support image; optionally predict with it. Returns the prediction (or None)."""
+    """Adapt a head on one support image; optionally predict with it. Returns the prediction (or None).
+    A large image is cut to its painted part first (with the context adaptation keeps around it)."""
     yield {"stage": "backbone"}
     bb = backbone()
-    head = yield from adapt(bb, [image], [support], classes, mpp=mpp, cfg=cfg, devices=list(devices), init=init)
+    if is_large(image, then_predict.tiling if then_predict is not None else TilingConfig()):
+        margin = math.ceil(2 * CONTEXT_PX * bb.mpp / min(mpp or bb.mpp, bb.mpp))
+        sup_image, sup = support_window(image, support, margin)
+    else:
+        image = np.asarray(image)
+        sup_image, sup = image, support
+    head = yield from adapt(bb, [sup_image], [sup], classes, mpp=mpp, cfg=cfg, devices=list(devices), init=init)
     head.colours = list(colours)
     yield {"stage": "adapted", "head": head}
     if then_predict is None:

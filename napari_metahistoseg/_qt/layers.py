@@ -67,6 +67,11 @@ def image_array(layer: Any) -> np.ndarray:
     return np.asarray(data)
 
 
+def image_source(layer: Any) -> Any:
+    """The image data as it is (level 0 of a multiscale image; numpy, zarr or dask), not read into memory."""
+    return layer.data[0] if getattr(layer, "multiscale", False) else layer.data
+
+
 def image_shape(layer: Any) -> tuple[int, int]:
     data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
     return tuple(int(s) for s in data.shape[:2])

@@ -14,7 +14,7 @@ from napari.utils.notifications import show_warning
 from qtpy.QtCore import QObject, QTimer, Signal
 
 from ..session import SessionStore, image_fingerprint
-from .layers import image_array, image_mpp, layer_to_support, plugin_meta
+from .layers import image_mpp, image_source, layer_to_support, plugin_meta
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class Autosaver(QObject):
         """Fingerprint of an image layer's pixels (cached while its data object stays the same)."""
         key, data_id = id(image_layer), id(image_layer.data)
         if key not in self._fps or self._fps[key][0] != data_id:
-            self._fps[key] = (data_id, image_fingerprint(image_array(image_layer)))
+            self._fps[key] = (data_id, image_fingerprint(image_source(image_layer)))
         return self._fps[key][1]
 
     def watch(self, image: Any, support: Any, points: Any = None) -> None:

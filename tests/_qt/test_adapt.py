@@ -116,6 +116,44 @@ def test_visible_field_first(viewer, qtbot, adapt, monkeypatch):
     assert find_layers(viewer, "prediction")[0].data.shape == (128, 128)
 
 
+def test_large_image_streams_into_zarr(viewer, qtbot, adapt, errors, tmp_path, monkeypatch):
+    """An image above ``stream_above_mp`` is never read whole: adaptation gets the painted window, prediction
+    streams into a zarr store (visible field first, as a region-sized preview) and the layers show its arrays."""
+    import dataclasses
+
+    import zarr
+
+    from napari_metahistoseg._qt import jobs
+
+    img, sup, truth, tile = small_demo(viewer, size=160)
+    adapt.settings.tiling = dataclasses.replace(adapt.settings.tiling, stream_above_mp=0.01)  # 160² = 0.026 MP
+    adapt.settings.objects.setChecked(True)
+    adapt.settings.fov_first.setChecked(True)
+    monkeypatch.setenv(jobs.PREDICTIONS_ENV, str(tmp_path))
+    monkeypatch.setattr(adapt_settings, "visible_region", lambda layer: (0, 64, 32, 96))
+    reads = []
+    real = jobs.open_array
+    monkeypatch.setattr(jobs, "open_array", lambda raw, name: reads.append(name) or real(raw, name))
+    previews = []
+    worker = adapt.run_adapt()
+    worker.yielded.connect(lambda p: previews.append([ly.data.shape for ly in find_layers(viewer, "preview")])
+                           if p["stage"] == "preview" else None)
+    run(qtbot, worker, adapt)
+    assert errors == [] and reads == ["tile"]
+    assert previews == [[(64, 64)]]  # the visible field only, not a full-size array
+    assert find_layers(viewer, "preview") == []
+    [sem] = find_layers(viewer, "prediction")
+    [inst] = find_layers(viewer, "instances")
+    [obj] = find_layers(viewer, "objects")
+    for ly in (sem, inst, obj):
+        assert isinstance(ly.data, zarr.Array) and ly.data.shape == (160, 160)
+    [store] = list(tmp_path.glob("tile-*.zarr"))
+    assert zarr.open_group(str(store), mode="r").attrs["complete"] is True
+    assert sem.metadata["metahistoseg"]["store"] == str(store)
+    assert sorted(inst.features["index"]) == sorted(set(np.unique(inst.data[:])) - {0})
+    assert "centroid_row" in inst.features and "type_name" in inst.features
+
+
 def test_cancel_leaves_viewer_consistent(viewer, qtbot, adapt):
     small_demo(viewer)
     names = [ly.name for ly in viewer.layers]
