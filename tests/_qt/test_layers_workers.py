@@ -54,3 +54,41 @@ def test_read_annotations_and_merge(tmp_path):
     np.testing.assert_array_equal(merge_support(np.array([[0, 1], [1, 0]], np.uint8), sup), [[2, 1], [1, 0]])
     with pytest.raises(ValueError, match="do not match"):
         merge_support(np.zeros((3, 3), np.uint8), sup)
+
+
+def test_jobs_stream_a_lazy_dask_image(backbone_path, tmp_path):
+    """A dask image (what a slide reader gives napari) above the threshold: adapt reads the painted window, predict
+    streams into a zarr store named after the image; nothing converts the whole array."""
+    import dask.array as da
+
+    from napari_metahistoseg._qt import jobs
+    from napari_metahistoseg.config import MAMLConfig, TilingConfig
+    from napari_metahistoseg.data.synthetic import synthetic_tile
+    from napari_metahistoseg.maml import run
+    from napari_metahistoseg.pipeline import load_backbone
+
+    bb = load_backbone(backbone_path)
+    t = synthetic_tile((300, 260), seed=1, mpp=0.5)
+
+    class NoWholeReads:  # a lazy array that fails if anything converts all of it
+        def __init__(self, a):
+            self.a, self.shape, self.dtype, self.ndim = a, a.shape, a.dtype, a.ndim
+
+        def __getitem__(self, key):
+            return self.a[key]
+
+        def __array__(self, *args, **kwargs):
+            raise AssertionError("the whole image was read")
+
+    img = NoWholeReads(da.from_array(t.image, chunks=(64, 64, 3)))
+    sup = np.full(t.semantic.shape, 255, np.uint8)
+    sup[10:60, 10:80] = t.semantic[10:60, 10:80]
+    win_img, win_sup = jobs.support_window(img, sup, 8)
+    assert win_img.shape[:2] == win_sup.shape == (66, 86)  # rows 2..67, cols 2..87
+    s = jobs.PredictSettings(mpp=0.5, tiling=TilingConfig(tile_px=128, halo_px=16, stream_above_mp=0.01),
+                             stream_dir=str(tmp_path), name="slide 1/A", objects=True)
+    res = run(jobs.adapt_job(lambda: bb, img, sup, ["background", "nucleus"], ["#000000", "#ff0000"],
+                             MAMLConfig(steps=2), ["cpu"], None, 0.5, s))
+    assert res.prediction is None and res.large.shape == (300, 260) and res.large.complete
+    assert res.large.store.parent == tmp_path and res.large.store.name.startswith("slide_1_A-")
+    assert res.large.objects_csv.exists() and (res.large.store / "objects").exists()
