@@ -118,6 +118,26 @@ def extract_patches(image: np.ndarray, points: np.ndarray, mpp: float,
     return _resize(crops, cfg.patch_px), padded
 
 
+def classify_points_blockwise(model: MitosisNet, read, shape: tuple[int, int], points: np.ndarray, mpp: float, *,
+                              block_px: int = 2048, device: torch.device | str = "cpu") -> np.ndarray:
+    """Probability per candidate ``points (N, 2)`` (row, col) of an image read region by region: ``read((r0, c0,
+    r1, c1))`` → RGB array. Candidates are grouped by ``block_px`` blocks and each block is read once with a patch of
+    margin, so a slide is never in memory."""
+    cfg = model.cfg
+    pts = np.asarray(points, np.float64).reshape(-1, 2)
+    side = patch_side_px(mpp, cfg) + 2
+    probs = np.zeros(len(pts), np.float32)
+    keys = np.floor(pts / block_px).astype(np.int64) if len(pts) else np.zeros((0, 2), np.int64)
+    for key in sorted({tuple(k) for k in keys.tolist()}):
+        sel = np.flatnonzero((keys == key).all(1))
+        r0, c0 = max(0, key[0] * block_px - side), max(0, key[1] * block_px - side)
+        r1, c1 = min(shape[0], (key[0] + 1) * block_px + side), min(shape[1], (key[1] + 1) * block_px + side)
+        crop = np.asarray(read((r0, c0, r1, c1)))
+        patches, _ = extract_patches(crop, pts[sel] - [r0, c0], mpp, cfg)
+        probs[sel] = classify(model, patches, device=device)
+    return probs
+
+
 def points_from_table(table: dict) -> np.ndarray:
     """``(N, 2) float64`` (row, col) candidate points from a :class:`~.postprocess.HoVerPostProcessor` table."""
     try:

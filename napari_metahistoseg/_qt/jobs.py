@@ -119,13 +119,33 @@ def _predict_streamed(bb: Backbone, head: AdaptedHead, image: Any, s: PredictSet
             yield {"stage": "preview", "prediction": SimpleNamespace(semantic=sem), "region": (r0, r1, c0, c1)}
         else:
             yield p
-    return Result(None, type_names=hover_type_names(bb), large=res)
+    result = Result(None, type_names=hover_type_names(bb), large=res)
+    if s.mitosis_model is not None and MITOSIS_AVAILABLE and res.nuclei_csv is not None:
+        result.mitosis_points, result.mitosis_probs = yield from _mitosis_streamed(lazy, res, s)
+    return result
+
+
+def _mitosis_streamed(lazy: Any, res: LargePrediction, s: PredictSettings) -> Generator[dict, None, tuple]:
+    """Mitosis candidates of a streamed prediction: the nuclei CSV's centroids, patches read block by block."""
+    import csv
+
+    from .. import mitosis
+
+    yield {"stage": "mitosis", "done": 0, "total": 1}
+    model, _ = mitosis.load_mitosis_model(s.mitosis_model or None)
+    with open(res.nuclei_csv, newline="") as f:
+        pts = np.array([[float(r["centroid_row"]), float(r["centroid_col"])] for r in csv.DictReader(f)],
+                       np.float64).reshape(-1, 2)
+    probs = (mitosis.classify_points_blockwise(model, lambda box: lazy.read(*box), res.shape, pts, res.mpp,
+                                               device=list(s.devices)[0]) if len(pts) else np.zeros(0, np.float32))
+    yield {"stage": "mitosis", "done": 1, "total": 1}
+    return pts, probs
 
 
 def predict_job(backbone: Backbone | Callable[[], Backbone], head: AdaptedHead, image: Any,
                 settings: PredictSettings) -> Generator[dict, None, Result]:
     """Predict the visible region first (yielded as a preview), then the whole image — in memory, or streamed
-    into a zarr store when the image is large (:func:`is_large`; mitosis candidates are in-memory only)."""
+    into a zarr store when the image is large (:func:`is_large`; mitosis patches are then read block by block)."""
     bb = backbone() if callable(backbone) else backbone
     if is_large(image, settings.tiling):
         return (yield from _predict_streamed(bb, head, image, settings))

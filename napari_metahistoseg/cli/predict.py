@@ -330,22 +330,10 @@ class Predictor:
         """Classify a patch around every centroid, reading the image block by block (never all of it)."""
         import csv
 
-        import numpy as np
 
         mod, model = self.mitosis
-        cfg = model.cfg
-        side = mod.patch_side_px(mpp, cfg) + 2
-        block = MITOSIS_BLOCK_PX
-        probs = np.zeros(len(pts), np.float32)
-        keys = (np.floor(pts / block).astype(np.int64) if len(pts) else np.zeros((0, 2), np.int64))
-        for key in {tuple(k) for k in keys.tolist()}:
-            sel = np.flatnonzero((keys == key).all(1))
-            r0, c0 = max(0, key[0] * block - side), max(0, key[1] * block - side)
-            r1, c1 = min(shape[0], (key[0] + 1) * block + side), min(shape[1], (key[1] + 1) * block + side)
-            crop = np.asarray(read((r0, c0, r1, c1)))
-            patches, _ = mod.extract_patches(crop, pts[sel] - [r0, c0], mpp, cfg)
-            probs[sel] = mod.classify(model, patches, device=device)
-        calls = mod.decide(probs, cfg)
+        probs = mod.classify_points_blockwise(model, read, shape, pts, mpp, block_px=MITOSIS_BLOCK_PX, device=device)
+        calls = mod.decide(probs, model.cfg)
         path = self.out / f"{s}.mitosis.csv"
         with open(path, "w", newline="") as f:
             w = csv.writer(f)

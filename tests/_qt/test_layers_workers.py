@@ -86,9 +86,15 @@ def test_jobs_stream_a_lazy_dask_image(backbone_path, tmp_path):
     win_img, win_sup = jobs.support_window(img, sup, 8)
     assert win_img.shape[:2] == win_sup.shape == (66, 86)  # rows 2..67, cols 2..87
     s = jobs.PredictSettings(mpp=0.5, tiling=TilingConfig(tile_px=128, halo_px=16, stream_above_mp=0.01),
-                             stream_dir=str(tmp_path), name="slide 1/A", objects=True)
+                             stream_dir=str(tmp_path), name="slide 1/A", objects=True, mitosis_model="")
     res = run(jobs.adapt_job(lambda: bb, img, sup, ["background", "nucleus"], ["#000000", "#ff0000"],
                              MAMLConfig(steps=2), ["cpu"], None, 0.5, s))
     assert res.prediction is None and res.large.shape == (300, 260) and res.large.complete
     assert res.large.store.parent == tmp_path and res.large.store.name.startswith("slide_1_A-")
     assert res.large.objects_csv.exists() and (res.large.store / "objects").exists()
+    # mitosis candidates (bundled classifier): the streamed nuclei's centroids, patches read block by block
+    with open(res.large.nuclei_csv) as f:
+        n_nuclei = sum(1 for _ in f) - 1
+    assert n_nuclei > 0
+    assert res.mitosis_points.shape == (n_nuclei, 2) and res.mitosis_probs.shape == (n_nuclei,)
+    assert ((res.mitosis_probs >= 0) & (res.mitosis_probs <= 1)).all()
