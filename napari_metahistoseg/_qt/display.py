@@ -115,6 +115,9 @@ def show_large(viewer: napari.Viewer, image_layer: Any, result: Result, colours:
                                  image_layer=image_layer, opacity=0.5, meta={"store": str(res.store)})
         obj.features = _features(_csv_columns(res.objects_csv), cols + ("class", "class_name"))
         created += [obj] if new else []
+    from .jobs import prune_stores
+
+    prune_stores(res.store)  # the layers now read this store: older ones of the same image can go
     return created
 
 

@@ -57,6 +57,29 @@ def predictions_root() -> Path:
     return Path(os.environ.get(PREDICTIONS_ENV) or Path.home() / ".napari-metahistoseg" / "predictions")
 
 
+KEEP_STORES = 2  # streamed predictions kept per image (the one shown and the one before); older ones are deleted
+
+
+def prune_stores(current: Path, keep: int = KEEP_STORES) -> list[Path]:
+    """Delete older streamed predictions of the same image next to ``current`` (``<name>-<date>-<time>-<ms>.zarr``
+    stores written by this plugin), keeping the newest ``keep``; returns what was deleted. Live re-adaptation of a
+    slide would otherwise leave a store per stroke."""
+    import re
+    import shutil
+
+    current = Path(current)
+    m = re.fullmatch(r"(.+)-\d{8}-\d{6}-\d{3}\.zarr", current.name)
+    if m is None:
+        return []
+    pattern = re.compile(re.escape(m.group(1)) + r"-\d{8}-\d{6}-\d{3}\.zarr")
+    ours = sorted((p for p in current.parent.iterdir() if p.is_dir() and pattern.fullmatch(p.name)
+                   and (p / "zarr.json").exists()), key=lambda p: p.name)
+    old = [p for p in ours[:-keep] if p != current] if keep > 0 else []
+    for p in old:
+        shutil.rmtree(p, ignore_errors=True)
+    return old
+
+
 def is_large(image: Any, tiling: TilingConfig) -> bool:
     """Whether ``image`` (any array-like) is predicted streamed instead of in memory."""
     return int(image.shape[0]) * int(image.shape[1]) > tiling.stream_above_mp * 1e6
@@ -99,7 +122,8 @@ def _predict_streamed(bb: Backbone, head: AdaptedHead, image: Any, s: PredictSet
     out = Path(s.stream_dir) if s.stream_dir else predictions_root()
     out.mkdir(parents=True, exist_ok=True)
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in s.name)[:80] or "image"
-    store = out / f"{safe}-{time.strftime('%Y%m%d-%H%M%S')}.zarr"
+    stamp = time.time()
+    store = out / f"{safe}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(stamp))}-{int(stamp * 1000) % 1000:03d}.zarr"
     lazy = image if hasattr(image, "read") else open_array(image, s.name)
     roi = (s.region[0], s.region[2], s.region[1], s.region[3]) if s.region is not None else None
     gen = predict_large(bb, head, lazy, out_dir=store, mpp=s.mpp or bb.mpp, devices=list(s.devices),

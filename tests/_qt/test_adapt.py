@@ -152,6 +152,13 @@ def test_large_image_streams_into_zarr(viewer, qtbot, adapt, errors, tmp_path, m
     assert sem.metadata["metahistoseg"]["store"] == str(store)
     assert sorted(inst.features["index"]) == sorted(set(np.unique(inst.data[:])) - {0})
     assert "centroid_row" in inst.features and "type_name" in inst.features
+    # predicting again writes a new store; the layers move to it and only the newest two stores are kept
+    for _ in range(2):
+        run(qtbot, adapt.run_predict(), adapt)
+    stores = sorted(tmp_path.glob("tile-*.zarr"))
+    assert len(stores) == 2 and store not in stores
+    [sem] = find_layers(viewer, "prediction")
+    assert sem.metadata["metahistoseg"]["store"] == str(stores[-1]) and errors == []
 
 
 def test_cancel_leaves_viewer_consistent(viewer, qtbot, adapt):

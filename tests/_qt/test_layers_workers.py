@@ -98,3 +98,25 @@ def test_jobs_stream_a_lazy_dask_image(backbone_path, tmp_path):
     assert n_nuclei > 0
     assert res.mitosis_points.shape == (n_nuclei, 2) and res.mitosis_probs.shape == (n_nuclei,)
     assert ((res.mitosis_probs >= 0) & (res.mitosis_probs <= 1)).all()
+
+
+def test_prune_stores_keeps_the_newest_of_this_image_only(tmp_path):
+    from napari_metahistoseg._qt.jobs import prune_stores
+
+    def store(name, ours=True):
+        p = tmp_path / name
+        p.mkdir()
+        if ours:
+            (p / "zarr.json").write_text("{}")
+        return p
+
+    old = [store(f"img-20261126-0600{i:02d}-000.zarr") for i in range(3)]
+    cur = store("img-20261126-070000-000.zarr")
+    other = store("img2-20261126-050000-000.zarr")  # another image
+    foreign = store("img-20261126-040000-000.zarr", ours=False)  # not a zarr store of ours
+    notes = tmp_path / "img-notes"
+    notes.mkdir()
+    deleted = prune_stores(cur, keep=2)
+    assert sorted(deleted) == old[:2]
+    assert all(p.exists() for p in (old[2], cur, other, foreign, notes))
+    assert prune_stores(tmp_path / "not-a-store.zarr") == []
