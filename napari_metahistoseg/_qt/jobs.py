@@ -129,20 +129,23 @@ def _predict_streamed(bb: Backbone, head: AdaptedHead, image: Any, s: PredictSet
     gen = predict_large(bb, head, lazy, out_dir=store, mpp=s.mpp or bb.mpp, devices=list(s.devices),
                         tiling=s.tiling, instances=s.instances, hover=s.hover, roi=roi, np_source="adapted",
                         objects=s.objects, object_cfg=s.object_cfg)
-    while True:
-        try:
-            p = next(gen)
-        except StopIteration as stop:
-            res = stop.value
-            break
-        if p.get("stage") == "roi":
-            import zarr
+    try:  # closing this job (Cancel) closes the prediction at once: it stops between tiles
+        while True:
+            try:
+                p = next(gen)
+            except StopIteration as stop:
+                res = stop.value
+                break
+            if p.get("stage") == "roi":
+                import zarr
 
-            r0, c0, r1, c1 = p["region"]
-            sem = zarr.open_group(str(store), mode="r")["semantic"][r0:r1, c0:c1]
-            yield {"stage": "preview", "prediction": SimpleNamespace(semantic=sem), "region": (r0, r1, c0, c1)}
-        else:
-            yield p
+                r0, c0, r1, c1 = p["region"]
+                sem = zarr.open_group(str(store), mode="r")["semantic"][r0:r1, c0:c1]
+                yield {"stage": "preview", "prediction": SimpleNamespace(semantic=sem), "region": (r0, r1, c0, c1)}
+            else:
+                yield p
+    finally:
+        gen.close()
     result = Result(None, type_names=hover_type_names(bb), large=res)
     if s.mitosis_model is not None and MITOSIS_AVAILABLE and res.nuclei_csv is not None:
         result.mitosis_points, result.mitosis_probs = yield from _mitosis_streamed(lazy, res, s)

@@ -120,3 +120,25 @@ def test_prune_stores_keeps_the_newest_of_this_image_only(tmp_path):
     assert sorted(deleted) == old[:2]
     assert all(p.exists() for p in (old[2], cur, other, foreign, notes))
     assert prune_stores(tmp_path / "not-a-store.zarr") == []
+
+
+def test_cancelling_a_streamed_job_stops_the_prediction(backbone_path, tmp_path):
+    """Closing the job (the GUI's Cancel) closes the streamed prediction between tiles: the store stays incomplete."""
+    import zarr
+
+    from napari_metahistoseg._qt import jobs
+    from napari_metahistoseg.config import MAMLConfig, TilingConfig
+    from napari_metahistoseg.data.synthetic import synthetic_tile
+    from napari_metahistoseg.pipeline import AdaptedHead, initial_head, load_backbone
+
+    bb = load_backbone(backbone_path)
+    head = AdaptedHead(["background", "nucleus"], initial_head(bb, 2), bb.sha256, MAMLConfig(), bb.mpp)
+    img = synthetic_tile((400, 300), seed=2, mpp=0.5).image
+    s = jobs.PredictSettings(mpp=0.5, tiling=TilingConfig(tile_px=128, halo_px=16, stream_above_mp=0.01),
+                             stream_dir=str(tmp_path), name="c")
+    gen = jobs.predict_job(bb, head, img, s)
+    first = [next(gen) for _ in range(2)]
+    gen.close()
+    assert all(p["stage"] == "predict" for p in first)
+    [store] = list(tmp_path.glob("c-*.zarr"))
+    assert zarr.open_group(str(store), mode="r").attrs["complete"] is False
