@@ -7,6 +7,8 @@ failed run removes the preview and adds nothing. "Live" re-adapts 1 s after the 
 
 from __future__ import annotations
 
+import dataclasses
+
 from typing import Any
 
 import napari
@@ -96,11 +98,12 @@ class AdaptWidget(QWidget):
 
     # ------------------------------------------------------------------------------------------ runs
 
-    def run_adapt(self, predict: bool = True) -> Any:
-        """Adapt a head on the selected support (then predict); returns the worker (None if refused)."""
-        return self.runner.guarded("Adapt", lambda: self._start_adapt(predict))
+    def run_adapt(self, predict: bool = True, live: bool = False) -> Any:
+        """Adapt a head on the selected support (then predict); returns the worker (None if refused). ``live``
+        (a re-adaptation after a stroke): a slide-sized image is predicted in the visible field only."""
+        return self.runner.guarded("Adapt", lambda: self._start_adapt(predict, live))
 
-    def _start_adapt(self, predict: bool) -> Any:
+    def _start_adapt(self, predict: bool, live: bool = False) -> Any:
         self._set_backbone()
         image_layer, support_layer = self._image(), self.support_combo.layer()
         if support_layer is None:
@@ -116,6 +119,8 @@ class AdaptWidget(QWidget):
         head = self.state.head
         init = head if self.settings.start_from_current() else None
         then = self.settings.predict_settings(image_layer) if predict else None
+        if then is not None and live:
+            then = dataclasses.replace(then, roi_only=True)
         self.curve.clear()
         self._colours = colours
         return self.runner.run("Adapt", jobs.adapt_job, self.state.backbone, image, support, classes, colours,
@@ -191,4 +196,4 @@ class AdaptWidget(QWidget):
         if self.runner.busy:
             self._live_pending = True
         elif self.settings.live.isChecked():
-            self.run_adapt()
+            self.run_adapt(live=True)

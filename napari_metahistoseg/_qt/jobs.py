@@ -49,6 +49,7 @@ class PredictSettings:
     objects: bool = False  # large-object (gland) instances of the foreground
     object_cfg: ObjectPostConfig = field(default_factory=ObjectPostConfig)
     stream_dir: str | None = None  # folder of the zarr stores of large images (None: predictions_root())
+    roi_only: bool = False  # large images: predict the visible field (``region``) only (live re-adaptation)
     name: str = "image"  # names the store and the errors of a streamed prediction
 
 
@@ -128,7 +129,7 @@ def _predict_streamed(bb: Backbone, head: AdaptedHead, image: Any, s: PredictSet
     roi = (s.region[0], s.region[2], s.region[1], s.region[3]) if s.region is not None else None
     gen = predict_large(bb, head, lazy, out_dir=store, mpp=s.mpp or bb.mpp, devices=list(s.devices),
                         tiling=s.tiling, instances=s.instances, hover=s.hover, roi=roi, np_source="adapted",
-                        objects=s.objects, object_cfg=s.object_cfg)
+                        objects=s.objects, object_cfg=s.object_cfg, roi_only=s.roi_only and roi is not None)
     try:  # closing this job (Cancel) closes the prediction at once: it stops between tiles
         while True:
             try:

@@ -159,6 +159,14 @@ def test_large_image_streams_into_zarr(viewer, qtbot, adapt, errors, tmp_path, m
     assert len(stores) == 2 and store not in stores
     [sem] = find_layers(viewer, "prediction")
     assert sem.metadata["metahistoseg"]["store"] == str(stores[-1]) and errors == []
+    # a live re-adaptation (after a stroke) predicts the visible field only
+    run(qtbot, adapt.run_adapt(live=True), adapt)
+    [sem] = find_layers(viewer, "prediction")
+    live = zarr.open_group(sem.metadata["metahistoseg"]["store"], mode="r")
+    assert live.attrs["complete"] is False and "objects" not in live
+    outside = np.ones((160, 160), bool)
+    outside[0:64, 32:96] = False
+    assert not np.asarray(sem.data)[outside].any() and errors == []
 
 
 def test_cancel_leaves_viewer_consistent(viewer, qtbot, adapt):
