@@ -8,7 +8,6 @@ failed run removes the preview and adds nothing. "Live" re-adapts 1 s after the 
 from __future__ import annotations
 
 import dataclasses
-
 from typing import Any
 
 import napari
