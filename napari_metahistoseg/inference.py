@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import logging
 import math
 import os
@@ -279,6 +280,15 @@ class ObjectsCSV:
         return path
 
 
+def nuclei_centroids(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """``ids (N,)`` and centroids ``(N, 2)`` (row, col) of a nuclei CSV written by :class:`NucleiCSV`."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    ids = np.array([int(r["id"]) for r in rows], np.int64)
+    pts = np.array([[float(r["centroid_row"]), float(r["centroid_col"])] for r in rows], np.float64).reshape(-1, 2)
+    return ids, pts
+
+
 # ------------------------------------------------------------------------------------------ streamed
 
 
@@ -530,8 +540,7 @@ def large_objects(res: LargePrediction, cfg: ObjectPostConfig, csv_path: str | o
     root = zarr.open_group(str(res.store), mode="r+")
     sem = root["semantic"]
     H, W = res.shape
-    f = object_factor(ObjectPostConfig(**{**to_dict(cfg), "work_mpp_um": max(cfg.work_mpp_um,
-                                                                            cfg.large_work_mpp_um)}), res.mpp)
+    f = object_factor(dataclasses.replace(cfg, work_mpp_um=max(cfg.work_mpp_um, cfg.large_work_mpp_um)), res.mpp)
     strip = max(f, strip_px // f * f)  # a multiple of the factor: strips map onto whole coarse rows
     starts = list(range(0, H, strip))
     total = 2 * len(starts)

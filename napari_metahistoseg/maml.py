@@ -114,13 +114,30 @@ def _shard_grads(fast: Params, names: Sequence[str], loss_fns: Sequence[LossFn],
     return grads, total_loss
 
 
-def run(gen: Generator) -> object:
-    """Drive a progress generator to completion and return its result."""
+def run(gen: Generator, each: Callable[[dict], object] | None = None) -> object:
+    """Drive a progress generator to completion and return its result; ``each(event)`` sees every progress event
+    (a command line printing progress)."""
     while True:
         try:
-            next(gen)
+            p = next(gen)
         except StopIteration as stop:
             return stop.value
+        if each is not None:
+            each(p)
+
+
+def relay(gen: Generator, fn: Callable[[dict], dict]) -> Generator[dict, None, object]:
+    """Yield ``fn(event)`` for every progress event of ``gen`` and return its result (``yield from`` with a
+    mapping). Closing the relay (a cancelled job) closes ``gen`` at once."""
+    try:
+        while True:
+            try:
+                p = next(gen)
+            except StopIteration as stop:
+                return stop.value
+            yield fn(p)
+    finally:
+        gen.close()
 
 
 def pixel_support(

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from .config import MitosisConfig, to_dict
 from .data import open_dataset
+from .maml import relay
 from .metrics import classification_scores
 from .mitosis import MitosisNet, classify, extract_patches, flip_patches, rotate_patches, rotations_for, stain_jitter
 
@@ -253,12 +254,7 @@ def held_apart_sets(val: PatchSet, held_pos: PatchSet, held_neg: PatchSet) -> di
 
 def _tagged(gen: Generator[dict, None, MitosisNet], phase: str) -> Generator[dict, None, MitosisNet]:
     """Forward ``gen``'s progress with a ``"phase"`` key and return its return value."""
-    while True:
-        try:
-            e = next(gen)
-        except StopIteration as stop:
-            return stop.value
-        yield {"phase": phase, **e}
+    return (yield from relay(gen, lambda e: {"phase": phase, **e}))
 
 
 def run_recipe(data_root: Path, tcfg: MitosisTrainConfig, *, check: bool = True, final: bool = True,

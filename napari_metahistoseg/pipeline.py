@@ -28,7 +28,7 @@ from .config import MAMLConfig, TilingConfig, from_dict, to_dict
 from .data.io import to_rgb_uint8
 from .data.task import IGNORE
 from .devices import resolve_devices
-from .maml import adapt_head_on_pixels, balanced_weights, inner_loop, pixel_support
+from .maml import adapt_head_on_pixels, balanced_weights, inner_loop, pixel_support, relay
 from .models import MetaHistoSegNet, PixelHead, adapted_param_names
 from .resilience import oom_fallback_gen
 from .tiling import predict_tiled
@@ -306,15 +306,10 @@ def _adapt_head(backbone, sup, n_classes, start, cfg, devs, tiling, t0, balance)
     xs, ys = [], []
     for i, (im, lab) in enumerate(sup):
         yield {"stage": "features", "step": i, "steps": len(sup), "elapsed_s": time.time() - t0}
-        gen = _features(model, im, devs[i % len(devs)], tiling)
-        while True:  # per-tile progress of this image's features (the worker can cancel between tiles)
-            try:
-                p = next(gen)
-            except StopIteration as stop:
-                feats = stop.value
-                break
-            yield {"stage": "features", "step": i, "steps": len(sup), "tile": p["done"], "tiles": p["total"],
-                   "elapsed_s": time.time() - t0}
+        # per-tile progress of this image's features (the worker can cancel between tiles)
+        feats = yield from relay(_features(model, im, devs[i % len(devs)], tiling),
+                                 lambda p, i=i: {"stage": "features", "step": i, "steps": len(sup), "tile": p["done"],
+                                                 "tiles": p["total"], "elapsed_s": time.time() - t0})
         x, y = pixel_support(feats[None], torch.from_numpy(lab)[None], n_classes,
                              max_pixels=max(1, cfg.max_support_pixels // len(sup)), seed=cfg.seed + i,
                              stratified=balance)
@@ -327,12 +322,8 @@ def _adapt_head(backbone, sup, n_classes, start, cfg, devs, tiling, t0, balance)
     lrs = _learned_lrs(backbone, init, cfg)
     gen = adapt_head_on_pixels(template, init, x, y, n_classes=n_classes, steps=cfg.steps, lr=cfg.inner_lr,
                                first_order=cfg.first_order, balance=balance, lrs=lrs, devices=devs)
-    while True:
-        try:
-            p = next(gen)
-        except StopIteration as s:
-            return {prefix + k: v for k, v in s.value.items()}
-        yield _progress(p, t0, "adapt")
+    fast = yield from relay(gen, lambda p: _progress(p, t0, "adapt"))
+    return {prefix + k: v for k, v in fast.items()}
 
 
 def _learned_lrs(backbone: Backbone, init: dict, cfg: MAMLConfig) -> dict | None:
@@ -382,12 +373,8 @@ def _adapt_full(backbone, sup, n_classes, start, cfg, devs, t0, balance) -> Gene
                      shard_threads=1 if cpu_only else None)
     log.info("adapting %s on %s (%d shard%s%s)", cfg.adapt, ", ".join(map(str, dict.fromkeys(devs))), len(devs),
              "s" if len(devs) > 1 else "", ", side by side" if concurrent else "")
-    while True:
-        try:
-            p = next(gen)
-        except StopIteration as s:
-            return {k: s.value[k] for k in names}
-        yield _progress(p, t0, "adapt")
+    fast = yield from relay(gen, lambda p: _progress(p, t0, "adapt"))
+    return {k: fast[k] for k in names}
 
 
 def _support_crops(sup, size: int, per_image: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:

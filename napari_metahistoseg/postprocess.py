@@ -721,16 +721,9 @@ def downsample_mask(mask: np.ndarray, factor: int) -> np.ndarray:
         return mask.copy()
     h, w = mask.shape
     hc, wc = -(-h // factor), -(-w // factor)
-    count = np.zeros((hc, wc), np.int32)
-    full_h, full_w = (h // factor) * factor, (w // factor) * factor
-    count[: h // factor, : w // factor] = mask[:full_h, :full_w].reshape(h // factor, factor, w // factor,
-                                                                          factor).sum((1, 3), dtype=np.int32)
-    if full_h < h:
-        count[-1, : w // factor] = mask[full_h:, :full_w].reshape(h - full_h, w // factor, factor).sum((0, 2))
-    if full_w < w:
-        count[: h // factor, -1] = mask[:full_h, full_w:].reshape(h // factor, factor, w - full_w).sum((1, 2))
-    if full_h < h and full_w < w:
-        count[-1, -1] = mask[full_h:, full_w:].sum()
+    padded = np.zeros((hc * factor, wc * factor), bool)
+    padded[:h, :w] = mask
+    count = padded.reshape(hc, factor, wc, factor).sum((1, 3), dtype=np.int32)
     rows = np.minimum(factor, h - np.arange(hc) * factor)
     cols = np.minimum(factor, w - np.arange(wc) * factor)
     return 2 * count >= rows[:, None] * cols[None, :]

@@ -29,7 +29,7 @@ from .data.readers import open_dataset
 from .data.samplers import Batch, Episode, batch_loader, episode_loader, rescale_sample
 from .data.task import IGNORE, Sample
 from .losses import hover_loss, seg_loss
-from .maml import adapt_head_on_pixels, pixel_support
+from .maml import adapt_head_on_pixels, pixel_support, run
 from .models import MetaHistoSegNet, to_tensor_image
 
 log = logging.getLogger(__name__)
@@ -146,7 +146,7 @@ def meta_loss(
                                seed=int(rng.integers(1 << 31)))
         gen = adapt_head_on_pixels(head, init, px, py, n_classes=2, steps=cfg.maml.steps, lr=cfg.maml.inner_lr,
                                    first_order=cfg.maml.first_order, lrs=lrs or None, devices=[device])
-        fast = _drain(gen)
+        fast = run(gen)
         # the query uses the same binarisation rule as the support (same class vs rest)
         qry_y = _same_variant(ep.support.semantic, sup_y, ep.query.semantic)
         logits = functional_call(head, fast, (fq,))["seg"]
@@ -171,14 +171,6 @@ def _same_variant(src_sem: np.ndarray, src_bin: np.ndarray, qry_sem: np.ndarray)
     unseen = np.setdiff1d(np.unique(qry_sem), np.r_[np.unique(src_sem), IGNORE])
     lut[unseen] = 0
     return lut[qry_sem]
-
-
-def _drain(gen: Generator) -> dict:
-    while True:
-        try:
-            next(gen)
-        except StopIteration as s:
-            return s.value
 
 
 # ------------------------------------------------------------------------------------------ loop

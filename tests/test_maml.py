@@ -153,3 +153,29 @@ def test_inner_loop_validates():
         run(inner_loop([], {"a": torch.ones(1)}, ["a"], steps=1, lr=0.1))
     with pytest.raises(ValueError, match="not found"):
         run(inner_loop([lambda p: p["a"].sum()], {"a": torch.ones(1)}, ["b"], steps=1, lr=0.1))
+
+
+def test_run_and_relay_drive_progress_generators():
+    from napari_metahistoseg.maml import relay, run
+
+    closed = []
+
+    def work(n):
+        try:
+            for i in range(n):
+                yield {"step": i}
+            return "done"
+        finally:
+            closed.append(n)
+
+    seen = []
+    assert run(work(3), seen.append) == "done" and [p["step"] for p in seen] == [0, 1, 2]
+
+    def outer():
+        return (yield from relay(work(5), lambda p: {**p, "stage": "x"}))
+
+    assert run(outer()) == "done"
+    g = outer()
+    assert next(g) == {"step": 0, "stage": "x"}
+    g.close()  # a cancelled job: the inner generator is closed at once, not at garbage collection
+    assert closed == [3, 5, 5]

@@ -25,7 +25,8 @@ import numpy as np
 
 from ..config import HoVerPostConfig, MAMLConfig, MitosisConfig, ObjectPostConfig, TilingConfig
 from ..data.task import IGNORE
-from ..inference import LargePrediction, Prediction, hover_type_names, predict, predict_large
+from ..inference import LargePrediction, Prediction, hover_type_names, nuclei_centroids, predict, predict_large
+from ..maml import relay
 from ..pipeline import CONTEXT_PX, AdaptedHead, Backbone, adapt
 from ..slide import open_array
 
@@ -130,23 +131,17 @@ def _predict_streamed(bb: Backbone, head: AdaptedHead, image: Any, s: PredictSet
     gen = predict_large(bb, head, lazy, out_dir=store, mpp=s.mpp or bb.mpp, devices=list(s.devices),
                         tiling=s.tiling, instances=s.instances, hover=s.hover, roi=roi, np_source="adapted",
                         objects=s.objects, object_cfg=s.object_cfg, roi_only=s.roi_only and roi is not None)
-    try:  # closing this job (Cancel) closes the prediction at once: it stops between tiles
-        while True:
-            try:
-                p = next(gen)
-            except StopIteration as stop:
-                res = stop.value
-                break
-            if p.get("stage") == "roi":
-                import zarr
 
-                r0, c0, r1, c1 = p["region"]
-                sem = zarr.open_group(str(store), mode="r")["semantic"][r0:r1, c0:c1]
-                yield {"stage": "preview", "prediction": SimpleNamespace(semantic=sem), "region": (r0, r1, c0, c1)}
-            else:
-                yield p
-    finally:
-        gen.close()
+    def preview(p: dict) -> dict:  # the visible field is in the store: show it as the preview
+        if p.get("stage") != "roi":
+            return p
+        import zarr
+
+        r0, c0, r1, c1 = p["region"]
+        sem = zarr.open_group(str(store), mode="r")["semantic"][r0:r1, c0:c1]
+        return {"stage": "preview", "prediction": SimpleNamespace(semantic=sem), "region": (r0, r1, c0, c1)}
+
+    res = yield from relay(gen, preview)  # closing this job (Cancel) closes the prediction between tiles
     result = Result(None, type_names=hover_type_names(bb), large=res)
     if s.mitosis_model is not None and MITOSIS_AVAILABLE and res.nuclei_csv is not None:
         result.mitosis_points, result.mitosis_probs = yield from _mitosis_streamed(lazy, res, s)
@@ -155,15 +150,11 @@ def _predict_streamed(bb: Backbone, head: AdaptedHead, image: Any, s: PredictSet
 
 def _mitosis_streamed(lazy: Any, res: LargePrediction, s: PredictSettings) -> Generator[dict, None, tuple]:
     """Mitosis candidates of a streamed prediction: the nuclei CSV's centroids, patches read block by block."""
-    import csv
-
     from .. import mitosis
 
     yield {"stage": "mitosis", "done": 0, "total": 1}
     model, _ = mitosis.load_mitosis_model(s.mitosis_model or None)
-    with open(res.nuclei_csv, newline="") as f:
-        pts = np.array([[float(r["centroid_row"]), float(r["centroid_col"])] for r in csv.DictReader(f)],
-                       np.float64).reshape(-1, 2)
+    _, pts = nuclei_centroids(res.nuclei_csv)
     probs = (mitosis.classify_points_blockwise(model, lambda box: lazy.read(*box), res.shape, pts, res.mpp,
                                                device=list(s.devices)[0]) if len(pts) else np.zeros(0, np.float32))
     yield {"stage": "mitosis", "done": 1, "total": 1}

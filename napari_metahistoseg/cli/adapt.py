@@ -54,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..config import MAMLConfig
+    from ..maml import run as drive
     from ..pipeline import adapt, load_backbone
     from ..slide import open_image
 
@@ -75,15 +76,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = dataclasses.replace(cfg, **{k: v for k, v in (("steps", args.steps), ("inner_lr", args.inner_lr),
                                                          ("decoder_blocks", args.decoder_blocks)) if v is not None})
     gen = adapt(backbone, [crop], [lab], classes, mpp=mpp, cfg=cfg, devices=args.devices)
-    while True:
-        try:
-            p = next(gen)
-        except StopIteration as stop:
-            head = stop.value
-            break
-        if p.get("stage") == "adapt":
-            print(f"[adapt] step {p['step']}/{p['steps']} loss {p.get('loss', float('nan')):.4f}", file=sys.stderr,
-                  flush=True)
+    head = drive(gen, lambda p: print(f"[adapt] step {p['step']}/{p['steps']} loss {p.get('loss', float('nan')):.4f}",
+                                    file=sys.stderr, flush=True) if p.get("stage") == "adapt" else None)
     head.provenance.update({"support_files": {"image": str(args.image), kind: str(args.labels or args.points)},
                             "support_kind": kind, "image_mpp": mpp, **kind_extra(args, kind, mpp, backbone.mpp)})
     wpath, jpath = head.save(args.out)

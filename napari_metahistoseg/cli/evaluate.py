@@ -22,18 +22,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..evaluation import evaluate
+    from ..maml import run as drive
 
     gen = evaluate(args.data_dir, args.support.split(","), method=args.method, backbone=args.backbone,
                    steps=args.steps, devices=args.devices, seed=args.seed, out=args.out)
-    while True:
-        try:
-            p = next(gen)
-        except StopIteration as stop:
-            res = stop.value
-            break
+
+    def show(p: dict) -> None:
         if p.get("stage") in ("adapt", "evaluate") and (p.get("step") or p.get("done")):
             k, n = (p["step"], p["steps"]) if "step" in p else (p["done"], p["total"])
             extra = f" loss {p['loss']:.4f}" if "loss" in p else ""
             print(f"[{p['stage']}] {k}/{n}{extra}", file=sys.stderr, flush=True)
-    print(json.dumps(res))
+
+    print(json.dumps(drive(gen, show)))
     return 0

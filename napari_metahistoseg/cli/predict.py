@@ -227,16 +227,17 @@ class Predictor:
             return (self._large if big else self._small)(path, img, mpp, devices)
 
     def _progress(self, path: Path, gen):
-        last = 0.0
-        while True:
-            try:
-                p = next(gen)
-            except StopIteration as stop:
-                return stop.value
+        from ..maml import run as drive
+
+        last = [0.0]
+
+        def show(p: dict) -> None:
             now = time.time()
-            if now - last >= PROGRESS_EVERY_S or p.get("done") == p.get("total"):
-                last = now
+            if now - last[0] >= PROGRESS_EVERY_S or p.get("done") == p.get("total"):
+                last[0] = now
                 say(f"[{p['stage']}] {path.name}: {p.get('done', 0)}/{p.get('total', '?')}")
+
+        return drive(gen, show)
 
     def _small(self, path: Path, img, mpp: float, devices: list[str]) -> dict:
         import numpy as np
@@ -298,11 +299,7 @@ class Predictor:
         return path
 
     def _large(self, path: Path, img, mpp: float, devices: list[str]) -> dict:
-        import csv
-
-        import numpy as np
-
-        from ..inference import predict_large
+        from ..inference import nuclei_centroids, predict_large
 
         s = stem(path)
         res = self._progress(path, predict_large(self.backbone, self.head, img, out_dir=self.out / f"{s}.zarr",
@@ -318,10 +315,7 @@ class Predictor:
         if res.nuclei_csv is not None:
             out.update(nuclei=str(res.nuclei_csv), n_nuclei=res.n_instances)
             if self.mitosis is not None:
-                with open(res.nuclei_csv, newline="") as f:
-                    rows = list(csv.DictReader(f))
-                ids = np.array([int(r["id"]) for r in rows], np.int64)
-                pts = np.array([[float(r["centroid_row"]), float(r["centroid_col"])] for r in rows]).reshape(-1, 2)
+                ids, pts = nuclei_centroids(res.nuclei_csv)
                 out["mitosis"] = str(self._mitosis(s, lambda box: img.read(*box), img.shape, ids, pts, mpp,
                                                    devices[0]))
         return out

@@ -22,6 +22,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..config import TrainConfig, load_json
+    from ..maml import run as drive
     from ..training import train
 
     cfg = load_json(TrainConfig, args.config)
@@ -35,17 +36,17 @@ def run(args: argparse.Namespace) -> int:
     _maybe_init_distributed()
     gen = train(cfg, resume=not args.no_resume)
     t0 = time.time()
-    while True:
-        try:
-            p = next(gen)
-        except StopIteration as stop:
-            print(f"checkpoint: {stop.value}", file=sys.stderr)
-            print(str(stop.value))
-            return 0
+
+    def show(p: dict) -> None:
         if p["step"] % 10 == 0 or p["step"] == p["steps"]:
             rate = (time.time() - t0) / max(1, p["step"])
             print(f"[{p['phase']}] step {p['step']}/{p['steps']} loss {p['loss']:.4f} ({rate:.2f} s/step)",
                   file=sys.stderr, flush=True)
+
+    path = drive(gen, show)
+    print(f"checkpoint: {path}", file=sys.stderr)
+    print(str(path))
+    return 0
 
 
 def _maybe_init_distributed() -> None:
