@@ -13,7 +13,9 @@ Conventions
 
 from __future__ import annotations
 
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
@@ -57,6 +59,13 @@ class ConfusionAccumulator:
             raise ValueError(f"ConfusionAccumulator.update: pred classes must be in [0, {n}), "
                              f"got range [{p.min()}, {p.max()}] on labelled pixels")
         self.matrix += np.bincount(t * n + p, minlength=n * n).reshape(n, n)
+
+    def grow_to(self, n_classes: int) -> None:
+        """Make room for class ids up to ``n_classes - 1`` (counts kept; absent classes do not change the scores)."""
+        if n_classes > self.n_classes:
+            grown = np.zeros((n_classes, n_classes), dtype=np.int64)
+            grown[: self.n_classes, : self.n_classes] = self.matrix
+            self.matrix, self.n_classes = grown, int(n_classes)
 
     def per_class_iou(self) -> np.ndarray:
         """``(n_classes,) float64`` IoU per class; nan for classes absent from both truth and prediction."""
@@ -126,8 +135,9 @@ def _check_instances(truth: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, n
     return truth.ravel(), pred.ravel()
 
 
-def _compact(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``labels`` (N,) ints ≥ 0 → (index (N,) int64 with -1 for background, area per present id (K,))."""
+def _compact(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``labels`` (N,) ints ≥ 0 → (index (N,) int64 with -1 for background, area per present id (K,), the present
+    ids (K,) in increasing order)."""
     top = int(labels.max()) if labels.size else 0
     if top <= _DENSE_ID_LIMIT:
         labels = labels.astype(np.intp, copy=False)
@@ -136,21 +146,101 @@ def _compact(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         present = np.flatnonzero(counts)
         lut = np.full(top + 1, -1, dtype=np.int64)
         lut[present] = np.arange(present.size)
-        return lut[labels], counts[present].astype(np.int64)
+        return lut[labels], counts[present].astype(np.int64), present
     ids, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
     index = inverse.astype(np.int64) - (1 if ids[0] == 0 else 0)
-    return index, (counts[1:] if ids[0] == 0 else counts).astype(np.int64)
+    fg = slice(1, None) if ids[0] == 0 else slice(None)
+    return index, counts[fg].astype(np.int64), ids[fg]
 
 
 def _pair_table(truth: np.ndarray, pred: np.ndarray) -> _PairTable:
     t, p = _check_instances(truth, pred)
-    ti, t_area = _compact(t)
-    pi, p_area = _compact(p)
+    ti, t_area, _ = _compact(t)
+    pi, p_area, _ = _compact(p)
     both = (ti >= 0) & (pi >= 0)
     key = ti[both] * max(p_area.size, 1) + pi[both]
     keys, inter = np.unique(key, return_counts=True)
     return _PairTable(t_area, p_area, keys // max(p_area.size, 1), keys % max(p_area.size, 1),
                       inter.astype(np.int64))
+
+
+class _Counts:
+    """Pixel counts per integer key, summed over many additions (merged when the pending part outgrows the total,
+    so the cost stays proportional to the number of distinct keys)."""
+
+    merge_min = 1 << 16  # pending keys that always wait for the next merge
+
+    def __init__(self) -> None:
+        self.keys = np.zeros(0, np.uint64)
+        self.counts = np.zeros(0, np.int64)
+        self._pending: list[tuple[np.ndarray, np.ndarray]] = []
+        self._n = 0
+
+    def add(self, keys: np.ndarray, counts: np.ndarray) -> None:
+        self._pending.append((keys.astype(np.uint64), counts.astype(np.int64)))
+        self._n += keys.size
+        if self._n > max(self.keys.size, self.merge_min):
+            self.merge()
+
+    def merge(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._pending:
+            keys = np.concatenate([self.keys] + [k for k, _ in self._pending])
+            counts = np.concatenate([self.counts] + [c for _, c in self._pending])
+            self.keys, inverse = np.unique(keys, return_inverse=True)
+            self.counts = np.bincount(inverse.ravel(), weights=counts, minlength=self.keys.size).astype(np.int64)
+            self._pending, self._n = [], 0
+        return self.keys, self.counts
+
+
+_ID_BITS = 32
+
+
+class PairCounter:
+    """The overlap table of two instance maps accumulated piece by piece, e.g. over the row strips of a slide.
+
+    Pixel counts per truth instance, per predicted instance and per overlapping pair add up over pieces, so
+    :meth:`add` on the strips of two maps followed by :meth:`aji` / :meth:`panoptic_quality` gives exactly the
+    scores of :func:`aji` / :func:`panoptic_quality` on the whole maps, with memory proportional to the number of
+    instances instead of pixels. Instance ids must be below 2**32 (uint32 maps).
+    """
+
+    def __init__(self) -> None:
+        self._true, self._pred, self._pairs = _Counts(), _Counts(), _Counts()
+
+    def add(self, truth_inst: np.ndarray, pred_inst: np.ndarray) -> None:
+        """Count one piece: equal-shape integer instance maps (0 = background)."""
+        t, p = _check_instances(truth_inst, pred_inst)
+        ti, t_area, t_ids = _compact(t)
+        pi, p_area, p_ids = _compact(p)
+        for ids, name in ((t_ids, "truth_inst"), (p_ids, "pred_inst")):
+            if ids.size and int(ids[-1]) >= 1 << _ID_BITS:
+                raise ValueError(f"{name}: instance ids must be below 2**{_ID_BITS} to be counted piece by piece, "
+                                 f"got {int(ids[-1])}")
+        self._true.add(t_ids, t_area)
+        self._pred.add(p_ids, p_area)
+        both = (ti >= 0) & (pi >= 0)
+        key = (t_ids[ti[both]].astype(np.uint64) << np.uint64(_ID_BITS)) | p_ids[pi[both]].astype(np.uint64)
+        keys, inter = np.unique(key, return_counts=True)
+        self._pairs.add(keys, inter)
+
+    def table(self) -> _PairTable:
+        t_ids, t_area = self._true.merge()
+        p_ids, p_area = self._pred.merge()
+        keys, inter = self._pairs.merge()
+        ti = np.searchsorted(t_ids, keys >> np.uint64(_ID_BITS)).astype(np.int64)
+        pi = np.searchsorted(p_ids, keys & np.uint64((1 << _ID_BITS) - 1)).astype(np.int64)
+        return _PairTable(t_area, p_area, ti, pi, inter)
+
+    def aji(self) -> float:
+        """:func:`aji` of everything added."""
+        inter, union = _aji_terms(self.table())
+        return 1.0 if union == 0 else inter / union
+
+    def panoptic_quality(self, iou_threshold: float = 0.5) -> dict:
+        """:func:`panoptic_quality` of everything added."""
+        if not 0.0 <= iou_threshold < 1.0:
+            raise ValueError(f"panoptic_quality: iou_threshold must be in [0, 1), got {iou_threshold}")
+        return _pq_from_terms(*_pq_terms(self.table(), iou_threshold))
 
 
 def _aji_terms(tab: _PairTable) -> tuple[float, float]:
@@ -283,6 +373,56 @@ class InstanceAccumulator:
         out["n_images"] = len(self.per_image)
         out["n_empty"] = self.n_empty
         return out
+
+
+def _strip(a: Any, r0: int, r1: int) -> np.ndarray:
+    return np.asarray(a[r0:r1])
+
+
+def score_strips(pred: Any = None, truth: Any = None, pred_inst: Any = None, truth_inst: Any = None, *,
+                 n_classes: int = 1, truth_to_classes: Callable[[np.ndarray], np.ndarray] | None = None,
+                 strip_rows: int = 1024, iou_threshold: float = 0.5) -> Generator[dict, None, dict]:
+    """Semantic scores of ``pred`` vs ``truth`` class maps and instance scores of ``pred_inst`` vs ``truth_inst``,
+    reading the ``(H, W)`` array-likes (numpy, zarr, dask: anything sliced by ``a[r0:r1]``) ``strip_rows`` rows
+    at a time, so a slide-sized pair is never in memory whole; the result equals the whole-map metrics.
+
+    Either pair may be None. ``truth_to_classes`` converts each truth strip (e.g. a support layer's 0 = unknown);
+    ``n_classes`` is a lower bound (the matrix grows with the largest id seen). Yields ``{"stage": "evaluate",
+    "done", "total"}`` after each strip; returns ``miou``, ``dice``, ``accuracy`` (semantic pair) and ``aji``,
+    ``pq``, ``dq``, ``sq`` (instance pair). ValueError when the maps of a pair differ in size.
+    """
+    pairs = [(pred, truth, "classes"), (pred_inst, truth_inst, "instances")]
+    pairs = [(p, t, what) for p, t, what in pairs if p is not None and t is not None]
+    for p, t, what in pairs:
+        if tuple(p.shape) != tuple(t.shape) or len(p.shape) != 2:
+            raise ValueError(f"{what}: prediction {tuple(p.shape)} and truth {tuple(t.shape)} differ in size "
+                             "(2D maps of the same image are needed)")
+    if strip_rows < 1:
+        raise ValueError(f"score_strips: strip_rows must be >= 1, got {strip_rows}")
+    rows = [int(p.shape[0]) for p, _, _ in pairs]
+    starts = range(0, max(rows, default=0), strip_rows)
+    conf = ConfusionAccumulator(max(int(n_classes), 1)) if pred is not None and truth is not None else None
+    counter = PairCounter() if pred_inst is not None and truth_inst is not None else None
+    for i, r0 in enumerate(starts):
+        r1 = r0 + strip_rows
+        if conf is not None:
+            p, t = _strip(pred, r0, r1), _strip(truth, r0, r1)
+            t = truth_to_classes(t) if truth_to_classes is not None else t
+            _check_integer(p, "pred")
+            _check_integer(t, "truth")
+            labelled = t[t != IGNORE]
+            conf.grow_to(max(int(p.max(initial=0)) + 1, int(labelled.max(initial=0)) + 1))
+            conf.update(p, t)
+        if counter is not None:
+            counter.add(_strip(truth_inst, r0, r1), _strip(pred_inst, r0, r1))
+        yield {"stage": "evaluate", "done": i + 1, "total": len(starts)}
+    out: dict[str, float] = {}
+    if conf is not None:
+        out.update(miou=conf.miou(), dice=conf.dice_foreground(), accuracy=conf.pixel_accuracy())
+    if counter is not None:
+        pq = counter.panoptic_quality(iou_threshold)
+        out.update(aji=counter.aji(), pq=pq["pq"], dq=pq["dq"], sq=pq["sq"])
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ detection

@@ -11,14 +11,18 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from napari_metahistoseg.data.task import IGNORE
+from napari_metahistoseg.maml import run
 from napari_metahistoseg.metrics import (
     ConfusionAccumulator,
     InstanceAccumulator,
+    PairCounter,
+    _Counts,
     aji,
     aji_plus,
     classification_scores,
     detection_scores,
     panoptic_quality,
+    score_strips,
 )
 
 # ------------------------------------------------------------------------------ slow references (HoVer-Net loops)
@@ -220,6 +224,89 @@ def test_instance_accumulator():
     assert res["aji_pooled"] == pytest.approx((5 + 8) / (10 + 8))
     assert res["pq"] == pytest.approx((0.32 + 1.0) / 2)
     assert res["dice"] == pytest.approx((2 * 5 / (8 + 7) + 1.0) / 2)
+
+
+@settings(max_examples=60, deadline=None)
+@given(label_maps, label_maps, st.integers(1, 8))
+def test_pair_counter_over_strips_equals_whole_maps(t, p, strip):
+    counter = PairCounter()
+    for r0 in range(0, t.shape[0], strip):
+        counter.add(t[r0:r0 + strip], p[r0:r0 + strip])
+    assert counter.aji() == pytest.approx(aji(t, p), abs=1e-12)
+    assert counter.panoptic_quality() == pytest.approx(panoptic_quality(t, p))
+    assert counter.panoptic_quality(0.2) == pytest.approx(panoptic_quality(t, p, iou_threshold=0.2))
+
+
+def test_pair_counter_merges_pending_counts(monkeypatch):
+    monkeypatch.setattr(_Counts, "merge_min", 1)  # merge after (almost) every strip
+    rng = np.random.default_rng(1)
+    t = random_instances(rng, (200, 200), 40)
+    p = np.roll(random_instances(rng, (200, 200), 40), 2, axis=1)
+    counter = PairCounter()
+    for r0 in range(0, 200, 9):
+        counter.add(t[r0:r0 + 9], p[r0:r0 + 9])
+    assert counter.aji() == pytest.approx(aji(t, p), abs=1e-12)
+    assert counter.panoptic_quality()["pq"] == pytest.approx(panoptic_quality(t, p)["pq"], abs=1e-12)
+
+
+def test_pair_counter_errors_and_empty():
+    counter = PairCounter()
+    assert counter.aji() == 1.0 and counter.panoptic_quality()["pq"] == 1.0  # nothing added: both empty
+    with pytest.raises(ValueError, match="below 2\\*\\*32"):
+        counter.add(np.full((2, 2), 1 << 33, np.uint64), np.zeros((2, 2), np.uint32))
+    with pytest.raises(ValueError, match="equal"):
+        counter.add(np.zeros((2, 2), int), np.zeros((2, 3), int))
+
+
+class _Lazy:
+    """An array that can only be read in slices (as a zarr or dask array), counting what was read."""
+
+    def __init__(self, a):
+        self.a, self.shape, self.read = a, a.shape, []
+
+    def __getitem__(self, key):
+        self.read.append(key)
+        return self.a[key]
+
+    def __array__(self, *args, **kwargs):
+        raise AssertionError("read whole")
+
+
+def test_score_strips_equals_whole_map_metrics():
+    rng = np.random.default_rng(2)
+    t_inst = random_instances(rng, (300, 300), 60)
+    p_inst = np.roll(random_instances(rng, (300, 300), 60), 4, axis=0)
+    truth = (t_inst > 0).astype(np.uint8)
+    truth[:20] = IGNORE
+    pred = (p_inst > 0).astype(np.uint8) * 2  # class 2 beyond n_classes: the matrix grows
+    lazy = [_Lazy(a) for a in (pred, truth, p_inst, t_inst)]
+    progress = []
+    out = run(score_strips(*lazy, n_classes=2, strip_rows=64), progress.append)
+    assert [p["done"] for p in progress] == [1, 2, 3, 4, 5] and progress[-1]["total"] == 5
+    assert all(len(x.read) == 5 for x in lazy)  # strips only
+    acc = ConfusionAccumulator(3)
+    acc.update(pred, truth)
+    assert out["miou"] == pytest.approx(acc.miou()) and out["dice"] == pytest.approx(acc.dice_foreground())
+    assert out["accuracy"] == pytest.approx(acc.pixel_accuracy())
+    assert out["aji"] == pytest.approx(aji(t_inst, p_inst))
+    pq = panoptic_quality(t_inst, p_inst)
+    assert (out["pq"], out["dq"], out["sq"]) == pytest.approx((pq["pq"], pq["dq"], pq["sq"]))
+
+
+def test_score_strips_converts_truth_and_checks_shapes():
+    truth = np.array([[0, 2], [2, 0]], np.uint8)  # support convention: 0 unknown, 1 + class
+    pred = np.array([[0, 1], [1, 1]], np.uint8)
+    out = _drain(score_strips(pred, truth, truth_to_classes=lambda t: np.where(t == 0, IGNORE, t - 1)))
+    assert out["miou"] == 1.0  # only the two painted pixels count
+    with pytest.raises(ValueError, match="differ in size"):
+        _drain(score_strips(pred, truth[:1]))
+    with pytest.raises(ValueError, match="differ in size"):
+        _drain(score_strips(None, None, pred, np.zeros((2, 2, 1), np.uint8)))
+    assert _drain(score_strips()) == {}
+
+
+def _drain(gen):
+    return run(gen)
 
 
 # ------------------------------------------------------------------------------------------------ detection

@@ -14,7 +14,7 @@ import napari
 import numpy as np
 
 from ..sample_data import labels_colormap
-from .jobs import Result
+from .jobs import Result, prune_later
 from .layers import META, find_layers, object_features, placement, table_features, upsert_labels
 
 MITOSIS_THRESHOLD = 0.5  # initial value of the candidate threshold slider
@@ -65,35 +65,10 @@ def show_result(viewer: napari.Viewer, image_layer: Any, result: Result, colours
     return created
 
 
-def _csv_columns(path: Any) -> dict[str, np.ndarray]:
-    """Numeric columns of a nuclei/objects CSV (text columns kept as strings)."""
-    import csv
-
-    if path is None:
-        return {}
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows:
-        return {}
-    out: dict[str, np.ndarray] = {}
-    for k in rows[0]:
-        vals = [r[k] for r in rows]
-        try:
-            out[k] = np.array([float(v) if v != "" else np.nan for v in vals])
-        except ValueError:
-            out[k] = np.array(vals)
-    return out
-
-
-def _features(cols: dict[str, np.ndarray], keep: tuple[str, ...]) -> dict[str, np.ndarray]:
-    out = {"index": cols["id"].astype(np.int64)} if "id" in cols else {}
-    out.update({k: cols[k] for k in keep if k in cols})
-    return out
-
-
 def show_large(viewer: napari.Viewer, image_layer: Any, result: Result, colours: list[str]) -> list[Any]:
     """Layers over the zarr arrays of a streamed prediction (read lazily by napari, never copied into memory);
-    nuclei and objects carry their CSV tables as features."""
+    nuclei and objects carry their tables (read from the CSVs by the job) as features. Older stores of the same
+    image are deleted on a background thread once the layers read the new one."""
     import zarr
 
     res = result.large
@@ -104,20 +79,19 @@ def show_large(viewer: napari.Viewer, image_layer: Any, result: Result, colours:
                              image_layer=image_layer, meta=meta, opacity=0.5,
                              colormap=labels_colormap(colours, offset=0))
     created += [sem] if new else []
-    cols = ("centroid_row", "centroid_col", "area_px", "area_um2")
     if "instances" in root:
         inst, new = upsert_labels(viewer, "instances", root["instances"], name=f"nuclei ({image_layer.name})",
                                   image_layer=image_layer, opacity=0.6, meta={"store": str(res.store)})
-        inst.features = _features(_csv_columns(res.nuclei_csv), cols + ("type", "type_name", "type_prob"))
+        if result.features.get("instances") is not None:
+            inst.features = result.features["instances"]
         created += [inst] if new else []
     if "objects" in root:
         obj, new = upsert_labels(viewer, "objects", root["objects"], name=f"objects ({image_layer.name})",
                                  image_layer=image_layer, opacity=0.5, meta={"store": str(res.store)})
-        obj.features = _features(_csv_columns(res.objects_csv), cols + ("class", "class_name"))
+        if result.features.get("objects") is not None:
+            obj.features = result.features["objects"]
         created += [obj] if new else []
-    from .jobs import prune_stores
-
-    prune_stores(res.store)  # the layers now read this store: older ones of the same image can go
+    prune_later(res.store)  # the layers now read this store: older ones of the same image can go
     return created
 
 

@@ -5,18 +5,20 @@ instances), detection F1 for points.
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from typing import Any
 
 import napari
 import numpy as np
 from napari.utils.notifications import show_error
-from qtpy.QtWidgets import QFormLayout, QLabel, QPushButton, QVBoxLayout, QWidget
+from qtpy.QtWidgets import QFormLayout, QLabel, QProgressBar, QPushButton, QVBoxLayout, QWidget
 
-from ..config import PointsConfig
-from ..metrics import ConfusionAccumulator, aji, detection_scores, panoptic_quality
-from .common import LayerCombo
+from ..config import PointsConfig, TilingConfig
+from ..maml import run
+from ..metrics import detection_scores, score_strips
+from .common import LayerCombo, row
 from .layers import kind_of, layer_to_support, plugin_meta
-from .workers import error_text
+from .workers import JobRunner, error_text
 
 NOT_TRUTH = ("prediction", "instances", "objects", "preview", "circles")
 
@@ -26,29 +28,29 @@ def truth_classes(layer: Any) -> np.ndarray:
     return layer_to_support(layer.data) if kind_of(layer) == "support" else np.asarray(layer.data)
 
 
-def _same_shape(a: np.ndarray, b: np.ndarray, what: str) -> None:
-    if a.shape != b.shape:
-        raise ValueError(f"{what}: prediction {a.shape} and truth {b.shape} differ in size")
+DISPLAY = {"miou": "mIoU", "dice": "Dice", "accuracy": "accuracy", "aji": "AJI", "pq": "PQ", "dq": "DQ", "sq": "SQ"}
+STRIP_ROWS = 2048  # rows of the layers read at a time (a slide-sized layer is never read whole)
 
 
-def evaluate_layers(pred: Any, truth: Any, pred_inst: Any = None, truth_inst: Any = None,
-                    truth_points: Any = None, match_radius_px: float | None = None) -> dict[str, float]:
-    """Metrics of the given layers (any may be None except ``pred``); ValueError on mismatched inputs."""
-    out: dict[str, float] = {}
-    if pred is not None and truth is not None:
-        p, t = np.asarray(pred.data), truth_classes(truth)
-        _same_shape(p, t, "classes")
-        labelled = t[t != 255]
-        n = max(len(plugin_meta(pred).get("classes") or []), int(p.max()) + 1,
-                int(labelled.max()) + 1 if labelled.size else 1)
-        acc = ConfusionAccumulator(n)
-        acc.update(p.astype(np.int64), t.astype(np.int64))
-        out.update(mIoU=acc.miou(), Dice=acc.dice_foreground(), accuracy=acc.pixel_accuracy())
-    if pred_inst is not None and truth_inst is not None:
-        p, t = np.asarray(pred_inst.data), np.asarray(truth_inst.data)
-        _same_shape(p, t, "nuclei")
-        pq = panoptic_quality(t, p)
-        out.update(AJI=aji(t, p), PQ=pq["pq"], DQ=pq["dq"], SQ=pq["sq"])
+def is_lazy(layer: Any) -> bool:
+    """Whether a layer's data are read on demand (zarr, dask, a streamed prediction) or too large to be scored on
+    the GUI thread."""
+    data = layer.data
+    return not isinstance(data, np.ndarray) or data.shape[0] * data.shape[1] > TilingConfig().stream_above_mp * 1e6
+
+
+def score_job(pred: Any, truth: Any, pred_inst: Any = None, truth_inst: Any = None,
+              truth_points: Any = None, match_radius_px: float | None = None) -> Generator[dict, None, dict]:
+    """Metrics of the given layers (any may be None except ``pred``), read in row strips; yields progress and
+    returns ``{display name: value}``. ValueError on mismatched inputs."""
+    semantic = pred is not None and truth is not None
+    n = max(len(plugin_meta(pred).get("classes") or []), 1) if pred is not None else 1
+    convert = (lambda t: layer_to_support(t)) if semantic and kind_of(truth) == "support" else None
+    scores = yield from score_strips(pred.data if semantic else None, truth.data if semantic else None,
+                                     pred_inst.data if pred_inst is not None and truth_inst is not None else None,
+                                     truth_inst.data if pred_inst is not None and truth_inst is not None else None,
+                                     n_classes=n, truth_to_classes=convert, strip_rows=STRIP_ROWS)
+    out = {DISPLAY[k]: v for k, v in scores.items()}
     if pred_inst is not None and truth_points is not None:
         feats = pred_inst.features
         pts = (np.c_[feats["centroid_row"], feats["centroid_col"]] if "centroid_row" in feats
@@ -57,6 +59,12 @@ def evaluate_layers(pred: Any, truth: Any, pred_inst: Any = None, truth_inst: An
         det = detection_scores(pts, np.asarray(truth_points.data).reshape(-1, 2), radius)
         out.update(precision=det["precision"], recall=det["recall"], F1=det["f1"])
     return out
+
+
+def evaluate_layers(pred: Any, truth: Any, pred_inst: Any = None, truth_inst: Any = None,
+                    truth_points: Any = None, match_radius_px: float | None = None) -> dict[str, float]:
+    """:func:`score_job` run to its end on this thread."""
+    return run(score_job(pred, truth, pred_inst, truth_inst, truth_points, match_radius_px))
 
 
 class EvaluateWidget(QWidget):
@@ -72,8 +80,14 @@ class EvaluateWidget(QWidget):
         self.points_combo = LayerCombo(v, napari.layers.Points, exclude_kinds=("mitosis", "points"), optional=True)
         self._prefer_truth()
         v.layers.events.inserted.connect(self._prefer_truth)
-        button = QPushButton("Evaluate")
-        button.clicked.connect(lambda: self.evaluate())
+        self.button = QPushButton("Evaluate")
+        self.button.clicked.connect(lambda: self.evaluate())
+        self.cancel_button = QPushButton("Cancel", enabled=False)
+        self.bar, self.status = QProgressBar(), QLabel("")
+        self.runner = JobRunner(self.bar, self.status, self)
+        self.cancel_button.clicked.connect(self.runner.cancel)
+        self.runner.started.connect(lambda: self._busy(True))
+        self.runner.stopped.connect(lambda _: self._busy(False))
         self.table = QLabel("Choose a prediction and a truth layer, then press Evaluate.")
         self.table.setWordWrap(True)
         self.results: dict[str, float] = {}
@@ -84,8 +98,8 @@ class EvaluateWidget(QWidget):
             form.addRow(label, w)
         lay = QVBoxLayout(self)
         lay.addLayout(form)
-        lay.addWidget(button)
-        lay.addWidget(self.table)
+        for w in (row(self.button, self.cancel_button), self.bar, self.status, self.table):
+            lay.addWidget(w)
         lay.addStretch()
 
     def _prefer_truth(self, *_: Any) -> None:
@@ -97,21 +111,38 @@ class EvaluateWidget(QWidget):
         if self.pred_inst_combo.layer() is None and len(self.pred_inst_combo.candidates()):
             self.pred_inst_combo.set_layer(self.pred_inst_combo.candidates()[-1])
 
+    def _busy(self, busy: bool) -> None:
+        self.button.setEnabled(not busy)
+        self.cancel_button.setEnabled(busy)
+
     def evaluate(self) -> dict[str, float]:
-        """Compute and show the metrics (an error notification if the layers do not fit)."""
+        """Compute and show the metrics (an error notification if the layers do not fit). In-memory layers are
+        scored at once and the metrics returned; lazy or slide-sized ones (a streamed prediction) are scored strip
+        by strip on a worker thread with progress and Cancel — this returns {} and the table fills in when done."""
+        if self.runner.busy:
+            show_error("Evaluate: a run is in progress; cancel it first")
+            return {}
+        layers = (self.pred_combo.layer(), self.truth_combo.layer(), self.pred_inst_combo.layer(),
+                  self.truth_inst_combo.layer(), self.points_combo.layer())
         try:
-            if self.pred_combo.layer() is None:
+            if layers[0] is None:
                 raise ValueError("no prediction layer: press Adapt & predict first")
-            self.results = evaluate_layers(self.pred_combo.layer(), self.truth_combo.layer(),
-                                           self.pred_inst_combo.layer(), self.truth_inst_combo.layer(),
-                                           self.points_combo.layer())
-            if not self.results:
+            if layers[1] is None and (layers[3] is None or layers[2] is None) and layers[4] is None:
                 raise ValueError("nothing to compare: choose a truth layer (classes, nuclei or points)")
+            if any(ly is not None and is_lazy(ly) for ly in layers[:4]):
+                self.runner.run("Evaluate", score_job, *layers, on_return=self._show)
+                return {}
+            return self._show(evaluate_layers(*layers))
         except ValueError as e:
             show_error(error_text("Evaluate", e))
             return {}
-        rows = "".join(f"<tr><td>{k}</td><td align='right'>{v:.3f}</td></tr>" for k, v in self.results.items())
+
+    def _show(self, results: dict[str, float]) -> dict[str, float]:
+        self.results = results
+        if not results:
+            raise ValueError("nothing to compare: choose a truth layer (classes, nuclei or points)")
+        rows = "".join(f"<tr><td>{k}</td><td align='right'>{v:.3f}</td></tr>" for k, v in results.items())
         note = ("<br><i>truth = the support strokes the head was adapted on: not held-out</i>"
                 if kind_of(self.truth_combo.layer()) == "support" else "")
         self.table.setText(f"<table>{rows}</table>{note}")
-        return self.results
+        return results

@@ -82,6 +82,20 @@ def prune_stores(current: Path, keep: int = KEEP_STORES) -> list[Path]:
     return old
 
 
+_PRUNER: Any = None
+
+
+def prune_later(current: Path, keep: int = KEEP_STORES) -> Any:
+    """:func:`prune_stores` on a background thread (deleting a slide-sized store takes a while); returns its
+    ``Future``. One thread: prunings of successive predictions run in order."""
+    global _PRUNER
+    if _PRUNER is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _PRUNER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="metahistoseg-prune")
+    return _PRUNER.submit(prune_stores, current, keep)
+
+
 def is_large(image: Any, tiling: TilingConfig) -> bool:
     """Whether ``image`` (any array-like) is predicted streamed instead of in memory."""
     return int(image.shape[0]) * int(image.shape[1]) > tiling.stream_above_mp * 1e6
@@ -96,6 +110,19 @@ class Result:
     mitosis_probs: np.ndarray | None = None  # (N,) probability of "mitotic"
     type_names: list[str] = field(default_factory=list)  # HoVer nucleus types (index 0 = background)
     large: LargePrediction | None = None
+    # per-layer feature tables of a streamed prediction ("instances", "objects"), read from its CSVs on the worker
+    # thread so that showing the layers never parses a slide's table on the GUI thread
+    features: dict[str, Any] = field(default_factory=dict)
+
+
+def read_features(path: str | Path | None) -> Any:
+    """A nuclei/objects CSV (:data:`~napari_metahistoseg.inference.NUCLEI_COLUMNS`,
+    :data:`~napari_metahistoseg.postprocess.OBJECT_COLUMNS`) as a layer features table: a pandas DataFrame with
+    ``id`` renamed ``index`` (napari's key to the label ids), the same columns as an in-memory prediction's
+    features; None without a table."""
+    import pandas as pd
+
+    return None if path is None else pd.read_csv(path).rename(columns={"id": "index"})
 
 
 def _predict_region(backbone: Backbone, head: AdaptedHead, image: np.ndarray, s: PredictSettings,
@@ -143,6 +170,9 @@ def _predict_streamed(bb: Backbone, head: AdaptedHead, image: Any, s: PredictSet
 
     res = yield from relay(gen, preview)  # closing this job (Cancel) closes the prediction between tiles
     result = Result(None, type_names=hover_type_names(bb), large=res)
+    yield {"stage": "tables", "done": 0, "total": 1}
+    result.features = {"instances": read_features(res.nuclei_csv), "objects": read_features(res.objects_csv)}
+    yield {"stage": "tables", "done": 1, "total": 1}
     if s.mitosis_model is not None and MITOSIS_AVAILABLE and res.nuclei_csv is not None:
         result.mitosis_points, result.mitosis_probs = yield from _mitosis_streamed(lazy, res, s)
     return result

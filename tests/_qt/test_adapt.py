@@ -151,12 +151,14 @@ def test_large_image_streams_into_zarr(viewer, qtbot, adapt, errors, tmp_path, m
     assert zarr.open_group(str(store), mode="r").attrs["complete"] is True
     assert sem.metadata["metahistoseg"]["store"] == str(store)
     assert sorted(inst.features["index"]) == sorted(set(np.unique(inst.data[:])) - {0})
-    assert "centroid_row" in inst.features and "type_name" in inst.features
+    assert "centroid_row" in inst.features and "type_name" in inst.features and "bbox_max_col" in inst.features
+    assert {"class_name", "area_um2"} <= set(obj.features.columns)
     # predicting again writes a new store; the layers move to it and only the newest two stores are kept
     for _ in range(2):
         run(qtbot, adapt.run_predict(), adapt)
+    qtbot.waitUntil(lambda: store not in tmp_path.glob("tile-*.zarr"), timeout=10000)  # pruned off the GUI thread
     stores = sorted(tmp_path.glob("tile-*.zarr"))
-    assert len(stores) == 2 and store not in stores
+    assert len(stores) == 2
     [sem] = find_layers(viewer, "prediction")
     assert sem.metadata["metahistoseg"]["store"] == str(stores[-1]) and errors == []
     # a live re-adaptation (after a stroke) predicts the visible field only

@@ -60,3 +60,34 @@ def test_errors(viewer, evaluate, errors):
     _truth(viewer)
     viewer.add_labels(np.zeros((8, 8), np.uint8), name="pred", metadata={META: {"kind": "prediction"}})
     assert evaluate.evaluate() == {} and "differ in size" in errors[-1]
+
+
+def test_lazy_layers_are_scored_in_strips_on_a_worker(viewer, evaluate, qtbot, tmp_path, monkeypatch):
+    """A streamed (zarr-backed) prediction is never read whole: scored strip by strip in a worker thread."""
+    import zarr
+
+    from napari_metahistoseg._qt import evaluate as ev
+
+    monkeypatch.setattr(ev, "STRIP_ROWS", 16)
+    sem, inst = _truth(viewer)
+    root = zarr.open_group(str(tmp_path / "pred.zarr"), mode="w")
+    root.create_array("semantic", shape=sem.shape, chunks=(16, 32), dtype="uint8")[:] = sem
+    root.create_array("instances", shape=inst.shape, chunks=(16, 32), dtype="uint32")[:] = inst
+    reads = []
+    real = ev.score_strips
+
+    def spy(*arrays, **kw):
+        reads.extend(type(a).__name__ for a in arrays if a is not None)
+        return (yield from real(*arrays, **kw))
+
+    monkeypatch.setattr(ev, "score_strips", spy)
+    viewer.add_labels(root["semantic"], name="pred", metadata={META: {"kind": "prediction", "classes": ["b", "n"]}})
+    viewer.add_labels(root["instances"], name="pred nuclei", metadata={META: {"kind": "instances"}})
+    evaluate.pred_inst_combo.set_layer(viewer.layers["pred nuclei"])
+    assert evaluate.evaluate() == {}  # started on a worker thread
+    assert evaluate.runner.busy and not evaluate.button.isEnabled()
+    qtbot.waitUntil(lambda: not evaluate.runner.busy, timeout=20000)
+    assert reads.count("Array") == 2  # the zarr arrays went to the strip scorer as they are
+    assert evaluate.results["mIoU"] == 1.0 and evaluate.results["AJI"] == 1.0 and evaluate.results["PQ"] == 1.0
+    assert "mIoU" in evaluate.table.text() and evaluate.button.isEnabled()
+    assert evaluate.status.text() == "Evaluate: done"
