@@ -75,6 +75,8 @@ from napari_metahistoseg.pipeline import (  # noqa: E402
     _features,
     _learned_lrs,
     adapt,
+    calibrate_threshold,
+    calibrates,
     initial_head,
     load_backbone,
     rescale,
@@ -295,11 +297,15 @@ def adapt_cached(bb: Backbone, feats: list[torch.Tensor], labels: list[np.ndarra
     prefix = f"heads.{TASK}."
     init = {k[len(prefix):]: v.detach().clone() for k, v in start.items() if k.startswith(prefix)}
     template = PixelHead(bb.model.backbone.out_channels, n_cls, bb.model.cfg.head_hidden)
-    fast = run(adapt_head_on_pixels(template, init, torch.cat(xs), torch.cat(ys), n_classes=n_cls, steps=cfg.steps,
+    x, y = torch.cat(xs), torch.cat(ys)
+    fast = run(adapt_head_on_pixels(template, init, x, y, n_classes=n_cls, steps=cfg.steps,
                                     lr=cfg.inner_lr, first_order=True, balance=balance,
                                     lrs=_learned_lrs(bb, init, cfg), devices=[torch.device("cpu")]))
+    threshold = None
+    if calibrates(cfg, labels, n_cls):
+        fast, threshold = calibrate_threshold(template, fast, x, y, cfg)
     return AdaptedHead(list(classes), {prefix + k: v.detach().cpu() for k, v in fast.items()}, bb.sha256, cfg,
-                       bb.mpp, {"backbone": bb.name, "cached_features": True})
+                       bb.mpp, {"backbone": bb.name, "cached_features": True, "calibrated_threshold": threshold})
 
 
 def predict_cached(model: torch.nn.Module, feats: torch.Tensor, s: Sample, bb: Backbone, classes: list[str],

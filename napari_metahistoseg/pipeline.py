@@ -28,7 +28,7 @@ from .config import MAMLConfig, TilingConfig, from_dict, to_dict
 from .data.io import to_rgb_uint8
 from .data.task import IGNORE
 from .devices import resolve_devices
-from .maml import adapt_head_on_pixels, balanced_weights, inner_loop, pixel_support, relay
+from .maml import adapt_head_on_pixels, balanced_weights, head_pixel_logits, inner_loop, pixel_support, relay
 from .models import MetaHistoSegNet, PixelHead, adapted_param_names
 from .resilience import oom_fallback_gen
 from .tiling import predict_tiled
@@ -265,8 +265,9 @@ def adapt(
         raise ValueError(f"the starting head has {len(init.classes)} classes, the support names {len(classes)}")
     t0 = time.time()
     balance = support_balance(cfg, [lab for _, lab in sup], len(classes))
+    threshold = None
     if cfg.adapt == "head":
-        fast = yield from _adapt_head(backbone, sup, len(classes), start, cfg, devs, tiling, t0, balance)
+        fast, threshold = yield from _adapt_head(backbone, sup, len(classes), start, cfg, devs, tiling, t0, balance)
     else:
         fast = yield from _adapt_full(backbone, sup, len(classes), start, cfg, devs, t0, balance)
     prov = {"support": [{"shape": list(im.shape[:2]), "labelled_px": int((lab != IGNORE).sum()),
@@ -274,7 +275,7 @@ def adapt(
                          "image_sha256": array_sha256(im0), "labels_sha256": array_sha256(lab0)}
                         for (im, lab), im0, lab0 in zip(sup, images, labels, strict=True)],
             "devices": [str(d) for d in devs], "adapt_seconds": round(time.time() - t0, 3),
-            "class_balance_used": balance,
+            "class_balance_used": balance, "calibrated_threshold": threshold,
             "backbone": backbone.name}
     log.info("adapted %s on %s in %.2f s", cfg.adapt, [str(d) for d in devs], time.time() - t0)
     return AdaptedHead(list(classes), {k: v.detach().cpu() for k, v in fast.items()}, backbone.sha256, cfg,
@@ -323,7 +324,48 @@ def _adapt_head(backbone, sup, n_classes, start, cfg, devs, tiling, t0, balance)
     gen = adapt_head_on_pixels(template, init, x, y, n_classes=n_classes, steps=cfg.steps, lr=cfg.inner_lr,
                                first_order=cfg.first_order, balance=balance, lrs=lrs, devices=devs)
     fast = yield from relay(gen, lambda p: _progress(p, t0, "adapt"))
-    return {prefix + k: v for k, v in fast.items()}
+    threshold = None
+    if calibrates(cfg, [lab for _, lab in sup], n_classes):
+        fast, threshold = calibrate_threshold(template, fast, x, y, cfg)
+    return {prefix + k: v for k, v in fast.items()}, threshold
+
+
+def calibrates(cfg: MAMLConfig, labels: Sequence[np.ndarray], n_classes: int) -> bool:
+    """Whether head adaptation calibrates the decision threshold (:func:`calibrate_threshold`): on for a two-class
+    support of which at least ``cfg.dense_label_fraction`` is labelled — strokes or clicks say nothing about how
+    much of the image is foreground, so a threshold fitted on them would be arbitrary."""
+    if not (cfg.calibrate_threshold and cfg.adapt == "head" and n_classes == 2):
+        return False
+    labelled = sum(int((lab != IGNORE).sum()) for lab in labels)
+    return labelled >= cfg.dense_label_fraction * sum(lab.size for lab in labels)
+
+
+def calibrate_threshold(head: torch.nn.Module, fast: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+                        cfg: MAMLConfig) -> tuple[dict[str, torch.Tensor], float]:
+    """Fold the foreground-probability threshold that maximises the mIoU of the support pixels ``x (N, F)`` with
+    labels ``y (N,)`` (two classes; grid ``cfg.threshold_min..max`` by ``step``, ties to the value closest to 0.5)
+    into the output bias of the head's parameters ``fast``: afterwards ``argmax`` (= probability ≥ 0.5) of the
+    returned head is ``p_foreground ≥ threshold`` of the given one. Returns ``(new parameters, threshold)``."""
+    grid = np.arange(cfg.threshold_min, cfg.threshold_max + cfg.threshold_step / 2, cfg.threshold_step)
+    grid = grid[np.argsort(np.abs(grid - 0.5), kind="stable")]  # argmax below keeps the first (closest) of ties
+    with torch.no_grad():
+        p = head_pixel_logits(head, fast, x).softmax(1)[:, 1].cpu().numpy()
+    t = y.cpu().numpy().astype(bool)
+    pred = p[None, :] >= grid[:, None]
+    i1, u1 = (pred & t).sum(1), (pred | t).sum(1)
+    i0, u0 = (~pred & ~t).sum(1), (~pred | ~t).sum(1)
+    miou = (i0 / np.maximum(u0, 1) + i1 / np.maximum(u1, 1)) / 2
+    best = float(np.round(grid[int(np.argmax(miou))], 6))
+    out = dict(fast)
+    key = output_bias_name(head)
+    shift = math.log(best / (1.0 - best))  # logit(best): p1 >= best  <=>  l1 - l0 >= shift
+    out[key] = fast[key] + torch.tensor([shift / 2, -shift / 2], dtype=fast[key].dtype, device=fast[key].device)
+    return out, best
+
+
+def output_bias_name(head: torch.nn.Module) -> str:
+    """Name of the bias of a :class:`~napari_metahistoseg.models.PixelHead`'s output layer."""
+    return f"net.{len(head.net) - 1}.bias"
 
 
 def _learned_lrs(backbone: Backbone, init: dict, cfg: MAMLConfig) -> dict | None:
