@@ -62,7 +62,7 @@ from napari_metahistoseg.data import open_dataset  # noqa: E402
 from napari_metahistoseg.data.points import points_to_masks  # noqa: E402
 from napari_metahistoseg.data.task import IGNORE, Sample  # noqa: E402
 from napari_metahistoseg.evaluation import SCRATCH, _is_nuclear, evaluate  # noqa: E402
-from napari_metahistoseg.inference import Prediction, _resize_maps, detect_points, predict  # noqa: E402
+from napari_metahistoseg.inference import Prediction, _resize_maps, decide, detect_points, predict  # noqa: E402
 from napari_metahistoseg.maml import adapt_head_on_pixels, pixel_support, run  # noqa: E402
 from napari_metahistoseg.metrics import ConfusionAccumulator, aji, detection_scores, panoptic_quality  # noqa: E402
 from napari_metahistoseg.models import PixelHead  # noqa: E402
@@ -301,19 +301,17 @@ def adapt_cached(bb: Backbone, feats: list[torch.Tensor], labels: list[np.ndarra
     fast = run(adapt_head_on_pixels(template, init, x, y, n_classes=n_cls, steps=cfg.steps,
                                     lr=cfg.inner_lr, first_order=True, balance=balance,
                                     lrs=_learned_lrs(bb, init, cfg), devices=[torch.device("cpu")]))
-    threshold = None
-    if calibrates(cfg, labels, n_cls):
-        fast, threshold = calibrate_threshold(template, fast, x, y, cfg)
+    threshold = calibrate_threshold(template, fast, x, y, cfg) if calibrates(cfg, labels, n_cls) else None
     return AdaptedHead(list(classes), {prefix + k: v.detach().cpu() for k, v in fast.items()}, bb.sha256, cfg,
                        bb.mpp, {"backbone": bb.name, "cached_features": True, "calibrated_threshold": threshold})
 
 
 def predict_cached(model: torch.nn.Module, feats: torch.Tensor, s: Sample, bb: Backbone, classes: list[str],
-                   nuclear: bool) -> Prediction:
+                   nuclear: bool, threshold: float | None = None) -> Prediction:
     """``inference.predict`` with the head applied to cached features (``np_source="adapted"``)."""
     with torch.inference_mode():
         probs = _resize_maps(model.heads[TASK](feats[None])["seg"].softmax(1)[0].numpy(), s.shape)
-        pred = Prediction(probs.argmax(0).astype(np.uint8), probs, list(classes))
+        pred = Prediction(decide(probs, threshold), probs, list(classes))
         if nuclear:
             hv = np.clip(_resize_maps(model.heads["hover"](feats[None])["hv"][0].numpy(), s.shape), -1, 1)
             np_prob = probs[1:].sum(0)
@@ -407,7 +405,8 @@ class Runner:
         if method in HEAD_ONLY:
             model = head.module_for(bb)
             for q in qrys:
-                out[q.sample_id] = predict_cached(model, self.cache.get(bb, td.name, q), q, bb, classes, nuclear)
+                out[q.sample_id] = predict_cached(model, self.cache.get(bb, td.name, q), q, bb, classes, nuclear,
+                                                  head.threshold)
         else:
             for q in qrys:
                 out[q.sample_id] = run(predict(bb, head, q.image, mpp=q.mpp, instances=nuclear))
@@ -504,8 +503,10 @@ def consistency_check(runner: Runner, td: TaskData, max_query: int, fixed: list[
     head_diff = max(float((ref.state[k] - mine.state[k]).abs().max()) for k in ref.state)
     nuclear = td.ds.kind != "points" and _is_nuclear([s])
     p_ref = run(predict(bb, ref, q.image, mpp=q.mpp, instances=nuclear))
-    p_mine = predict_cached(ref.module_for(bb), runner.cache.get(bb, td.name, q), q, bb, classes, nuclear)
+    p_mine = predict_cached(mine.module_for(bb), runner.cache.get(bb, td.name, q), q, bb, classes, nuclear,
+                            mine.threshold)
     out = {"task": td.name, "support": sup, "query0": qry[0], "head_max_abs_diff": head_diff,
+           "thresholds": [ref.threshold, mine.threshold],
            "prob_max_abs_diff": float(np.abs(p_ref.probs - p_mine.probs).max()),
            "semantic_pixels_differing": float((p_ref.semantic != p_mine.semantic).mean())}
     if td.name == "monuseg" and len(qry) == len(td.ds.ids) - 1:
@@ -800,10 +801,13 @@ def checks_md(checks: list[dict]) -> str:
     rows = []
     for c in checks:
         ev = c.get("evaluate")
-        rows.append([c["task"], c["head_max_abs_diff"], c["prob_max_abs_diff"], c["semantic_pixels_differing"],
+        th = c.get("thresholds") or [None, None]
+        rows.append([c["task"], " / ".join("–" if t is None else f"{t:.2f}" for t in th),
+                     c["head_max_abs_diff"], c["prob_max_abs_diff"], c["semantic_pixels_differing"],
                      "–" if not ev else " / ".join(f"{ev[k]:.4f}" for k in ("miou", "aji", "pq")),
                      "–" if not ev else " / ".join(f"{c['bench'][k]:.4f}" for k in ("miou", "aji", "pq"))])
-    return common.md_table(["task", "head max abs diff", "prob max abs diff", "semantic px differing",
+    return common.md_table(["task", "calibrated threshold (GUI / bench)", "head max abs diff", "prob max abs diff",
+                            "semantic px differing",
                             "evaluate() mIoU/AJI/PQ", "bench mIoU/AJI/PQ"], rows)
 
 

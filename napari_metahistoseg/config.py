@@ -65,10 +65,10 @@ class MAMLConfig:
     # all 4 blocks 16.8 s, the last 2 12.5 s, the last one 7.1 s; dev mIoU within 0.002 of each other on MoNuSeg
     # (1 tile) and GlaS (4 images) (benchmarks/tune_decoder.py; BENCHMARKS.md, "Adaptation latency")
     decoder_blocks: int = 1
-    # head mode, densely labelled two-class support: after the inner loop, move the head's decision threshold on
-    # the foreground probability to the value of the grid below that maximises the support's mIoU (ties: closest
-    # to 0.5), by shifting the head's output bias, so every consumer of the head (classes, nuclei, exports) uses it.
-    # Dev data, 3 draws (BENCHMARKS.md, "Adaptation defaults"): BM-Graz +0.018 mIoU, MoNuSeg +0.006, others ±0.001
+    # head mode, densely labelled two-class support: after the inner loop, the class decision (classes layer,
+    # objects) uses the foreground-probability threshold of the grid below that maximises the support's mIoU (ties:
+    # closest to 0.5) instead of 0.5; probabilities, and so nuclei and point detection, are unchanged
+    # (BENCHMARKS.md, "Adaptation defaults": threshold calibration)
     calibrate_threshold: bool = True
     threshold_min: float = 0.2  # foreground-probability thresholds tried (0-1), from min to max in steps of step
     threshold_max: float = 0.8

@@ -184,7 +184,7 @@ def predict(
         lambda t: predict_tiled(fwd_for(reps[0]), small, cfg=t, devices=devs, channels=channels, activations=acts,
                                 forwards=[fwd_for(r) for r in reps], cpu_channels_last=t.channels_last), tiling)
     probs = _resize_maps(maps["seg"], (h, w))
-    pred = Prediction(probs.argmax(0).astype(np.uint8), probs, list(head.classes))
+    pred = Prediction(decide(probs, head.threshold), probs, list(head.classes))
     if instances:
         yield {"stage": "instances", "done": 0, "total": 1}
         np_prob = probs[1:].sum(0) if np_source == "adapted" else _resize_maps(maps["np"], (h, w))[1]
@@ -202,6 +202,15 @@ def predict(
         yield {"stage": "objects", "done": 1, "total": 1}
     pred.seconds = time.time() - t0
     return pred
+
+
+def decide(probs: np.ndarray, threshold: float | None = None) -> np.ndarray:
+    """Class map ``(H, W) uint8`` from class probabilities ``(C, H, W)``: the arg-max, or for two classes with a
+    calibrated ``threshold`` (:attr:`~napari_metahistoseg.pipeline.AdaptedHead.threshold`) foreground where its
+    probability reaches it."""
+    if threshold is not None and probs.shape[0] == 2:
+        return (probs[1] >= threshold).astype(np.uint8)
+    return probs.argmax(0).astype(np.uint8)
 
 
 def detect_points(
@@ -320,6 +329,7 @@ class _Job:
     multiple: int
     scale: float
     pool: ThreadPoolExecutor
+    threshold: float | None = None  # the head's calibrated class-decision threshold
 
     def model_hw(self, h: int, w: int) -> tuple[int, int] | None:
         if self.scale == 1.0:
@@ -358,7 +368,7 @@ def _band_pass(job: _Job, region: tuple[int, int, int, int], write: tuple[int, i
             i += 1
         until = starts[k + 1] - R0 if k + 1 < len(starts) else H
         top = blender.top
-        _write_rows(job.root, blender.release(until), (top + R0, C0), write, job.tile - 2 * job.halo)
+        _write_rows(job.root, blender.release(until), (top + R0, C0), write, job.tile - 2 * job.halo, job.threshold)
         if after is not None:
             yield from after(until + R0)
     return len(tiles)
@@ -373,7 +383,7 @@ def _read_batch(image: LazyImage, batch: list) -> list[tuple[list, np.ndarray]]:
 
 
 def _write_rows(root, maps: dict[str, np.ndarray], origin: tuple[int, int], write: tuple[int, int, int, int],
-                block: int) -> None:
+                block: int, threshold: float | None = None) -> None:
     """Write blended maps whose top-left pixel is image ``origin``, clipped to the ``write`` rectangle, in column
     blocks of ``block`` px (the zarr chunk width: whole chunks, small temporaries)."""
     wr0, wc0, wr1, wc1 = write
@@ -384,7 +394,7 @@ def _write_rows(root, maps: dict[str, np.ndarray], origin: tuple[int, int], writ
         if r1 <= r0:
             return
         sl = (slice(r0 - origin[0], r1 - origin[0]), slice(c0 - origin[1], c1 - origin[1]))
-        root["semantic"][r0:r1, c0:c1] = maps["seg"][(slice(None), *sl)].argmax(0).astype(np.uint8)
+        root["semantic"][r0:r1, c0:c1] = decide(maps["seg"][(slice(None), *sl)], threshold)
         if "np" in maps:
             root["np"][r0:r1, c0:c1] = np.rint(np.clip(maps["np"][0][sl], 0, 1) * NP_LEVELS).astype(np.uint8)
             root["hv"][:, r0:r1, c0:c1] = np.rint(np.clip(maps["hv"][(slice(None), *sl)], -1, 1) * HV_LEVELS
@@ -499,7 +509,7 @@ def _predict_large(backbone, head, image, out, mpp, devs, tiling, instances, hov
     table = None
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tile-reader") as pool:
         runner = TileRunner(fwds, devs, tiling, channels, cpu_channels_last=tiling.channels_last)
-        job = _Job(image, root, runner, tiling, tile, halo, multiple, scale, pool)
+        job = _Job(image, root, runner, tiling, tile, halo, multiple, scale, pool, head.threshold)
         try:
             if roi is not None:
                 res.roi = _check_roi(roi, (H, W))

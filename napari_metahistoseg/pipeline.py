@@ -93,6 +93,14 @@ class AdaptedHead:
     provenance: dict = field(default_factory=dict)
     colours: list[str] | None = None
 
+    @property
+    def threshold(self) -> float | None:
+        """Foreground-probability threshold of a two-class head's class decision (None: arg-max), calibrated on
+        the support at adaptation (:func:`calibrate_threshold`); stored in the provenance, so exported heads keep
+        it."""
+        t = self.provenance.get("calibrated_threshold")
+        return float(t) if t is not None and len(self.classes) == 2 else None
+
     def save(self, path: str | Path) -> tuple[Path, Path]:
         prov = {**self.provenance, "maml": to_dict(self.maml), "mpp": self.mpp}
         return export_head(path, self.state, backbone_sha=self.backbone_sha256, classes=self.classes,
@@ -324,9 +332,8 @@ def _adapt_head(backbone, sup, n_classes, start, cfg, devs, tiling, t0, balance)
     gen = adapt_head_on_pixels(template, init, x, y, n_classes=n_classes, steps=cfg.steps, lr=cfg.inner_lr,
                                first_order=cfg.first_order, balance=balance, lrs=lrs, devices=devs)
     fast = yield from relay(gen, lambda p: _progress(p, t0, "adapt"))
-    threshold = None
-    if calibrates(cfg, [lab for _, lab in sup], n_classes):
-        fast, threshold = calibrate_threshold(template, fast, x, y, cfg)
+    threshold = calibrate_threshold(template, fast, x, y, cfg) if calibrates(cfg, [lab for _, lab in sup],
+                                                                              n_classes) else None
     return {prefix + k: v for k, v in fast.items()}, threshold
 
 
@@ -341,11 +348,10 @@ def calibrates(cfg: MAMLConfig, labels: Sequence[np.ndarray], n_classes: int) ->
 
 
 def calibrate_threshold(head: torch.nn.Module, fast: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
-                        cfg: MAMLConfig) -> tuple[dict[str, torch.Tensor], float]:
-    """Fold the foreground-probability threshold that maximises the mIoU of the support pixels ``x (N, F)`` with
-    labels ``y (N,)`` (two classes; grid ``cfg.threshold_min..max`` by ``step``, ties to the value closest to 0.5)
-    into the output bias of the head's parameters ``fast``: afterwards ``argmax`` (= probability ≥ 0.5) of the
-    returned head is ``p_foreground ≥ threshold`` of the given one. Returns ``(new parameters, threshold)``."""
+                        cfg: MAMLConfig) -> float:
+    """The foreground-probability threshold that maximises the mIoU of the support pixels ``x (N, F)`` with labels
+    ``y (N,)`` under the two-class head ``fast`` (grid ``cfg.threshold_min..max`` by ``step``; of equal scores the
+    value closest to 0.5 wins, so an uninformative support keeps the plain arg-max)."""
     grid = np.arange(cfg.threshold_min, cfg.threshold_max + cfg.threshold_step / 2, cfg.threshold_step)
     grid = grid[np.argsort(np.abs(grid - 0.5), kind="stable")]  # argmax below keeps the first (closest) of ties
     with torch.no_grad():
@@ -355,17 +361,8 @@ def calibrate_threshold(head: torch.nn.Module, fast: dict[str, torch.Tensor], x:
     i1, u1 = (pred & t).sum(1), (pred | t).sum(1)
     i0, u0 = (~pred & ~t).sum(1), (~pred | ~t).sum(1)
     miou = (i0 / np.maximum(u0, 1) + i1 / np.maximum(u1, 1)) / 2
-    best = float(np.round(grid[int(np.argmax(miou))], 6))
-    out = dict(fast)
-    key = output_bias_name(head)
-    shift = math.log(best / (1.0 - best))  # logit(best): p1 >= best  <=>  l1 - l0 >= shift
-    out[key] = fast[key] + torch.tensor([shift / 2, -shift / 2], dtype=fast[key].dtype, device=fast[key].device)
-    return out, best
+    return float(np.round(grid[int(np.argmax(miou))], 6))
 
-
-def output_bias_name(head: torch.nn.Module) -> str:
-    """Name of the bias of a :class:`~napari_metahistoseg.models.PixelHead`'s output layer."""
-    return f"net.{len(head.net) - 1}.bias"
 
 
 def _learned_lrs(backbone: Backbone, init: dict, cfg: MAMLConfig) -> dict | None:

@@ -130,6 +130,12 @@ def test_adapt_with_points(work, capsys):
     assert out.strip().splitlines()[-1].endswith("headP.mhshead.json")
     prov = json.loads((work / "headP.mhshead.json").read_text())["provenance"]
     assert prov["support_kind"] == "points" and prov["points_radius_model_px"] == pytest.approx(6.0)
+    assert 0.2 <= prov["calibrated_threshold"] <= 0.8  # exhaustive points: a dense two-class support
+    code, out, err = cli(capsys, "adapt", work / "b.tif", "--points", work / "b_points.csv", "--points-exhaustive",
+                         "--radius", "3", "--radius-unit", "um", "--backbone", work / "bb", *FAST, "--no-calibrate",
+                         "--out", work / "headP0")
+    assert code == 0, err
+    assert json.loads((work / "headP0.mhshead.json").read_text())["provenance"]["calibrated_threshold"] is None
 
 
 def test_adapt_points_need_a_contrast(work, capsys):

@@ -41,6 +41,10 @@ class AdaptSettings(QWidget):
         self.inner_lr = QDoubleSpinBox(decimals=4, minimum=1e-4, maximum=10.0, singleStep=0.005,
                                        value=MAMLConfig.inner_lr)
         self.first_order = QCheckBox("first-order", checked=MAMLConfig.first_order)
+        self.calibrate = QCheckBox("calibrate", checked=MAMLConfig.calibrate_threshold,
+                                   toolTip="fast mode, fully painted two-class support: fit the foreground "
+                                           "probability threshold that scores best on the support")
+        self.mode_combo.currentTextChanged.connect(lambda t: self.calibrate.setEnabled(MODES[t] == "head"))
         self.device_boxes = {d: QCheckBox(device_label(d), checked=(d == "cpu")) for d in available_devices()}
         self.instances = QCheckBox("nuclei instances (HoVer)", checked=True)
         self.objects = QCheckBox("gland / object instances", checked=False,
@@ -57,7 +61,7 @@ class AdaptSettings(QWidget):
         form.setContentsMargins(0, 0, 0, 0)
         for label, w in [("backbone", path_row(self.backbone_edit, "Backbone", "Backbone (*.safetensors *.json)")),
                          ("start from", self.start_combo), ("mode", row(self.mode_combo, self.decoder_blocks)),
-                         ("steps / inner lr", row(self.steps, self.inner_lr, self.first_order)),
+                         ("steps / inner lr", row(self.steps, self.inner_lr, self.first_order, self.calibrate)),
                          ("devices", row(*self.device_boxes.values())), ("", row(self.instances, self.objects)),
                          ("", row(self.fov_first, self.live)), ("", row(self.mitosis, self.mitosis_edit)),
                          ("threshold", self.threshold)]:
@@ -73,7 +77,8 @@ class AdaptSettings(QWidget):
     def maml_config(self) -> MAMLConfig:
         return MAMLConfig(steps=self.steps.value(), inner_lr=self.inner_lr.value(),
                           first_order=self.first_order.isChecked(), adapt=MODES[self.mode_combo.currentText()],
-                          decoder_blocks=self.decoder_blocks.value())
+                          decoder_blocks=self.decoder_blocks.value(),
+                          calibrate_threshold=self.calibrate.isChecked())
 
     def start_from_current(self) -> bool:
         return self.start_combo.currentText() == "current head"

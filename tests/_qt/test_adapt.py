@@ -89,9 +89,11 @@ def viewer_backbone_decoders(widget):
 
 def test_full_mode_adapts_decoder(viewer, qtbot, adapt, errors):
     small_demo(viewer)
-    assert not adapt.settings.decoder_blocks.isEnabled()
+    assert not adapt.settings.decoder_blocks.isEnabled() and adapt.settings.calibrate.isEnabled()
+    adapt.settings.calibrate.setChecked(False)
+    assert adapt.settings.maml_config().calibrate_threshold is False
     adapt.settings.mode_combo.setCurrentIndex(1)
-    assert adapt.settings.decoder_blocks.isEnabled()
+    assert adapt.settings.decoder_blocks.isEnabled() and not adapt.settings.calibrate.isEnabled()
     adapt.settings.decoder_blocks.setValue(1)
     adapt.settings.instances.setChecked(False)
     run(qtbot, adapt.run_adapt(predict=False), adapt)
