@@ -1,0 +1,121 @@
+"""Threshold calibration (``MAMLConfig.calibrate_threshold``): does a class decision at the support-optimal
+foreground threshold beat the plain arg-max on the query images? DEV data only.
+
+For every two-class task and draw, the default head-only adaptation runs on cached features of K support images
+(as ``tune_adapt.py``); the query images are then scored (pooled mIoU at model resolution) with the arg-max, with
+the threshold :func:`napari_metahistoseg.pipeline.calibrate_threshold` picks on the support, and with the best
+threshold of the grid *for the query itself* (an oracle: the most any threshold rule could gain).
+
+    .venv/bin/python benchmarks/tune_threshold.py --tasks monuseg,glas,cpm15,bm_graz_cells --draws 3
+
+Writes ``benchmarks/results/tune_threshold.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+from tune_adapt import DATA, TASKS, cached  # noqa: E402
+
+from napari_metahistoseg.config import MAMLConfig  # noqa: E402
+from napari_metahistoseg.data import open_dataset  # noqa: E402
+from napari_metahistoseg.maml import adapt_head_on_pixels, head_pixel_logits, pixel_support, run  # noqa: E402
+from napari_metahistoseg.models import PixelHead  # noqa: E402
+from napari_metahistoseg.pipeline import (  # noqa: E402
+    _learned_lrs,
+    calibrate_threshold,
+    calibrates,
+    initial_head,
+    load_backbone,
+    support_balance,
+)
+
+
+def grid(cfg: MAMLConfig) -> np.ndarray:
+    return np.round(np.arange(cfg.threshold_min, cfg.threshold_max + cfg.threshold_step / 2, cfg.threshold_step), 6)
+
+
+def miou_at(prob: np.ndarray, truth: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """Two-class mIoU of ``prob >= t`` against ``truth`` (IGNORE skipped) for every ``t``: (inter, union) pairs
+    ``(T, 2, 2)`` so that images can be pooled."""
+    v = truth != 255
+    t = truth[v].astype(bool)
+    p = prob[v][None, :] >= thresholds[:, None]
+    return np.stack([np.stack([(~p & ~t).sum(1), (~p | ~t).sum(1)], 1),
+                     np.stack([(p & t).sum(1), (p | t).sum(1)], 1)], 1).astype(np.float64)
+
+
+def pooled(counts: np.ndarray) -> np.ndarray:
+    return (counts[:, :, 0] / np.maximum(counts[:, :, 1], 1)).mean(1)
+
+
+def unit(bb, sup, qry, cfg: MAMLConfig) -> dict:
+    labels = [lab for _, lab, _ in sup]
+    balance = support_balance(cfg, labels, 2)
+    xs, ys = zip(*[pixel_support(f[None], torch.from_numpy(lab)[None], 2, max_pixels=cfg.max_support_pixels
+                                 // len(sup), seed=cfg.seed + i, stratified=balance)
+                   for i, (f, lab, _) in enumerate(sup)], strict=True)
+    x, y = torch.cat(xs), torch.cat(ys)
+    head = PixelHead(bb.model.backbone.out_channels, 2, bb.model.cfg.head_hidden)
+    init = {k.split("heads.user.")[1]: v for k, v in initial_head(bb, 2, seed=cfg.seed).items()}
+    fast = run(adapt_head_on_pixels(head, init, x, y, n_classes=2, steps=cfg.steps, lr=cfg.inner_lr,
+                                    balance=balance, lrs=_learned_lrs(bb, init, cfg)))
+    t = calibrate_threshold(head, fast, x, y, cfg) if calibrates(cfg, labels, 2) else None
+    ths = grid(cfg)
+    counts = 0
+    with torch.no_grad():
+        for f, lab, _ in qry:
+            p = head_pixel_logits(head, fast, f.reshape(f.shape[0], -1).t()).softmax(1)[:, 1].reshape(f.shape[1:])
+            counts = counts + miou_at(p.numpy(), lab, np.r_[0.5, ths, t if t is not None else 0.5])
+    m = pooled(counts)
+    return {"argmax": float(m[0]), "calibrated": float(m[-1]), "oracle": float(m[1:-1].max()),
+            "threshold": t, "oracle_threshold": float(ths[int(np.argmax(m[1:-1]))])}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tasks", default="monuseg,glas,cpm15,bm_graz_cells")
+    ap.add_argument("--draws", type=int, default=3)
+    ap.add_argument("--backbone", default="default")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="tune_threshold")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    bb = load_backbone(a.backbone)
+    records = []
+    for task in a.tasks.split(","):
+        ds = open_dataset(DATA / task)
+        k, nq = TASKS[task]
+        for d in range(a.draws):
+            ids = list(np.random.default_rng(d).permutation(ds.ids))
+            sup = cached(bb, [ds.load(i) for i in ids[:k]])
+            qry = cached(bb, [ds.load(i) for i in ids[k:k + nq]])
+            rec = {"task": task, "draw": d, "k": k, "n_query": nq, **unit(bb, sup, qry, MAMLConfig(seed=d))}
+            records.append(rec)
+            print(rec, file=sys.stderr, flush=True)
+    rows = []
+    for task in a.tasks.split(","):
+        rs = [r for r in records if r["task"] == task]
+        mean = {m: float(np.mean([r[m] for r in rs])) for m in ("argmax", "calibrated", "oracle")}
+        gain = mean["calibrated"] - mean["argmax"]
+        rows.append([task, f"{rs[0]['k']} / {rs[0]['n_query']}", len(rs), f"{mean['argmax']:.3f}",
+                     f"{mean['calibrated']:.3f}", f"{gain:+.3f}", f"{mean['oracle']:.3f}",
+                     ", ".join("–" if r["threshold"] is None else f"{r['threshold']:.2f}" for r in rs),
+                     ", ".join(f"{r['oracle_threshold']:.2f}" for r in rs)])
+    table = common.md_table(["task", "support / query images", "draws", "arg-max mIoU", "calibrated mIoU", "gain",
+                             "oracle mIoU", "calibrated thresholds", "oracle thresholds"], rows)
+    note = (f"Backbone `{bb.name}` ({bb.sha256[:12]}); default head-only adaptation on cached features, pooled query "
+            "mIoU at model resolution (0.5 µm/px); oracle = the best grid threshold for the query itself.")
+    common.write_sweep(a.out, {"records": records}, note, table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
