@@ -181,10 +181,17 @@ class TilingConfig:
     stream_above_mp: float = 16.0  # images above this many megapixels are predicted streamed, into zarr
     tile_multiple_px: int = 16  # balanced tiles are rounded up to this (the U-Net pads inputs to 2**(depth-1))
     band_float32_max_mb: float = 256.0  # streamed row-of-tiles buffers above this use float16 (half the memory)
+    # streamed label outputs (semantic, instances, objects) get nearest-neighbour levels (each half the previous)
+    # until the longer side is at most this, so a viewer shows a slide's labels multiscale, loading only what is on
+    # screen (napari reads a single-scale layer whole); 0 = no levels
+    pyramid_min_px: int = 2048
+    pyramid_strip_mb: float = 64.0  # rows of a level read at a time while building the next one
 
     def __post_init__(self) -> None:
         _positive(self, "tile_px", "batch_size", "cpu_batch_size", "instance_window_px", "instance_margin_um",
-                  "stream_above_mp", "tile_multiple_px", "band_float32_max_mb")
+                  "stream_above_mp", "tile_multiple_px", "band_float32_max_mb", "pyramid_strip_mb")
+        if not (isinstance(self.pyramid_min_px, int) and self.pyramid_min_px >= 0):
+            raise ValueError(f"TilingConfig.pyramid_min_px must be an integer >= 0, got {self.pyramid_min_px!r}")
         if not 0 <= 2 * self.halo_px < self.tile_px:
             raise ValueError("TilingConfig needs 0 <= 2*halo_px < tile_px")
         if not self.malloc_keep_mb >= 0:

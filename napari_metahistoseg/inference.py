@@ -42,7 +42,7 @@ from .postprocess import (
     object_table,
 )
 from .resilience import oom_fallback_gen
-from .slide import LazyImage, create_outputs, open_image
+from .slide import LazyImage, create_outputs, open_image, write_pyramid
 from .tiling import (
     BandBlender,
     InstanceStitcher,
@@ -91,6 +91,8 @@ class LargePrediction:
     when the backbone has a type branch, ``nc (T,H,W) uint8`` (type probabilities × 255); with objects,
     ``objects (H,W) uint32`` (large-object instances, found on a coarse grid: ``ObjectPostConfig.large_work_mpp_um``).
     Its attributes repeat ``classes``, ``mpp``, the tiling and ``complete`` (False until the prediction finished).
+    Above ``TilingConfig.pyramid_min_px`` the label arrays also get nearest-neighbour levels ``levels/<name>/<k>``
+    (:func:`.slide.pyramid` lists them) for multiscale display.
     """
 
     store: Path
@@ -472,6 +474,7 @@ def predict_large(
             res.objects_csv = Path(objects_csv) if objects_csv else Path(out_dir).with_suffix(".objects.csv")
             res.n_objects = yield from large_objects(res, object_cfg or ObjectPostConfig(), res.objects_csv)
             res.complete = True
+        yield from label_pyramids(res, tiling)
     finally:
         if image is not source:
             image.close()
@@ -536,6 +539,24 @@ def _predict_large(backbone, head, image, out, mpp, devs, tiling, instances, hov
     root.attrs["n_instances"] = res.n_instances
     log.info("%s: %d tiles, %d nuclei", image.name, res.tiles, res.n_instances)
     return res
+
+
+def label_pyramids(res: LargePrediction, tiling: TilingConfig) -> Generator[dict, None, int]:
+    """Multiscale levels (:func:`.slide.write_pyramid`) of the label arrays of a streamed prediction (semantic,
+    instances, objects) when its longer side exceeds ``tiling.pyramid_min_px``; yields ``{"stage": "pyramid",
+    "done", "total"}`` per array; returns the number of levels written per array."""
+    import zarr
+
+    if not tiling.pyramid_min_px or max(res.shape) <= tiling.pyramid_min_px:
+        return 0
+    root = zarr.open_group(str(res.store), mode="r+")
+    names = [n for n in ("semantic", "instances", "objects") if n in root]
+    n = 0
+    for i, name in enumerate(names):
+        yield {"stage": "pyramid", "done": i, "total": len(names)}
+        n = len(write_pyramid(root, name, min_side_px=tiling.pyramid_min_px, strip_mb=tiling.pyramid_strip_mb))
+    yield {"stage": "pyramid", "done": len(names), "total": len(names)}
+    return n
 
 
 def large_objects(res: LargePrediction, cfg: ObjectPostConfig, csv_path: str | os.PathLike,

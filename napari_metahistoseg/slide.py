@@ -388,3 +388,44 @@ def create_outputs(path: str | os.PathLike, shape: tuple[int, int], arrays: dict
                           chunks=tuple(lead) + (min(chunk_px, shape[0]), min(chunk_px, shape[1])))
     root.attrs.update({**(attrs or {}), "complete": False})
     return root
+
+
+PYRAMID_GROUP = "levels"  # levels of a streamed label array NAME: <group>/NAME/1, <group>/NAME/2, ...
+
+
+def write_pyramid(root: Any, name: str, *, min_side_px: int, strip_mb: float = 64.0) -> list[Any]:
+    """Nearest-neighbour levels of the ``(H, W)`` label array ``root[name]`` of a zarr group: level k keeps every
+    2**k-th pixel of each axis (labels stay labels), until the longer side is at most ``min_side_px``. Each level is
+    built from the previous one in row strips of about ``strip_mb`` (bounded memory) and stored as
+    ``root["levels/<name>/<k>"]``; returns the level arrays, finest first (empty when the array is small enough).
+    Existing levels of ``name`` are replaced."""
+    base = root[name]
+    group = root.require_group(PYRAMID_GROUP)
+    if name in group:
+        del group[name]
+    levels: list[Any] = []
+    if min_side_px <= 0:
+        return levels
+    prev, k = base, 0
+    sub = group.require_group(name)
+    while max(prev.shape) > min_side_px:
+        k += 1
+        h, w = -(-prev.shape[0] // 2), -(-prev.shape[1] // 2)
+        chunks = tuple(min(c, s) for c, s in zip(base.chunks, (h, w), strict=True))
+        lvl = sub.create_array(str(k), shape=(h, w), dtype=base.dtype, fill_value=0, chunks=chunks)
+        rows = max(2, int(strip_mb * 2**20 / max(1, prev.shape[1] * prev.dtype.itemsize)) // 2 * 2)
+        for r0 in range(0, prev.shape[0], rows):
+            block = np.asarray(prev[r0:r0 + rows])[::2, ::2]  # rows is even: r0 stays on the level's grid
+            lvl[r0 // 2: r0 // 2 + block.shape[0]] = block
+        levels.append(lvl)
+        prev = lvl
+    return levels
+
+
+def pyramid(root: Any, name: str) -> list[Any]:
+    """``[root[name], level 1, level 2, ...]`` (just ``[root[name]]`` without levels): a multiscale label view."""
+    out = [root[name]]
+    if PYRAMID_GROUP in root and name in root[PYRAMID_GROUP]:
+        group = root[PYRAMID_GROUP][name]
+        out += [group[k] for k in sorted(group.array_keys(), key=int)]
+    return out

@@ -84,6 +84,22 @@ def test_streamed_semantic_equals_in_memory(backbone, head, image, tmp_path):
     assert (root["semantic"][:] == mem.semantic).mean() > 0.999
     predict_events = [e for e in events if e["stage"] == "predict"]
     assert [e["done"] for e in predict_events] == list(range(1, res.tiles + 1))  # progress per tile
+    assert "levels" not in root  # 264 px is below TilingConfig.pyramid_min_px
+
+
+def test_streamed_labels_get_multiscale_levels(backbone, head, image, tmp_path):
+    from napari_metahistoseg.slide import pyramid
+
+    tiling = dataclasses.replace(TILING, pyramid_min_px=64)
+    res, events = run(predict_large(backbone, head, image, out_dir=tmp_path / "s.zarr", mpp=0.5, tiling=tiling,
+                                    instances=True, objects=True))
+    root = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")
+    for name in ("semantic", "instances", "objects"):
+        levels = pyramid(root, name)
+        assert [lv.shape for lv in levels] == [(200, 264), (100, 132), (50, 66), (25, 33)]
+        full = root[name][:]
+        assert all(np.array_equal(lv[:], full[:: 2**k, :: 2**k]) for k, lv in enumerate(levels))
+    assert [e["done"] for e in events if e["stage"] == "pyramid"] == [0, 1, 2, 3]
 
 
 def test_streamed_resamples_to_model_mpp(backbone, head, tmp_path, monkeypatch):

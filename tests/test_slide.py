@@ -215,3 +215,18 @@ def test_create_outputs(tmp_path):
     assert root["semantic"].shape == (100, 70) and root["semantic"].chunks == (32, 32)
     assert root["hv"].shape == (2, 100, 70) and root["hv"].chunks == (2, 32, 32)
     assert root.attrs["complete"] is False and root.attrs["mpp"] == 0.5
+
+
+@pytest.mark.parametrize("shape", [(301, 517), (64, 64), (40, 300)])
+def test_label_pyramid_keeps_every_other_pixel(tmp_path, shape):
+    root = create_outputs(tmp_path / "o.zarr", shape, {"lab": ((), "uint32")}, chunk_px=48)
+    lab = np.random.default_rng(0).integers(0, 1000, shape).astype(np.uint32)
+    root["lab"][:] = lab
+    levels = slide.write_pyramid(root, "lab", min_side_px=50, strip_mb=0.001)  # strips of a few rows
+    side = max(shape)
+    assert len(levels) == max(0, int(np.ceil(np.log2(side / 50))))  # halve until the longer side is <= 50
+    for k, lvl in enumerate(levels, start=1):
+        assert np.array_equal(lvl[:], lab[:: 2**k, :: 2**k]) and lvl.dtype == np.uint32
+    assert max(slide.pyramid(root, "lab")[-1].shape) <= 50 and slide.pyramid(root, "lab")[0] is not None
+    again = slide.write_pyramid(root, "lab", min_side_px=0)  # replaced: none left
+    assert again == [] and len(slide.pyramid(root, "lab")) == 1

@@ -65,28 +65,37 @@ def show_result(viewer: napari.Viewer, image_layer: Any, result: Result, colours
     return created
 
 
+def _labels_data(levels: list) -> Any:
+    """A single array, or the list of levels (napari then loads only what is on screen, at the zoom's level)."""
+    return levels[0] if len(levels) == 1 else levels
+
+
 def show_large(viewer: napari.Viewer, image_layer: Any, result: Result, colours: list[str]) -> list[Any]:
-    """Layers over the zarr arrays of a streamed prediction (read lazily by napari, never copied into memory);
+    """Layers over the zarr arrays of a streamed prediction, multiscale where the store has levels (napari reads
+    a single-scale layer whole, a multiscale one only on screen);
     nuclei and objects carry their tables (read from the CSVs by the job) as features. Older stores of the same
     image are deleted on a background thread once the layers read the new one."""
     import zarr
 
+    from ..slide import pyramid
+
     res = result.large
     root = zarr.open_group(str(res.store), mode="r")
     created = []
+    data = {n: _labels_data(pyramid(root, n)) for n in ("semantic", "instances", "objects") if n in root}
     meta = {"classes": list(res.classes), "colours": list(colours), "store": str(res.store)}
-    sem, new = upsert_labels(viewer, "prediction", root["semantic"], name=f"classes ({image_layer.name})",
+    sem, new = upsert_labels(viewer, "prediction", data["semantic"], name=f"classes ({image_layer.name})",
                              image_layer=image_layer, meta=meta, opacity=0.5,
                              colormap=labels_colormap(colours, offset=0))
     created += [sem] if new else []
     if "instances" in root:
-        inst, new = upsert_labels(viewer, "instances", root["instances"], name=f"nuclei ({image_layer.name})",
+        inst, new = upsert_labels(viewer, "instances", data["instances"], name=f"nuclei ({image_layer.name})",
                                   image_layer=image_layer, opacity=0.6, meta={"store": str(res.store)})
         if result.features.get("instances") is not None:
             inst.features = result.features["instances"]
         created += [inst] if new else []
     if "objects" in root:
-        obj, new = upsert_labels(viewer, "objects", root["objects"], name=f"objects ({image_layer.name})",
+        obj, new = upsert_labels(viewer, "objects", data["objects"], name=f"objects ({image_layer.name})",
                                  image_layer=image_layer, opacity=0.5, meta={"store": str(res.store)})
         if result.features.get("objects") is not None:
             obj.features = result.features["objects"]

@@ -17,7 +17,7 @@ from ..config import PointsConfig, TilingConfig
 from ..maml import run
 from ..metrics import detection_scores, score_strips
 from .common import LayerCombo, row
-from .layers import kind_of, layer_to_support, plugin_meta
+from .layers import kind_of, layer_to_support, level0, plugin_meta
 from .workers import JobRunner, error_text
 
 NOT_TRUTH = ("prediction", "instances", "objects", "preview", "circles")
@@ -25,7 +25,7 @@ NOT_TRUTH = ("prediction", "instances", "objects", "preview", "circles")
 
 def truth_classes(layer: Any) -> np.ndarray:
     """Class ids of a truth Labels layer (a support layer is converted: its 0 means unknown)."""
-    return layer_to_support(layer.data) if kind_of(layer) == "support" else np.asarray(layer.data)
+    return layer_to_support(level0(layer)) if kind_of(layer) == "support" else np.asarray(level0(layer))
 
 
 DISPLAY = {"miou": "mIoU", "dice": "Dice", "accuracy": "accuracy", "aji": "AJI", "pq": "PQ", "dq": "DQ", "sq": "SQ"}
@@ -33,9 +33,9 @@ STRIP_ROWS = 2048  # rows of the layers read at a time (a slide-sized layer is n
 
 
 def is_lazy(layer: Any) -> bool:
-    """Whether a layer's data are read on demand (zarr, dask, a streamed prediction) or too large to be scored on
-    the GUI thread."""
-    data = layer.data
+    """Whether a layer's data are read on demand (zarr, dask, a streamed prediction, multiscale) or too large to be
+    scored on the GUI thread."""
+    data = level0(layer)
     return not isinstance(data, np.ndarray) or data.shape[0] * data.shape[1] > TilingConfig().stream_above_mp * 1e6
 
 
@@ -46,9 +46,10 @@ def score_job(pred: Any, truth: Any, pred_inst: Any = None, truth_inst: Any = No
     semantic = pred is not None and truth is not None
     n = max(len(plugin_meta(pred).get("classes") or []), 1) if pred is not None else 1
     convert = (lambda t: layer_to_support(t)) if semantic and kind_of(truth) == "support" else None
-    scores = yield from score_strips(pred.data if semantic else None, truth.data if semantic else None,
-                                     pred_inst.data if pred_inst is not None and truth_inst is not None else None,
-                                     truth_inst.data if pred_inst is not None and truth_inst is not None else None,
+    instances = pred_inst is not None and truth_inst is not None
+    scores = yield from score_strips(level0(pred) if semantic else None, level0(truth) if semantic else None,
+                                     level0(pred_inst) if instances else None,
+                                     level0(truth_inst) if instances else None,
                                      n_classes=n, truth_to_classes=convert, strip_rows=STRIP_ROWS)
     out = {DISPLAY[k]: v for k, v in scores.items()}
     if pred_inst is not None and truth_points is not None:

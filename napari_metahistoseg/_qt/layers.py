@@ -72,6 +72,11 @@ def image_source(layer: Any) -> Any:
     return layer.data[0] if getattr(layer, "multiscale", False) else layer.data
 
 
+def level0(layer: Any) -> Any:
+    """The full-resolution data of a (possibly multiscale) layer, as it is (not read)."""
+    return layer.data[0] if getattr(layer, "multiscale", False) else layer.data
+
+
 def image_shape(layer: Any) -> tuple[int, int]:
     data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
     return tuple(int(s) for s in data.shape[:2])
@@ -145,6 +150,11 @@ def upsert_labels(viewer: napari.Viewer, kind: str, data: np.ndarray, *, name: s
     image_name = image_layer.name if image_layer is not None else None
     for ly in find_layers(viewer, kind):
         if plugin_meta(ly).get("image") == image_name and isinstance(ly, napari.layers.Labels):
+            if bool(ly.multiscale) != isinstance(data, list):  # napari fixes multiscale at creation: a new layer
+                meta = {**plugin_meta(ly), **(meta or {})}
+                name = ly.name
+                viewer.layers.remove(ly)
+                break
             ly.data = data
             ly.metadata = {**ly.metadata, META: {**plugin_meta(ly), **(meta or {})}}
             for k, v in kwargs.items():

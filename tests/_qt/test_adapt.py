@@ -128,7 +128,8 @@ def test_large_image_streams_into_zarr(viewer, qtbot, adapt, errors, tmp_path, m
     from napari_metahistoseg._qt import jobs
 
     img, sup, truth, tile = small_demo(viewer, size=160)
-    adapt.settings.tiling = dataclasses.replace(adapt.settings.tiling, stream_above_mp=0.01)  # 160² = 0.026 MP
+    # 160² = 0.026 MP is "large"; its labels get levels down to 64 px (80², 40²), shown multiscale
+    adapt.settings.tiling = dataclasses.replace(adapt.settings.tiling, stream_above_mp=0.01, pyramid_min_px=64)
     adapt.settings.objects.setChecked(True)
     adapt.settings.fov_first.setChecked(True)
     monkeypatch.setenv(jobs.PREDICTIONS_ENV, str(tmp_path))
@@ -148,11 +149,12 @@ def test_large_image_streams_into_zarr(viewer, qtbot, adapt, errors, tmp_path, m
     [inst] = find_layers(viewer, "instances")
     [obj] = find_layers(viewer, "objects")
     for ly in (sem, inst, obj):
-        assert isinstance(ly.data, zarr.Array) and ly.data.shape == (160, 160)
+        assert ly.multiscale and [a.shape for a in ly.data] == [(160, 160), (80, 80), (40, 40)]
+        assert all(isinstance(a, zarr.Array) for a in ly.data)
     [store] = list(tmp_path.glob("tile-*.zarr"))
     assert zarr.open_group(str(store), mode="r").attrs["complete"] is True
     assert sem.metadata["metahistoseg"]["store"] == str(store)
-    assert sorted(inst.features["index"]) == sorted(set(np.unique(inst.data[:])) - {0})
+    assert sorted(inst.features["index"]) == sorted(set(np.unique(inst.data[0][:])) - {0})
     assert "centroid_row" in inst.features and "type_name" in inst.features and "bbox_max_col" in inst.features
     assert {"class_name", "area_um2"} <= set(obj.features.columns)
     # predicting again writes a new store; the layers move to it and only the newest two stores are kept
@@ -170,7 +172,7 @@ def test_large_image_streams_into_zarr(viewer, qtbot, adapt, errors, tmp_path, m
     assert live.attrs["complete"] is False and "objects" not in live
     outside = np.ones((160, 160), bool)
     outside[0:64, 32:96] = False
-    assert not np.asarray(sem.data)[outside].any() and errors == []
+    assert not np.asarray(sem.data[0])[outside].any() and errors == []
 
 
 def test_cancel_leaves_viewer_consistent(viewer, qtbot, adapt):

@@ -81,13 +81,14 @@ def test_lazy_layers_are_scored_in_strips_on_a_worker(viewer, evaluate, qtbot, t
         return (yield from real(*arrays, **kw))
 
     monkeypatch.setattr(ev, "score_strips", spy)
-    viewer.add_labels(root["semantic"], name="pred", metadata={META: {"kind": "prediction", "classes": ["b", "n"]}})
+    viewer.add_labels([root["semantic"], sem[::2, ::2]], name="pred",  # multiscale: level 0 is scored
+                      metadata={META: {"kind": "prediction", "classes": ["b", "n"]}})
     viewer.add_labels(root["instances"], name="pred nuclei", metadata={META: {"kind": "instances"}})
     evaluate.pred_inst_combo.set_layer(viewer.layers["pred nuclei"])
     assert evaluate.evaluate() == {}  # started on a worker thread
     assert evaluate.runner.busy and not evaluate.button.isEnabled()
     qtbot.waitUntil(lambda: not evaluate.runner.busy, timeout=20000)
-    assert reads.count("Array") == 2  # the zarr arrays went to the strip scorer as they are
+    assert reads.count("Array") == 2  # the zarr arrays (level 0) went to the strip scorer as they are
     assert evaluate.results["mIoU"] == 1.0 and evaluate.results["AJI"] == 1.0 and evaluate.results["PQ"] == 1.0
     assert "mIoU" in evaluate.table.text() and evaluate.button.isEnabled()
     assert evaluate.status.text() == "Evaluate: done"
