@@ -102,6 +102,7 @@ class SessionData:
     fingerprint: str
     meta: dict = field(default_factory=dict)
     support: np.ndarray | None = None  # (H, W) uint8 class ids, IGNORE = unknown
+    origin: tuple[int, int] = (0, 0)  # image pixel of the support's top-left pixel (a support region of a slide)
     points: np.ndarray | None = None  # (N, 2) float64 (row, col)
     point_classes: np.ndarray | None = None  # (N,) int64
     head_path: Path | None = None  # the exported head's JSON, to load with AdaptedHead.load(path, backbone)
@@ -139,8 +140,9 @@ class SessionStore:
 
     def save_support(self, fingerprint: str, support: np.ndarray, *, classes: list[str] | None = None,
                      colours: list[str] | None = None, image_name: str | None = None,
-                     mpp: float | None = None) -> Path:
-        """Save ``support (H, W)`` class ids (IGNORE = unknown) as PNG (TIFF when huge)."""
+                     mpp: float | None = None, origin: tuple[int, int] = (0, 0)) -> Path:
+        """Save ``support (H, W)`` class ids (IGNORE = unknown) as PNG (TIFF when huge); ``origin``: the image
+        pixel of its top-left pixel when it covers a region of the image."""
         sup = np.asarray(support)
         if sup.ndim != 2 or not np.issubdtype(sup.dtype, np.integer):
             raise ValueError(f"support must be an (H, W) integer array, got {sup.shape} {sup.dtype}")
@@ -153,7 +155,7 @@ class SessionStore:
         other = folder / ("support.tif" if name == "support.png" else "support.png")
         other.unlink(missing_ok=True)
         self._update_meta(fingerprint, "support", shape=list(sup.shape), classes=classes, colours=colours,
-                          image_name=image_name, mpp=mpp)
+                          image_name=image_name, mpp=mpp, origin=[int(v) for v in origin])
         return folder / name
 
     def save_points(self, fingerprint: str, points: np.ndarray, classes: np.ndarray) -> Path:
@@ -208,8 +210,13 @@ class SessionStore:
         for name in ("support.png", "support.tif"):
             if (folder / name).exists():
                 data.support = read_mask(folder / name, dtype=np.uint8, shape=shape)
-        if (folder / "points.csv").exists():
-            data.points, data.point_classes = read_points_csv(folder / "points.csv", shape=shape)
+        origin = meta.get("origin") or [0, 0]
+        if not (isinstance(origin, list) and len(origin) == 2 and all(isinstance(v, int) and v >= 0 for v in origin)):
+            raise ValueError(f"{meta_path}: 'origin' must be two non-negative integers, got {origin!r}")
+        data.origin = (origin[0], origin[1])
+        if (folder / "points.csv").exists():  # points are in image coordinates: beyond a support region's shape
+            data.points, data.point_classes = read_points_csv(folder / "points.csv",
+                                                              shape=None if any(data.origin) else shape)
         head = folder / f"{HEAD_STEM}.mhshead.json"
         data.head_path = head if head.exists() else None
         return data

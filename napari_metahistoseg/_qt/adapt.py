@@ -18,7 +18,7 @@ from ..sample_data import class_colours
 from . import display, jobs
 from .adapt_settings import AdaptSettings
 from .common import LayerCombo, row
-from .layers import find_layers, image_mpp, image_source, merged_support, plugin_meta
+from .layers import find_layers, image_mpp, image_source, merged_support, plugin_meta, support_origin
 from .plot import LossCurve
 from .state import state_for
 from .workers import JobRunner
@@ -111,8 +111,9 @@ class AdaptWidget(QWidget):
         circles = find_layers(self.viewer, "circles", group=meta.get("group")) if meta.get("group") else []
         support = merged_support(support_layer, circles[0] if circles else None)
         image = image_source(image_layer)  # a large image is never read whole (the jobs cut or stream it)
-        if support.shape != tuple(image.shape[:2]):
-            raise ValueError(f"support {support.shape} and image {image.shape[:2]} differ in size")
+        origin = support_origin(support_layer)  # a support region of a slide starts here
+        if origin[0] + support.shape[0] > image.shape[0] or origin[1] + support.shape[1] > image.shape[1]:
+            raise ValueError(f"support {support.shape} at {origin} does not fit the image {image.shape[:2]}")
         classes = list(meta.get("classes") or [])
         colours = list(meta.get("colours") or class_colours(len(classes)))
         head = self.state.head
@@ -124,7 +125,7 @@ class AdaptWidget(QWidget):
         self._colours = colours
         return self.runner.run("Adapt", jobs.adapt_job, self.state.backbone, image, support, classes, colours,
                                self.settings.maml_config(), self.settings.devices(), init, image_mpp(image_layer), then,
-                               on_yield=lambda p: self._progress(p, image_layer),
+                               origin, on_yield=lambda p: self._progress(p, image_layer),
                                on_return=lambda r: self._show(r, image_layer), on_stop=self._stopped)
 
     def run_predict(self) -> Any:

@@ -11,12 +11,24 @@ import numpy as np
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtWidgets import QComboBox, QDoubleSpinBox, QFormLayout, QLabel, QLineEdit, QPushButton, QVBoxLayout, QWidget
 
+from ..config import TilingConfig
 from ..data.points import points_to_masks, radius_in_pixels
 from ..sample_data import DEFAULT_CLASSES, META, class_colours, labels_colormap, support_to_layer
 from ..session import SessionStore
 from .annotate_io import AnnotationIO
 from .common import LayerCombo, path_row, row
-from .layers import find_layers, image_mpp, image_shape, new_group, placement, plugin_meta, set_classes
+from .jobs import is_large
+from .layers import (
+    find_layers,
+    image_mpp,
+    image_source,
+    new_group,
+    plugin_meta,
+    region_placement,
+    set_classes,
+    support_origin,
+    support_region,
+)
 from .state import state_for
 from .workers import error_text
 
@@ -28,6 +40,8 @@ class AnnotateWidget(AnnotationIO, QWidget):
         super().__init__()
         self.viewer = napari_viewer
         self.state = state_for(napari_viewer)
+        self.tiling = TilingConfig()  # stream_above_mp: images above it get support regions, not slide-sized layers
+        self._points_outside = 0  # centroids outside the support region (reported when the count grows)
         self.image_combo = LayerCombo(napari_viewer, napari.layers.Image)
         self.support_combo = LayerCombo(napari_viewer, napari.layers.Labels, kinds=("support",))
         self.classes_edit = QLineEdit(", ".join(DEFAULT_CLASSES))
@@ -156,15 +170,20 @@ class AnnotateWidget(AnnotationIO, QWidget):
 
     # ------------------------------------------------------------------------------------------ layers
 
-    def create_support(self) -> Any:
-        """A new support Labels layer for the chosen image, in paint mode (returns it)."""
+    def create_support(self, region: tuple[int, int, int, int] | None = None) -> Any:
+        """A new support Labels layer for the chosen image, in paint mode (returns it). It covers the image, or on
+        an image above ``self.tiling.stream_above_mp`` the visible field (:func:`.layers.support_region`; pan
+        elsewhere and press the button again for another region) — or the given ``(r0, r1, c0, c1)``."""
         image = self._image()
+        large = is_large(image_source(image), self.tiling)
+        r0, r1, c0, c1 = region if region is not None else support_region(image, large)
         classes, colours = self.classes(), class_colours(len(self.classes()))
         meta = {META: {"kind": "support", "classes": classes, "colours": colours, "group": new_group(),
-                       "image": image.name}}
-        layer = self.viewer.add_labels(np.zeros(image_shape(image), np.uint8), name=f"support ({image.name})",
+                       "image": image.name, **({"origin": [r0, c0]} if (r0, c0) != (0, 0) or large else {})}}
+        name = f"support ({image.name})" if not large else f"support ({image.name} @ {r0},{c0})"
+        layer = self.viewer.add_labels(np.zeros((r1 - r0, c1 - c0), np.uint8), name=name,
                                        metadata=meta, opacity=0.7, colormap=labels_colormap(colours, offset=1),
-                                       **placement(image))
+                                       **region_placement(image, (r0, c0)))
         self.support_combo.set_layer(layer)
         layer.mode = "paint"
         self.set_current_class(self.class_combo.currentIndex())
@@ -177,13 +196,15 @@ class AnnotateWidget(AnnotationIO, QWidget):
             return self.points_layer()
         image, meta = self._image(), plugin_meta(support)
         colours = meta.get("colours") or class_colours(len(self.classes()))
-        cmeta = {META: {**meta, "kind": "circles"}}
-        self.viewer.add_labels(np.zeros(image_shape(image), np.uint8), name=f"circles ({image.name})",
+        cmeta = {META: {**meta, "kind": "circles"}}  # the support's region (origin) too
+        self.viewer.add_labels(np.zeros(support.data.shape, np.uint8), name=f"circles ({image.name})",
                                metadata=cmeta, opacity=0.4, colormap=labels_colormap(colours, offset=1),
-                               **placement(image))
+                               **region_placement(image, support_origin(support)))
         points = self.viewer.add_points(np.zeros((0, 2)), ndim=2, name=f"centroids ({image.name})",
                                         features={"class": np.zeros(0, np.int64)}, size=POINT_SIZE_PX,
-                                        metadata={META: {**meta, "kind": "points"}}, **placement(image))
+                                        metadata={META: {**{k: v for k, v in meta.items() if k != "origin"},
+                                                         "kind": "points"}},  # image coordinates
+                                        **region_placement(image, (0, 0)))
         points.events.data.connect(self.update_circles)
         points.events.features.connect(self.update_circles)
         points.mode = "add"
@@ -206,11 +227,16 @@ class AnnotateWidget(AnnotationIO, QWidget):
         if points is None or circles is None:
             return
         h, w = circles.data.shape
-        pts = np.asarray(points.data, float).reshape(-1, 2)
+        pts = np.asarray(points.data, float).reshape(-1, 2) - np.asarray(support_origin(circles), float)
         cls = points.features["class"].to_numpy(np.int64) if "class" in points.features else np.ones(len(pts), int)
         if len(cls) != len(pts):  # mid-edit (napari sends data events before the features follow)
             return
         inside = (pts[:, 0] >= 0) & (pts[:, 0] < h) & (pts[:, 1] >= 0) & (pts[:, 1] < w)
+        outside = int((~inside).sum())
+        if outside > self._points_outside:  # kept in the points layer (and autosaved), but not in this support
+            show_info(f"{outside} centroid(s) lie outside the support region of {circles.name!r} and are not used "
+                      "for adaptation: make a support layer where they are")
+        self._points_outside = outside
         try:
             sem, _ = points_to_masks(pts[inside], cls[inside], (h, w), self.radius_px())
         except ValueError as e:

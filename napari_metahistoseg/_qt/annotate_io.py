@@ -12,9 +12,12 @@ from qtpy.QtWidgets import QFileDialog
 
 from ..pipeline import AdaptedHead
 from ..sample_data import support_to_layer
-from .importing import merge_support, read_annotations
-from .layers import image_shape, plugin_meta
+from .importing import crop_to_region, merge_support, painted_box, read_annotations
+from .jobs import is_large
+from .layers import SUPPORT_REGION_MAX_PX, image_shape, image_source, plugin_meta, support_origin
 from .workers import error_text
+
+IMPORT_REGION_MAX_PX = 2 * SUPPORT_REGION_MAX_PX  # largest support region an imported mask may create on a slide
 
 
 class AnnotationIO:
@@ -37,9 +40,19 @@ class AnnotationIO:
             got = read_annotations(path, image_shape(self._image()), len(self.classes()))
             if got.support is not None:
                 support = self.support_combo.layer()
-                merged = merge_support(support.data if support is not None else
-                                       np.zeros(got.support.shape, np.uint8), got.support)
-                (support or self.create_support()).data = merged
+                if support is None and is_large(image_source(self._image()), self.tiling):
+                    box = painted_box(got.support)  # a slide: a new support region around the imported labels
+                    if box is not None and max(box[1] - box[0], box[3] - box[2]) > IMPORT_REGION_MAX_PX:
+                        raise ValueError(f"{Path(path).name}: the labels span {box[1] - box[0]} x {box[3] - box[2]} "
+                                         f"px, more than a support region of a slide may ({IMPORT_REGION_MAX_PX} "
+                                         "px): import a crop of them")
+                    support = self.create_support(region=box) if box is not None else None
+                elif support is None:
+                    support = self.create_support()
+                if support is not None:
+                    sub = crop_to_region(got.support, support_origin(support), support.data.shape) \
+                        if support.data.shape != got.support.shape else got.support
+                    support.data = merge_support(support.data, sub)
         except ValueError as e:
             show_error(error_text("Import", e))
             return False
@@ -67,8 +80,11 @@ class AnnotationIO:
             self.classes_edit.setText(", ".join(data.classes))
         if data.support is not None:
             support = self.support_combo.layer()
-            if support is None or plugin_meta(support).get("image") not in (None, image.name):
-                support = self.create_support()
+            h, w = data.support.shape
+            if (support is None or plugin_meta(support).get("image") not in (None, image.name)
+                    or support.data.shape != (h, w) or support_origin(support) != data.origin):
+                r0, c0 = data.origin  # a support region of a slide comes back where it was
+                support = self.create_support(region=(r0, r0 + h, c0, c0 + w))
             support.data = support_to_layer(data.support)
             self.apply_classes()
         if data.points is not None and len(data.points):

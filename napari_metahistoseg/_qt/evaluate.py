@@ -17,7 +17,7 @@ from ..config import PointsConfig, TilingConfig
 from ..maml import run
 from ..metrics import detection_scores, score_strips
 from .common import LayerCombo, row
-from .layers import kind_of, layer_to_support, level0, plugin_meta
+from .layers import kind_of, layer_to_support, level0, plugin_meta, support_origin
 from .workers import JobRunner, error_text
 
 NOT_TRUTH = ("prediction", "instances", "objects", "preview", "circles")
@@ -47,7 +47,11 @@ def score_job(pred: Any, truth: Any, pred_inst: Any = None, truth_inst: Any = No
     n = max(len(plugin_meta(pred).get("classes") or []), 1) if pred is not None else 1
     convert = (lambda t: layer_to_support(t)) if semantic and kind_of(truth) == "support" else None
     instances = pred_inst is not None and truth_inst is not None
-    scores = yield from score_strips(level0(pred) if semantic else None, level0(truth) if semantic else None,
+    pred_classes = level0(pred) if semantic else None
+    if convert is not None and support_origin(truth) != (0, 0):  # a support region of a slide: its part only
+        (r0, c0), (h, w) = support_origin(truth), level0(truth).shape
+        pred_classes = pred_classes[r0:r0 + h, c0:c0 + w]
+    scores = yield from score_strips(pred_classes, level0(truth) if semantic else None,
                                      level0(pred_inst) if instances else None,
                                      level0(truth_inst) if instances else None,
                                      n_classes=n, truth_to_classes=convert, strip_rows=STRIP_ROWS)

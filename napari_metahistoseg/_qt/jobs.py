@@ -211,28 +211,39 @@ def predict_job(backbone: Backbone | Callable[[], Backbone], head: AdaptedHead, 
     return result
 
 
-def support_window(image: Any, support: np.ndarray, margin_px: int) -> tuple[np.ndarray, np.ndarray]:
-    """The image and support cut to the painted pixels plus ``margin_px`` (only that part of a large image is
-    read)."""
+def support_window(image: Any, support: np.ndarray, margin_px: int,
+                   origin: tuple[int, int] = (0, 0)) -> tuple[np.ndarray, np.ndarray]:
+    """The image and support cut to the painted pixels plus ``margin_px`` of context (only that part of a large
+    image is read). ``support`` covers the image from pixel ``origin`` (a support region); the context may reach
+    beyond it (its labels there are unknown)."""
     rows = np.flatnonzero((support != IGNORE).any(1))
     cols = np.flatnonzero((support != IGNORE).any(0))
     if rows.size == 0:
-        return np.asarray(image[:1, :1]), support[:1, :1]  # nothing painted: adapt() reports it
-    r0, r1 = max(0, rows[0] - margin_px), min(support.shape[0], rows[-1] + margin_px + 1)
-    c0, c1 = max(0, cols[0] - margin_px), min(support.shape[1], cols[-1] + margin_px + 1)
-    return np.asarray(image[r0:r1, c0:c1]), support[r0:r1, c0:c1]
+        return np.asarray(image[:1, :1]), np.full((1, 1), IGNORE, np.uint8)  # nothing painted: adapt() reports it
+    h, w = int(image.shape[0]), int(image.shape[1])
+    o0, o1 = origin
+    r0, r1 = max(0, o0 + rows[0] - margin_px), min(h, o0 + rows[-1] + margin_px + 1)
+    c0, c1 = max(0, o1 + cols[0] - margin_px), min(w, o1 + cols[-1] + margin_px + 1)
+    sup = np.full((r1 - r0, c1 - c0), IGNORE, np.uint8)
+    a0, a1 = max(r0, o0), min(r1, o0 + support.shape[0])  # the support region's part of the window
+    b0, b1 = max(c0, o1), min(c1, o1 + support.shape[1])
+    sup[a0 - r0:a1 - r0, b0 - c0:b1 - c0] = support[a0 - o0:a1 - o0, b0 - o1:b1 - o1]
+    return np.asarray(image[r0:r1, c0:c1]), sup
 
 
 def adapt_job(backbone: Callable[[], Backbone], image: Any, support: np.ndarray, classes: list[str],
               colours: list[str], cfg: MAMLConfig, devices: Sequence[str], init: AdaptedHead | None,
-              mpp: float | None, then_predict: PredictSettings | None) -> Generator[dict, None, Result | None]:
+              mpp: float | None, then_predict: PredictSettings | None,
+              origin: tuple[int, int] = (0, 0)) -> Generator[dict, None, Result | None]:
     """Adapt a head on one support image; optionally predict with it. Returns the prediction (or None).
-    A large image is cut to its painted part first (with the context adaptation keeps around it)."""
+    ``support`` covers the image from pixel ``origin`` (the whole image when it has the image's shape). A large
+    image, or a support region, is cut to its painted part first (with the context adaptation keeps around it)."""
     yield {"stage": "backbone"}
     bb = backbone()
-    if is_large(image, then_predict.tiling if then_predict is not None else TilingConfig()):
+    region = tuple(origin) != (0, 0) or tuple(support.shape) != tuple(image.shape[:2])
+    if region or is_large(image, then_predict.tiling if then_predict is not None else TilingConfig()):
         margin = math.ceil(2 * CONTEXT_PX * bb.mpp / min(mpp or bb.mpp, bb.mpp))
-        sup_image, sup = support_window(image, support, margin)
+        sup_image, sup = support_window(image, support, margin, origin)  # predict_job reads the rest if needed
     else:
         image = np.asarray(image)
         sup_image, sup = image, support

@@ -20,6 +20,10 @@ from ..sample_data import META, class_colours, labels_colormap, support_to_layer
 __all__ = ["META", "class_colours", "support_to_layer"]
 
 FOV_MAX_FRACTION = 0.8  # predict the visible field first only when it shows less than this share of the image
+# side (px) of a support layer on an image above TilingConfig.stream_above_mp: such a layer covers a region (the
+# visible field, clipped to this around its centre), not the slide — a slide-sized Labels layer costs gigabytes, is
+# slow to paint (napari #8590), and every read of it (Adapt, autosave) would scan it whole
+SUPPORT_REGION_MAX_PX = 4096
 
 
 def plugin_meta(layer: Any) -> dict:
@@ -47,6 +51,38 @@ def layer_to_support(values: np.ndarray) -> np.ndarray:
     out = v.astype(np.int32) - 1
     out[v == 0] = IGNORE
     return out.astype(np.uint8)
+
+
+def support_origin(layer: Any) -> tuple[int, int]:
+    """Image pixel of a support (or circles) layer's top-left pixel: ``(0, 0)`` unless it covers a region."""
+    r0, c0 = plugin_meta(layer).get("origin") or (0, 0)
+    return int(r0), int(c0)
+
+
+def support_region(image_layer: Any, large: bool, max_px: int = SUPPORT_REGION_MAX_PX) -> tuple[int, int, int, int]:
+    """``(r0, r1, c0, c1)`` a new support layer covers: the whole image, or for a ``large`` image the visible field
+    (the whole view, however much of the image it shows) clipped to ``max_px`` per side around its centre — the image
+    centre when the view is not known yet."""
+    h, w = image_shape(image_layer)
+    if not large:
+        return 0, h, 0, w
+    view = visible_region(image_layer, max_fraction=1.0) if image_layer is not None else None
+    r0, r1, c0, c1 = view if view is not None else (0, h, 0, w)
+    out = []
+    for lo, hi, size in ((r0, r1, h), (c0, c1, w)):
+        side = min(hi - lo, max_px, size)
+        start = min(max(0, (lo + hi) // 2 - side // 2), size - side)
+        out += [start, start + side]
+    return out[0], out[1], out[2], out[3]
+
+
+def region_placement(image_layer: Any, origin: tuple[int, int]) -> dict:
+    """:func:`placement` of a layer whose pixel (0, 0) is image pixel ``origin``."""
+    place = placement(image_layer)
+    if place and any(origin):
+        (sy, sx), (ty, tx) = place["scale"], place["translate"]
+        place["translate"] = (ty + origin[0] * sy, tx + origin[1] * sx)
+    return place
 
 
 def merged_support(support: Any, circles: Any | None) -> np.ndarray:

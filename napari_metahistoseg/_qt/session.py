@@ -14,7 +14,7 @@ from napari.utils.notifications import show_warning
 from qtpy.QtCore import QObject, QTimer, Signal
 
 from ..session import SessionStore, image_fingerprint
-from .layers import image_mpp, image_source, layer_to_support, plugin_meta
+from .layers import image_mpp, image_source, layer_to_support, plugin_meta, support_origin
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class Autosaver(QObject):
             meta = plugin_meta(self.support)
             self.store.save_support(fp, layer_to_support(self.support.data), classes=meta.get("classes"),
                                     colours=meta.get("colours"), image_name=self.image.name,
-                                    mpp=image_mpp(self.image))
+                                    mpp=image_mpp(self.image), origin=support_origin(self.support))
             if self.points is not None:
                 cls = self.points.features.get("class")
                 self.store.save_points(fp, self.points.data, [] if cls is None else cls.to_numpy())
