@@ -102,7 +102,8 @@ class SessionData:
     fingerprint: str
     meta: dict = field(default_factory=dict)
     support: np.ndarray | None = None  # (H, W) uint8 class ids, IGNORE = unknown
-    origin: tuple[int, int] = (0, 0)  # image pixel of the support's top-left pixel (a support region of a slide)
+    # support regions of a slide: (class ids (h, w), origin = image pixel of their top-left pixel), one file each
+    regions: list[tuple[np.ndarray, tuple[int, int]]] = field(default_factory=list)
     points: np.ndarray | None = None  # (N, 2) float64 (row, col)
     point_classes: np.ndarray | None = None  # (N,) int64
     head_path: Path | None = None  # the exported head's JSON, to load with AdaptedHead.load(path, backbone)
@@ -113,7 +114,7 @@ class SessionData:
 
     @property
     def empty(self) -> bool:
-        return self.support is None and self.points is None and self.head_path is None
+        return self.support is None and not self.regions and self.points is None and self.head_path is None
 
 
 class SessionStore:
@@ -140,9 +141,10 @@ class SessionStore:
 
     def save_support(self, fingerprint: str, support: np.ndarray, *, classes: list[str] | None = None,
                      colours: list[str] | None = None, image_name: str | None = None,
-                     mpp: float | None = None, origin: tuple[int, int] = (0, 0)) -> Path:
-        """Save ``support (H, W)`` class ids (IGNORE = unknown) as PNG (TIFF when huge); ``origin``: the image
-        pixel of its top-left pixel when it covers a region of the image."""
+                     mpp: float | None = None, origin: tuple[int, int] | None = None) -> Path:
+        """Save ``support (H, W)`` class ids (IGNORE = unknown) as PNG (TIFF when huge). With ``origin`` (the image
+        pixel of its top-left pixel) it is one support *region* of a slide, kept in a file of its own
+        (``region-<row>-<col>.png``) beside the other regions; without, the image's support."""
         sup = np.asarray(support)
         if sup.ndim != 2 or not np.issubdtype(sup.dtype, np.integer):
             raise ValueError(f"support must be an (H, W) integer array, got {sup.shape} {sup.dtype}")
@@ -150,12 +152,24 @@ class SessionStore:
             raise ValueError(f"support class ids must lie in [0, {IGNORE}]")
         sup = sup.astype(np.uint8)
         folder = self.folder(fingerprint)
+        if origin is not None:
+            r0, c0 = (int(v) for v in origin)
+            if r0 < 0 or c0 < 0:
+                raise ValueError(f"support region origin must be non-negative, got {origin}")
+            name = f"region-{r0}-{c0}.png"
+            _atomic_write(folder / name, lambda p: _write_mask(p, sup))
+            meta_path = folder / "session.json"
+            regions = dict((self._read_meta(meta_path).get("regions") or {}) if meta_path.exists() else {})
+            regions[f"{r0},{c0}"] = {"file": name, "shape": list(sup.shape)}
+            self._update_meta(fingerprint, "support", regions=regions, classes=classes, colours=colours,
+                              image_name=image_name, mpp=mpp)
+            return folder / name
         name = "support.png" if sup.size <= PNG_MAX_PIXELS else "support.tif"
         _atomic_write(folder / name, lambda p: _write_mask(p, sup))
         other = folder / ("support.tif" if name == "support.png" else "support.png")
         other.unlink(missing_ok=True)
         self._update_meta(fingerprint, "support", shape=list(sup.shape), classes=classes, colours=colours,
-                          image_name=image_name, mpp=mpp, origin=[int(v) for v in origin])
+                          image_name=image_name, mpp=mpp)
         return folder / name
 
     def save_points(self, fingerprint: str, points: np.ndarray, classes: np.ndarray) -> Path:
@@ -210,13 +224,21 @@ class SessionStore:
         for name in ("support.png", "support.tif"):
             if (folder / name).exists():
                 data.support = read_mask(folder / name, dtype=np.uint8, shape=shape)
-        origin = meta.get("origin") or [0, 0]
-        if not (isinstance(origin, list) and len(origin) == 2 and all(isinstance(v, int) and v >= 0 for v in origin)):
-            raise ValueError(f"{meta_path}: 'origin' must be two non-negative integers, got {origin!r}")
-        data.origin = (origin[0], origin[1])
-        if (folder / "points.csv").exists():  # points are in image coordinates: beyond a support region's shape
+        regions = meta.get("regions") or {}
+        if not isinstance(regions, dict):
+            raise ValueError(f"{meta_path}: 'regions' must be a mapping of 'row,col' to region files")
+        for key, reg in sorted(regions.items()):
+            try:
+                r0, c0 = (int(v) for v in key.split(","))
+                path, rshape = folder / str(reg["file"]), tuple(int(v) for v in reg["shape"])
+            except (ValueError, KeyError, TypeError, AttributeError):
+                raise ValueError(f"{meta_path}: bad support region entry {key!r}: {reg!r}") from None
+            if Path(reg["file"]).name != reg["file"] or r0 < 0 or c0 < 0:
+                raise ValueError(f"{meta_path}: bad support region entry {key!r}: {reg!r}")
+            data.regions.append((read_mask(path, dtype=np.uint8, shape=rshape), (r0, c0)))
+        if (folder / "points.csv").exists():  # image coordinates (a slide's: the image shape is not recorded)
             data.points, data.point_classes = read_points_csv(folder / "points.csv",
-                                                              shape=None if any(data.origin) else shape)
+                                                              shape=None if data.regions else shape)
         head = folder / f"{HEAD_STEM}.mhshead.json"
         data.head_path = head if head.exists() else None
         return data

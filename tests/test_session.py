@@ -140,3 +140,28 @@ def test_list_newest_first(store, image):
     store.save_support(b, np.zeros(image[::2].shape[:2], np.uint8), image_name="b")
     assert [m["image_name"] for m in store.list()] == ["b", "a"]
     assert SessionStore(store.root / "missing").list() == []
+
+
+def test_support_regions_are_saved_apart(store, image):
+    fp = image_fingerprint(image)
+    a = np.full((8, 6), IGNORE, np.uint8)
+    a[2:4] = 1
+    b = np.zeros((5, 5), np.uint8)
+    store.save_support(fp, a, origin=(100, 40), classes=["bg", "fg"])
+    store.save_support(fp, b, origin=(3000, 7))
+    store.save_support(fp, a[::-1], origin=(100, 40))  # the same region again: replaced, not added
+    store.save_points(fp, np.array([[5000.0, 9000.0]]), [1])  # slide coordinates, beyond every region
+    data = store.load(fp)
+    assert data.support is None and not data.empty
+    got = {o: v for v, o in data.regions}
+    assert set(got) == {(100, 40), (3000, 7)}
+    assert np.array_equal(got[(100, 40)], a[::-1]) and np.array_equal(got[(3000, 7)], b)
+    assert data.points.tolist() == [[5000.0, 9000.0]] and data.classes == ["bg", "fg"]
+    with pytest.raises(ValueError, match="non-negative"):
+        store.save_support(fp, a, origin=(-1, 0))
+    meta_path = store.folder(fp) / "session.json"
+    meta = json.loads(meta_path.read_text())
+    meta["regions"]["1,2"] = {"file": "../../etc/passwd", "shape": [2, 2]}
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="bad support region entry"):
+        store.load(fp)

@@ -108,13 +108,20 @@ class AdaptWidget(QWidget):
         if support_layer is None:
             raise ValueError("no support layer: create one in the Annotate widget and paint some strokes")
         meta = plugin_meta(support_layer)
-        circles = find_layers(self.viewer, "circles", group=meta.get("group")) if meta.get("group") else []
-        support = merged_support(support_layer, circles[0] if circles else None)
         image = image_source(image_layer)  # a large image is never read whole (the jobs cut or stream it)
-        origin = support_origin(support_layer)  # a support region of a slide starts here
-        if origin[0] + support.shape[0] > image.shape[0] or origin[1] + support.shape[1] > image.shape[1]:
-            raise ValueError(f"support {support.shape} at {origin} does not fit the image {image.shape[:2]}")
         classes = list(meta.get("classes") or [])
+        # the support regions of a slide (layers with an origin) of this image and these classes adapt together
+        def same_task(ly: Any) -> bool:
+            m = plugin_meta(ly)
+            return ("origin" in m and m.get("image") == meta.get("image") and list(m.get("classes") or []) == classes)
+
+        others = [ly for ly in find_layers(self.viewer, "support") if ly is not support_layer and same_task(ly)]
+        layers = [support_layer] + (others if "origin" in meta else [])
+        regions = [(self._merged(ly), support_origin(ly)) for ly in layers]
+        for sup, (r0, c0) in regions:
+            if r0 + sup.shape[0] > image.shape[0] or c0 + sup.shape[1] > image.shape[1]:
+                raise ValueError(f"support {sup.shape} at {(r0, c0)} does not fit the image {image.shape[:2]}")
+        (support, origin), more = regions[0], regions[1:]
         colours = list(meta.get("colours") or class_colours(len(classes)))
         head = self.state.head
         init = head if self.settings.start_from_current() else None
@@ -125,8 +132,14 @@ class AdaptWidget(QWidget):
         self._colours = colours
         return self.runner.run("Adapt", jobs.adapt_job, self.state.backbone, image, support, classes, colours,
                                self.settings.maml_config(), self.settings.devices(), init, image_mpp(image_layer), then,
-                               origin, on_yield=lambda p: self._progress(p, image_layer),
+                               origin, more, on_yield=lambda p: self._progress(p, image_layer),
                                on_return=lambda r: self._show(r, image_layer), on_stop=self._stopped)
+
+    def _merged(self, support_layer: Any) -> Any:
+        """The support of a support layer with the circles of its centroid clicks filled in."""
+        group = plugin_meta(support_layer).get("group")
+        circles = find_layers(self.viewer, "circles", group=group) if group else []
+        return merged_support(support_layer, circles[0] if circles else None)
 
     def run_predict(self) -> Any:
         """Predict with the current head; returns the worker (None if refused)."""

@@ -80,12 +80,18 @@ class AnnotationIO:
             self.classes_edit.setText(", ".join(data.classes))
         if data.support is not None:
             support = self.support_combo.layer()
-            h, w = data.support.shape
             if (support is None or plugin_meta(support).get("image") not in (None, image.name)
-                    or support.data.shape != (h, w) or support_origin(support) != data.origin):
-                r0, c0 = data.origin  # a support region of a slide comes back where it was
-                support = self.create_support(region=(r0, r0 + h, c0, c0 + w))
+                    or support.data.shape != data.support.shape or "origin" in plugin_meta(support)):
+                support = self.create_support(region=(0, data.support.shape[0], 0, data.support.shape[1]))
             support.data = support_to_layer(data.support)
+            self.apply_classes()
+        for values, (r0, c0) in data.regions:  # the support regions of a slide come back where they were
+            existing = [ly for ly in self.viewer.layers if plugin_meta(ly).get("kind") == "support"
+                        and plugin_meta(ly).get("image") == image.name and support_origin(ly) == (r0, c0)
+                        and "origin" in plugin_meta(ly) and ly.data.shape == values.shape]
+            support = existing[0] if existing else self.create_support(
+                region=(r0, r0 + values.shape[0], c0, c0 + values.shape[1]))
+            support.data = support_to_layer(values)
             self.apply_classes()
         if data.points is not None and len(data.points):
             self.create_points().data = np.zeros((0, 2))

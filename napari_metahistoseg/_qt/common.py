@@ -10,6 +10,11 @@ from qtpy.QtWidgets import QComboBox, QFileDialog, QHBoxLayout, QLabel, QLineEdi
 from .layers import kind_of
 
 
+def unwrap(obj: Any) -> Any:
+    """The object behind a napari plugin proxy (``PublicOnlyProxy``), or ``obj`` itself."""
+    return getattr(obj, "__wrapped__", obj)
+
+
 class LayerCombo(QComboBox):
     """Layers of ``layer_type`` (and, if given, plugin ``kinds``, preferred first) of a viewer, kept up to date.
 
@@ -39,18 +44,23 @@ class LayerCombo(QComboBox):
             out = [ly for ly in out if kind_of(ly) in self.kinds]
         return out
 
+    def _index(self, layer: Any) -> int:
+        """Position of ``layer`` in the list (-1 if absent), by identity of the layer itself: napari hands plugin
+        widgets a proxy of the viewer, whose ``add_*`` return proxies of the layers it holds."""
+        return next((i for i, ly in enumerate(self._layers) if unwrap(ly) is unwrap(layer)), -1)
+
     def refresh(self, *_: Any) -> None:
         current = self.layer()
         self._layers = ([None] if self.optional else []) + self.candidates()
         self.blockSignals(True)
         self.clear()
         self.addItems(["(none)" if ly is None else ly.name for ly in self._layers])
-        if current in self._layers:
-            self.setCurrentIndex(self._layers.index(current))
+        if self._index(current) >= 0:
+            self.setCurrentIndex(self._index(current))
         elif self._layers and self.optional:
             self.setCurrentIndex(0)
         self.blockSignals(False)
-        if self.layer() != current:
+        if unwrap(self.layer()) is not unwrap(current):
             self.currentIndexChanged.emit(self.currentIndex())
 
     def layer(self) -> Any | None:
@@ -58,10 +68,10 @@ class LayerCombo(QComboBox):
         return self._layers[i] if 0 <= i < len(self._layers) else None
 
     def set_layer(self, layer: Any) -> None:
-        if layer not in self._layers:
+        if self._index(layer) < 0:
             self.refresh()
-        if layer in self._layers:
-            self.setCurrentIndex(self._layers.index(layer))
+        if self._index(layer) >= 0:
+            self.setCurrentIndex(self._index(layer))
 
 
 def row(*widgets: QWidget | str) -> QWidget:

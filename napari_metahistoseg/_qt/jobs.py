@@ -233,21 +233,26 @@ def support_window(image: Any, support: np.ndarray, margin_px: int,
 
 def adapt_job(backbone: Callable[[], Backbone], image: Any, support: np.ndarray, classes: list[str],
               colours: list[str], cfg: MAMLConfig, devices: Sequence[str], init: AdaptedHead | None,
-              mpp: float | None, then_predict: PredictSettings | None,
-              origin: tuple[int, int] = (0, 0)) -> Generator[dict, None, Result | None]:
-    """Adapt a head on one support image; optionally predict with it. Returns the prediction (or None).
-    ``support`` covers the image from pixel ``origin`` (the whole image when it has the image's shape). A large
-    image, or a support region, is cut to its painted part first (with the context adaptation keeps around it)."""
+              mpp: float | None, then_predict: PredictSettings | None, origin: tuple[int, int] = (0, 0),
+              more: Sequence[tuple[np.ndarray, tuple[int, int]]] = ()) -> Generator[dict, None, Result | None]:
+    """Adapt a head on the support of one image; optionally predict with it. Returns the prediction (or None).
+    ``support`` covers the image from pixel ``origin`` (the whole image when it has the image's shape); ``more``:
+    further ``(support, origin)`` regions of the same image (the support regions of a slide), each a support image
+    of its own. A large image, or a support region, is cut to the painted part of each region first (with the
+    context adaptation keeps around it)."""
     yield {"stage": "backbone"}
     bb = backbone()
-    region = tuple(origin) != (0, 0) or tuple(support.shape) != tuple(image.shape[:2])
+    regions = [(support, tuple(origin))] + [(s, tuple(o)) for s, o in more]
+    region = len(regions) > 1 or tuple(origin) != (0, 0) or tuple(support.shape) != tuple(image.shape[:2])
     if region or is_large(image, then_predict.tiling if then_predict is not None else TilingConfig()):
         margin = math.ceil(2 * CONTEXT_PX * bb.mpp / min(mpp or bb.mpp, bb.mpp))
-        sup_image, sup = support_window(image, support, margin, origin)  # predict_job reads the rest if needed
+        windows = [support_window(image, s, margin, o) for s, o in regions]  # predict_job reads the rest if needed
+        windows = [w for w in windows if (w[1] != IGNORE).any()] or windows[:1]  # unpainted regions add nothing
+        sup_images, sups = [w[0] for w in windows], [w[1] for w in windows]
     else:
         image = np.asarray(image)
-        sup_image, sup = image, support
-    head = yield from adapt(bb, [sup_image], [sup], classes, mpp=mpp, cfg=cfg, devices=list(devices), init=init)
+        sup_images, sups = [image], [support]
+    head = yield from adapt(bb, sup_images, sups, classes, mpp=mpp, cfg=cfg, devices=list(devices), init=init)
     head.colours = list(colours)
     yield {"stage": "adapted", "head": head}
     if then_predict is None:

@@ -72,7 +72,8 @@ class Autosaver(QObject):
             meta = plugin_meta(self.support)
             self.store.save_support(fp, layer_to_support(self.support.data), classes=meta.get("classes"),
                                     colours=meta.get("colours"), image_name=self.image.name,
-                                    mpp=image_mpp(self.image), origin=support_origin(self.support))
+                                    mpp=image_mpp(self.image),
+                                    origin=support_origin(self.support) if "origin" in meta else None)
             if self.points is not None:
                 cls = self.points.features.get("class")
                 self.store.save_points(fp, self.points.data, [] if cls is None else cls.to_numpy())

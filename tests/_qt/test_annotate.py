@@ -28,6 +28,14 @@ def test_create_support_layer(viewer, annotate):
     annotate.class_combo.setCurrentIndex(1)
     assert layer.selected_label == 2
     assert np.all(layer_to_support(layer.data) == IGNORE)  # unpainted = unknown
+    # a second support layer becomes the chosen one (napari gives plugins proxies of the layers: the combo
+    # compares the layers behind them)
+    from napari_metahistoseg._qt.common import unwrap
+
+    second = annotate.create_support()
+    assert unwrap(annotate.support_combo.layer()) is unwrap(second)
+    annotate.support_combo.set_layer(layer)
+    assert unwrap(annotate.support_combo.layer()) is unwrap(layer)
 
 
 def test_edit_classes_renames_and_recolours(viewer, annotate):

@@ -10,6 +10,7 @@ import pytest
 import tifffile
 
 from napari_metahistoseg._qt import layers as qt_layers
+from napari_metahistoseg._qt.common import unwrap
 from napari_metahistoseg._qt.layers import find_layers
 from napari_metahistoseg.config import HoVerPostConfig, TilingConfig
 from napari_metahistoseg.data.synthetic import synthetic_tile
@@ -75,7 +76,7 @@ def test_support_region_end_to_end(viewer, qtbot, widgets, errors, tmp_path):
     # autosave writes the region with its origin; restore brings it back where it was
     assert annotate.state.autosaver.save_now()
     data = annotate.state.store.load(annotate.state.autosaver.fingerprint(img))
-    assert data.origin == (r0, c0) and data.support.shape == (64, 64)
+    assert data.support is None and [(v.shape, o) for v, o in data.regions] == [((64, 64), (r0, c0))]
     assert data.points.tolist() == [[r0 + 30.0, c0 + 30.0], [150.0, 150.0]]
     for ly in [support, circles, points]:
         viewer.layers.remove(ly)
@@ -112,3 +113,26 @@ def test_small_images_keep_image_sized_supports(viewer, widgets):
     annotate.tiling = dataclasses.replace(annotate.tiling, stream_above_mp=16.0)
     support = annotate.create_support()
     assert support.data.shape == (160, 160) and "origin" not in support.metadata["metahistoseg"]
+
+
+def test_two_regions_adapt_together_and_are_saved_apart(viewer, qtbot, widgets, errors, monkeypatch):
+    img, tile, annotate, adapt = widgets
+    first = annotate.create_support()
+    strokes_a = _paint(first, tile)
+    monkeypatch.setattr(qt_layers, "visible_region", lambda layer, max_fraction=0.8: (90, 154, 80, 144))
+    second = annotate.create_support()  # pan elsewhere, press the button again: a second region
+    assert second.metadata["metahistoseg"]["origin"] == [90, 80]
+    assert unwrap(annotate.support_combo.layer()) is unwrap(second)  # the new layer is the one chosen
+    strokes_b = _paint(second, tile)
+    adapt.settings.instances.setChecked(False)
+    adapt.support_combo.set_layer(second)
+    run(qtbot, adapt.run_adapt(predict=False), adapt)
+    assert errors == [] and len(adapt.state.head.provenance["support"]) == 2  # both regions, one support each
+    assert annotate.state.autosaver.save_now()  # the second (watched) region; the first was saved on switching
+    data = annotate.state.store.load(annotate.state.autosaver.fingerprint(img))
+    assert sorted(o for _, o in data.regions) == [(20, 40), (90, 80)]
+    for ly in (first, second):
+        viewer.layers.remove(ly)
+    assert annotate.restore_session() and errors == []
+    back = {tuple(ly.metadata["metahistoseg"]["origin"]): ly.data for ly in find_layers(viewer, "support")}
+    assert np.array_equal(back[(20, 40)], strokes_a) and np.array_equal(back[(90, 80)], strokes_b)
