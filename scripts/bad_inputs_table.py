@@ -378,6 +378,29 @@ def library_cases(fx: Fixtures) -> list[Case]:
         object_instances(np.zeros((4, 5, 6), bool), ObjectPostConfig(), 0.5)))
     objects_case("object instances at mpp 0", lambda: "objects " + _shape(
         object_instances(np.zeros((5, 6), bool), ObjectPostConfig(), 0.0)))
+
+    from napari_metahistoseg.config import MAMLConfig, TilingConfig
+    from napari_metahistoseg.session import SessionStore
+
+    cases.append(Case("threshold grid 0.9..0.5", "`config.MAMLConfig` (threshold calibration)", "error",
+                      lambda: repr(MAMLConfig(threshold_min=0.9, threshold_max=0.5))[:40]))
+    cases.append(Case("pyramid_min_px = -1", "`config.TilingConfig` (label pyramids)", "error",
+                      lambda: repr(TilingConfig(pyramid_min_px=-1))[:40]))
+
+    def session_region(what, entry):
+        def run():
+            store = SessionStore(r / "sessions")
+            store.save_support("ab12", np.zeros((4, 4), np.uint8), origin=(10, 20))
+            meta_path = store.folder("ab12") / "session.json"
+            meta = json.loads(meta_path.read_text())
+            meta["regions"]["10,20"] = entry
+            meta_path.write_text(json.dumps(meta))
+            return f"{len(store.load('ab12').regions)} region(s) loaded"
+        cases.append(Case(what, "`session.SessionStore.load` (support regions)", "error", run))
+
+    session_region("session region file '../x.png'", {"file": "../x.png", "shape": [4, 4]})
+    session_region("session region without a shape", {"file": "region-10-20.png"})
+    session_region("session region of the wrong shape", {"file": "region-10-20.png", "shape": [5, 4]})
     return cases
 
 
