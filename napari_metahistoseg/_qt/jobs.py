@@ -118,8 +118,8 @@ class Result:
 def read_features(path: str | Path | None) -> Any:
     """A nuclei/objects CSV (:data:`~napari_metahistoseg.inference.NUCLEI_COLUMNS`,
     :data:`~napari_metahistoseg.postprocess.OBJECT_COLUMNS`) as a layer features table: a pandas DataFrame with
-    ``id`` renamed ``index`` (napari's key to the label ids), the same columns as an in-memory prediction's
-    features; None without a table."""
+    ``id`` renamed ``index`` (napari's key to the label ids) and the CSV's other columns; None without a
+    table."""
     import pandas as pd
 
     return None if path is None else pd.read_csv(path).rename(columns={"id": "index"})
