@@ -474,7 +474,8 @@ def predict_large(
             res.objects_csv = Path(objects_csv) if objects_csv else Path(out_dir).with_suffix(".objects.csv")
             res.n_objects = yield from large_objects(res, object_cfg or ObjectPostConfig(), res.objects_csv)
             res.complete = True
-        yield from label_pyramids(res, tiling)
+        # a visible-field-only prediction (live re-adaptation of a slide) holds labels in the roi only
+        yield from label_pyramids(res, tiling, res.roi if roi_only and res.roi is not None else None)
     finally:
         if image is not source:
             image.close()
@@ -541,10 +542,11 @@ def _predict_large(backbone, head, image, out, mpp, devs, tiling, instances, hov
     return res
 
 
-def label_pyramids(res: LargePrediction, tiling: TilingConfig) -> Generator[dict, None, int]:
+def label_pyramids(res: LargePrediction, tiling: TilingConfig,
+                   region: tuple[int, int, int, int] | None = None) -> Generator[dict, None, int]:
     """Multiscale levels (:func:`.slide.write_pyramid`) of the label arrays of a streamed prediction (semantic,
-    instances, objects) when its longer side exceeds ``tiling.pyramid_min_px``; yields ``{"stage": "pyramid",
-    "done", "total"}`` per array; returns the number of levels written per array."""
+    instances, objects) when its longer side exceeds ``tiling.pyramid_min_px``; ``region``: the only part holding
+    labels. Yields ``{"stage": "pyramid", "done", "total"}`` per array; returns the number of levels per array."""
     import zarr
 
     if not tiling.pyramid_min_px or max(res.shape) <= tiling.pyramid_min_px:
@@ -554,7 +556,8 @@ def label_pyramids(res: LargePrediction, tiling: TilingConfig) -> Generator[dict
     n = 0
     for i, name in enumerate(names):
         yield {"stage": "pyramid", "done": i, "total": len(names)}
-        n = len(write_pyramid(root, name, min_side_px=tiling.pyramid_min_px, strip_mb=tiling.pyramid_strip_mb))
+        n = len(write_pyramid(root, name, min_side_px=tiling.pyramid_min_px, strip_mb=tiling.pyramid_strip_mb,
+                              region=region))
     yield {"stage": "pyramid", "done": len(names), "total": len(names)}
     return n
 

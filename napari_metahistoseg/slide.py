@@ -393,12 +393,15 @@ def create_outputs(path: str | os.PathLike, shape: tuple[int, int], arrays: dict
 PYRAMID_GROUP = "levels"  # levels of a streamed label array NAME: <group>/NAME/1, <group>/NAME/2, ...
 
 
-def write_pyramid(root: Any, name: str, *, min_side_px: int, strip_mb: float = 64.0) -> list[Any]:
+def write_pyramid(root: Any, name: str, *, min_side_px: int, strip_mb: float = 64.0,
+                  region: tuple[int, int, int, int] | None = None) -> list[Any]:
     """Nearest-neighbour levels of the ``(H, W)`` label array ``root[name]`` of a zarr group: level k keeps every
     2**k-th pixel of each axis (labels stay labels), until the longer side is at most ``min_side_px``. Each level is
     built from the previous one in row strips of about ``strip_mb`` (bounded memory) and stored as
     ``root["levels/<name>/<k>"]``; returns the level arrays, finest first (empty when the array is small enough).
-    Existing levels of ``name`` are replaced."""
+    Existing levels of ``name`` are replaced. ``region = (r0, c0, r1, c1)``: only that part of the array holds
+    labels (the rest is the fill value 0, e.g. a prediction of the visible field only), so only its part of each
+    level is computed — the cost follows the region, not the slide."""
     base = root[name]
     group = root.require_group(PYRAMID_GROUP)
     if name in group:
@@ -407,18 +410,21 @@ def write_pyramid(root: Any, name: str, *, min_side_px: int, strip_mb: float = 6
     if min_side_px <= 0:
         return levels
     prev, k = base, 0
+    r0, c0, r1, c1 = region if region is not None else (0, 0, base.shape[0], base.shape[1])
+    r0, c0 = r0 // 2 * 2, c0 // 2 * 2  # on the grid of every level's sampling
     sub = group.require_group(name)
     while max(prev.shape) > min_side_px:
         k += 1
         h, w = -(-prev.shape[0] // 2), -(-prev.shape[1] // 2)
         chunks = tuple(min(c, s) for c, s in zip(base.chunks, (h, w), strict=True))
         lvl = sub.create_array(str(k), shape=(h, w), dtype=base.dtype, fill_value=0, chunks=chunks)
-        rows = max(2, int(strip_mb * 2**20 / max(1, prev.shape[1] * prev.dtype.itemsize)) // 2 * 2)
-        for r0 in range(0, prev.shape[0], rows):
-            block = np.asarray(prev[r0:r0 + rows])[::2, ::2]  # rows is even: r0 stays on the level's grid
-            lvl[r0 // 2: r0 // 2 + block.shape[0]] = block
+        rows = max(2, int(strip_mb * 2**20 / max(1, (c1 - c0) * prev.dtype.itemsize)) // 2 * 2)
+        for a in range(r0, r1, rows):
+            block = np.asarray(prev[a:min(a + rows, r1), c0:c1])[::2, ::2]  # a, c0 even: on the level's grid
+            lvl[a // 2: a // 2 + block.shape[0], c0 // 2: c0 // 2 + block.shape[1]] = block
         levels.append(lvl)
         prev = lvl
+        r0, c0, r1, c1 = r0 // 4 * 2, c0 // 4 * 2, -(-r1 // 2), -(-c1 // 2)  # the region on this level, even start
     return levels
 
 

@@ -230,3 +230,15 @@ def test_label_pyramid_keeps_every_other_pixel(tmp_path, shape):
     assert max(slide.pyramid(root, "lab")[-1].shape) <= 50 and slide.pyramid(root, "lab")[0] is not None
     again = slide.write_pyramid(root, "lab", min_side_px=0)  # replaced: none left
     assert again == [] and len(slide.pyramid(root, "lab")) == 1
+
+
+def test_label_pyramid_of_a_region_equals_the_whole(tmp_path):
+    shape = (301, 517)
+    root = create_outputs(tmp_path / "o.zarr", shape, {"lab": ((), "uint8")}, chunk_px=48)
+    lab = np.zeros(shape, np.uint8)
+    lab[37:201, 101:333] = np.random.default_rng(1).integers(1, 9, (164, 232))  # labels in an odd-placed region
+    root["lab"][:] = lab
+    part = [lv[:] for lv in slide.write_pyramid(root, "lab", min_side_px=20, strip_mb=0.002,
+                                                 region=(37, 101, 201, 333))]
+    whole = [lv[:] for lv in slide.write_pyramid(root, "lab", min_side_px=20)]
+    assert len(part) == len(whole) == 5 and all(np.array_equal(a, b) for a, b in zip(part, whole, strict=True))

@@ -173,6 +173,8 @@ def test_large_image_streams_into_zarr(viewer, qtbot, adapt, errors, tmp_path, m
     outside = np.ones((160, 160), bool)
     outside[0:64, 32:96] = False
     assert not np.asarray(sem.data[0])[outside].any() and errors == []
+    # its levels were built for the visible field only, and agree with the full-resolution labels
+    assert np.array_equal(np.asarray(sem.data[1]), np.asarray(sem.data[0])[::2, ::2])
 
 
 def test_cancel_leaves_viewer_consistent(viewer, qtbot, adapt):
