@@ -125,10 +125,14 @@ def image_mpp(layer: Any) -> float | None:
 
 
 def visible_region(layer: Any, max_fraction: float = FOV_MAX_FRACTION) -> tuple[int, int, int, int] | None:
-    """``(r0, r1, c0, c1)`` of the image shown on the canvas (from the layer's ``corner_pixels``), or None if
+    """``(r0, r1, c0, c1)`` of the image (level-0 pixels) shown on the canvas, from the layer's
+    ``corner_pixels`` — which napari gives in the pixels of the level on screen for a multiscale layer — or None if
     it is not known yet or covers more than ``max_fraction`` of the image."""
     h, w = image_shape(layer)
-    cp = np.asarray(layer.corner_pixels)[:, -2:]
+    cp = np.asarray(layer.corner_pixels, float)[:, -2:]
+    if getattr(layer, "multiscale", False):
+        cp = cp * np.asarray(layer.downsample_factors, float)[layer.data_level][-2:]
+        cp[1] += np.asarray(layer.downsample_factors, float)[layer.data_level][-2:] - 1  # the level pixel's extent
     r0, c0 = (int(x) for x in cp[0])
     r1, c1 = (min(int(x) + 1, s) for x, s in zip(cp[1], (h, w), strict=True))
     if r1 - r0 < 2 or c1 - c0 < 2 or (r1 - r0) * (c1 - c0) > max_fraction * h * w:

@@ -272,3 +272,17 @@ def test_visible_region_follows_the_camera(make_napari_viewer, qtbot):
     qtbot.waitUntil(lambda: visible_region(layer) is not None, timeout=10_000)
     r0, r1, c0, c1 = visible_region(layer)
     assert r0 < 100 < r1 and c0 < 150 < c1 and (r1 - r0) * (c1 - c0) < 0.5 * 400 * 300
+
+
+def test_visible_region_of_a_multiscale_image_is_in_level_0_pixels():
+    import napari
+
+    from napari_metahistoseg._qt.layers import visible_region
+
+    layer = napari.layers.Image([np.zeros((400, 300)), np.zeros((200, 150)), np.zeros((100, 75))])
+    layer._data_level = 2  # zoomed out: napari reports the corners in pixels of level 2 (4x coarser)
+    layer.corner_pixels = np.array([[10, 20], [29, 39]])
+    assert visible_region(layer) == (40, 120, 80, 160)
+    layer._data_level = 0
+    layer.corner_pixels = np.array([[10, 20], [29, 39]])
+    assert visible_region(layer) == (10, 30, 20, 40)
