@@ -379,7 +379,7 @@ def library_cases(fx: Fixtures) -> list[Case]:
     objects_case("object instances at mpp 0", lambda: "objects " + _shape(
         object_instances(np.zeros((5, 6), bool), ObjectPostConfig(), 0.0)))
 
-    from napari_metahistoseg.config import MAMLConfig, TilingConfig
+    from napari_metahistoseg.config import TilingConfig
     from napari_metahistoseg.session import SessionStore
 
     cases.append(Case("threshold grid 0.9..0.5", "`config.MAMLConfig` (threshold calibration)", "error",
