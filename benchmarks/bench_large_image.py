@@ -204,7 +204,7 @@ def predict(args, slide: Path) -> dict:
     peak = sampler.stop()
     mp = args.size * args.size / 1e6
     return {"wall_s": wall, "cpu_s": cpu, "predict_s": spent["predict"], "instances_s": spent["instances"],
-            "objects_s": spent.get("objects", 0.0), "objects": res.n_objects,
+            "objects_s": spent.get("objects", 0.0), "objects": res.n_objects, "pyramid_s": spent.get("pyramid", 0.0),
             "tiles": res.tiles, "nuclei": res.n_instances, "image_mp": mp, "image_mp_per_s": mp / wall,
             "model_mp": mp * (args.mpp / bb.mpp) ** 2, "peak_rss_mb_sampled": peak, "peak_rss_mb_ru_maxrss":
             _ru_maxrss_mb(), "threads": args.threads, "tile_px": args.tile, "batch": args.batch,

@@ -76,13 +76,14 @@ def postprocess_md(d: dict) -> str:
 
 def large_image_md(results: list[dict]) -> str:
     rows = [[f"{d['size']}²", d["mpp"], d.get("threads"), d.get("tile_px"), f"{d['wall_s']:.0f}",
-             f"{d['predict_s']:.0f}", f"{d['instances_s']:.0f}", d["nuclei"], f"{d['image_mp_per_s']:.2f}",
+             f"{d['predict_s']:.0f}", f"{d['instances_s']:.0f}",
+             f"{d['pyramid_s']:.0f}" if "pyramid_s" in d else "–", d["nuclei"], f"{d['image_mp_per_s']:.2f}",
              f"{max(d['peak_rss_mb_sampled'], d['peak_rss_mb_ru_maxrss']):.0f}",
              "yes" if d["rss_ok"] else "no", d.get("load_avg_end", "?")] for d in results]
     cmds = "".join(f"Command ({d['size']}²{', commit `' + d['commit'] + '`' if d.get('commit') else ''}): "
                    f"`{d['command']}`  \n" for d in results)
     return cmds + "\n" + common.md_table(
-        ["image", "µm/px", "threads", "tile px", "wall s", "predict s", "instances s", "nuclei", "MP/s",
+        ["image", "µm/px", "threads", "tile px", "wall s", "predict s", "instances s", "levels s", "nuclei", "MP/s",
          "peak RSS MB", "≤ 2 GB", "load avg at end"], rows)
 
 
