@@ -158,6 +158,32 @@ def test_adapt_with_napari_style_labels(work, capsys, tmp_path):
     assert code == 2 and "class ids up to 2" in one_error_line(err)
 
 
+def test_adapt_with_labels_of_a_region(work, capsys, tmp_path):
+    """--origin: the labels file covers a region of the image; the head equals the one from the same labels
+    written into an image-sized file (the same window is read)."""
+    full = tifffile.imread(work / "a_labels.tif")  # 160 x 192, every third pixel labelled
+    part = np.full_like(full, 255)
+    part[40:100, 60:150] = full[40:100, 60:150]
+    tifffile.imwrite(tmp_path / "full.tif", part)
+    tifffile.imwrite(tmp_path / "region.tif", part[40:100, 60:150])
+    heads = []
+    for name, extra in (("full", []), ("region", ["--origin", "40,60"])):
+        code, out, err = cli(capsys, "adapt", work / "a.tif", "--labels", tmp_path / f"{name}.tif", *extra,
+                             "--backbone", work / "bb", *FAST, "--out", tmp_path / name)
+        assert code == 0, err
+        heads.append(json.loads((tmp_path / f"{name}.mhshead.json").read_text())["provenance"])
+    assert heads[0]["support"][0]["shape"] == heads[1]["support"][0]["shape"]
+    assert heads[0]["support"][0]["labels_sha256"] == heads[1]["support"][0]["labels_sha256"]  # the same window
+    from safetensors.numpy import load_file
+
+    a, b = (load_file(tmp_path / f"{n}.mhshead.safetensors") for n in ("full", "region"))
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    for origin, message in (("150,0", "do not fit the image"), ("4", "ROW,COL"), ("-1,2", "non-negative")):
+        code, _, err = cli(capsys, "adapt", work / "a.tif", "--labels", tmp_path / "region.tif", f"--origin={origin}",
+                           "--backbone", work / "bb", *FAST, "--out", tmp_path / "bad")
+        assert code == 2 and message in one_error_line(err)
+
+
 # ------------------------------------------------------------------------------------------ predict
 
 

@@ -28,7 +28,7 @@ from ..data.task import IGNORE
 from ..inference import LargePrediction, Prediction, hover_type_names, nuclei_centroids, predict, predict_large
 from ..maml import relay
 from ..pipeline import CONTEXT_PX, AdaptedHead, Backbone, adapt
-from ..slide import open_array
+from ..slide import label_window, open_array
 
 PREDICTIONS_ENV = "METAHISTOSEG_PREDICTIONS"  # where streamed predictions of large images go (zarr stores)
 
@@ -214,21 +214,9 @@ def predict_job(backbone: Backbone | Callable[[], Backbone], head: AdaptedHead, 
 def support_window(image: Any, support: np.ndarray, margin_px: int,
                    origin: tuple[int, int] = (0, 0)) -> tuple[np.ndarray, np.ndarray]:
     """The image and support cut to the painted pixels plus ``margin_px`` of context (only that part of a large
-    image is read). ``support`` covers the image from pixel ``origin`` (a support region); the context may reach
-    beyond it (its labels there are unknown)."""
-    rows = np.flatnonzero((support != IGNORE).any(1))
-    cols = np.flatnonzero((support != IGNORE).any(0))
-    if rows.size == 0:
-        return np.asarray(image[:1, :1]), np.full((1, 1), IGNORE, np.uint8)  # nothing painted: adapt() reports it
-    h, w = int(image.shape[0]), int(image.shape[1])
-    o0, o1 = origin
-    r0, r1 = max(0, o0 + rows[0] - margin_px), min(h, o0 + rows[-1] + margin_px + 1)
-    c0, c1 = max(0, o1 + cols[0] - margin_px), min(w, o1 + cols[-1] + margin_px + 1)
-    sup = np.full((r1 - r0, c1 - c0), IGNORE, np.uint8)
-    a0, a1 = max(r0, o0), min(r1, o0 + support.shape[0])  # the support region's part of the window
-    b0, b1 = max(c0, o1), min(c1, o1 + support.shape[1])
-    sup[a0 - r0:a1 - r0, b0 - c0:b1 - c0] = support[a0 - o0:a1 - o0, b0 - o1:b1 - o1]
-    return np.asarray(image[r0:r1, c0:c1]), sup
+    image is read; :func:`.slide.label_window`). ``support`` covers the image from pixel ``origin`` (a support
+    region); the context may reach beyond it (its labels there are unknown)."""
+    return label_window(image, support, margin_px, origin, unknown=IGNORE)
 
 
 def adapt_job(backbone: Callable[[], Backbone], image: Any, support: np.ndarray, classes: list[str],

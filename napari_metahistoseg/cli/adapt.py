@@ -8,7 +8,9 @@ napari's ``axis-0,axis-1``); each point becomes a filled circle of ``--radius`` 
 ``--points-exhaustive`` (every object of the image was clicked), leaving a ring of
 ``PointsConfig.background_margin_px`` unknown around the circles.
 
-Only the labelled part of the image (plus context) is read, so IMAGE may be a whole slide. The head is written as
+Only the labelled part of the image (plus context) is read, so IMAGE may be a whole slide; with ``--origin ROW,COL``
+the labels image covers only a region of IMAGE starting at that pixel (as the GUI's support regions), so a slide's
+annotations need not be a slide-sized file. The head is written as
 ``HEAD.mhshead.safetensors`` + ``HEAD.mhshead.json`` (with provenance); its path is the last line on stdout.
 """
 
@@ -23,7 +25,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("adapt", help="adapt a head on one annotated image (labels or points)")
     p.add_argument("image", help="image file (TIFF/SVS/OME-TIFF/zarr/PNG/JPEG)")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--labels", help="label image of class ids, same size as IMAGE")
+    src.add_argument("--labels", help="label image of class ids, same size as IMAGE (or see --origin)")
+    p.add_argument("--origin", default=None, metavar="ROW,COL",
+                   help="--labels covers a region of IMAGE whose top-left pixel is ROW,COL (a region of a slide, "
+                        "as the GUI's support regions; default: the labels are the size of IMAGE)")
     src.add_argument("--points", help="points CSV (row,col[,class] or x,y[,class])")
     p.add_argument("--classes", help="comma-separated class names, background first "
                                      "(default: background,nucleus for points, background,class_1,... for labels)")
@@ -132,8 +137,10 @@ def _from_labels(args, img, margin: int):
 
     from ..data.io import read_mask
     from ..data.task import IGNORE
+    from ..slide import label_window
 
-    lab = read_mask(args.labels, dtype=np.uint16, shape=img.shape[:2])
+    origin = _origin(args.origin)
+    lab = read_mask(args.labels, dtype=np.uint16, shape=None if args.origin else img.shape[:2])
     if args.unlabelled == 0:
         lab = np.where(lab == 0, IGNORE, lab.astype(np.int64) - 1)
     known = lab != IGNORE
@@ -146,10 +153,24 @@ def _from_labels(args, img, margin: int):
                          f"unknown is {args.unlabelled})")
     default = ["background", "foreground"] if top <= 1 else ["background"] + [f"class_{i}" for i in range(1, top + 1)]
     classes = _class_names(args.classes, top + 1, default)
-    rr, cc = np.nonzero(known)
-    r0, c0 = max(0, rr.min() - margin), max(0, cc.min() - margin)
-    r1, c1 = min(lab.shape[0], rr.max() + margin + 1), min(lab.shape[1], cc.max() + margin + 1)
-    return img.read(r0, c0, r1, c1), lab[r0:r1, c0:c1].astype(np.uint8), classes, "labels"
+    try:
+        crop, window = label_window(img, lab.astype(np.uint8), margin, origin, unknown=IGNORE)
+    except ValueError as e:
+        raise ValueError(f"{args.labels}: {e} (--origin {args.origin or '0,0'})") from None
+    return crop, window, classes, "labels"
+
+
+def _origin(spec: str | None) -> tuple[int, int]:
+    if spec is None:
+        return 0, 0
+    try:
+        r, c = (int(v) for v in spec.split(","))
+    except ValueError:
+        raise ValueError(f"--origin must be ROW,COL (two integers), got {spec!r}") from None
+    if r < 0 or c < 0:
+        raise ValueError(f"--origin must be non-negative, got {spec!r}")
+    return r, c
+
 
 
 def _from_points(args, img, mpp: float, margin: int):
