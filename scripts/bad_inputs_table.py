@@ -487,6 +487,9 @@ def cli_cases(fx: Fixtures) -> list[CliCase]:
                                                         *a]),
             CliCase("`adapt`: --decoder-blocks -1", ["adapt", str(img), "--labels", str(lab), "--mode", "decoder",
                                                     "--decoder-blocks", "-1", *a]),
+            CliCase("`adapt`: --origin puts the labels beyond the image", ["adapt", str(img), "--labels", str(lab),
+                                                                         "--origin", "5000,0", *a]),
+            CliCase("`adapt`: --origin not ROW,COL", ["adapt", str(img), "--labels", str(lab), "--origin", "12", *a]),
         ]
     if importlib.util.find_spec("napari_metahistoseg.cli.predict") is not None:
         fx.copy_pair("head", "head_tampered", head=True,
