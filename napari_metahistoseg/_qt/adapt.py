@@ -17,7 +17,7 @@ from qtpy.QtWidgets import QFormLayout, QLabel, QProgressBar, QPushButton, QVBox
 from ..sample_data import class_colours
 from . import display, jobs
 from .adapt_settings import AdaptSettings
-from .common import LayerCombo, row
+from .common import LayerCombo, row, unwrap
 from .layers import find_layers, image_mpp, image_source, merged_support, plugin_meta, support_origin
 from .plot import LossCurve
 from .state import state_for
@@ -32,7 +32,7 @@ class AdaptWidget(QWidget):
         self.viewer = napari_viewer
         self.state = state_for(napari_viewer)
         self._preview: Any = None
-        self._live_layer: Any = None
+        self._live_layers: list[Any] = []
         self._live_pending = False
         self.last_created: list[Any] = []  # layers added by the last finished run
         self._build()
@@ -50,6 +50,7 @@ class AdaptWidget(QWidget):
         s.backbone_edit.editingFinished.connect(self._set_backbone)
         s.live.toggled.connect(self._watch_live)
         self.support_combo.currentIndexChanged.connect(lambda *_: self._watch_live(s.live.isChecked()))
+        v.layers.events.inserted.connect(lambda *_: self._watch_live(s.live.isChecked()))  # a new support region
         s.threshold.valueChanged.connect(self._apply_threshold)
         self.adapt_button = QPushButton("Adapt && predict")
         self.adapt_button.clicked.connect(lambda: self.run_adapt())
@@ -111,13 +112,7 @@ class AdaptWidget(QWidget):
         image = image_source(image_layer)  # a large image is never read whole (the jobs cut or stream it)
         classes = list(meta.get("classes") or [])
         # the support regions of a slide (layers with an origin) of this image and these classes adapt together
-        def same_task(ly: Any) -> bool:
-            m = plugin_meta(ly)
-            return ("origin" in m and m.get("image") == meta.get("image") and list(m.get("classes") or []) == classes)
-
-        others = [ly for ly in find_layers(self.viewer, "support") if ly is not support_layer and same_task(ly)]
-        layers = [support_layer] + (others if "origin" in meta else [])
-        regions = [(self._merged(ly), support_origin(ly)) for ly in layers]
+        regions = [(self._merged(ly), support_origin(ly)) for ly in self._support_layers(support_layer)]
         for sup, (r0, c0) in regions:
             if r0 + sup.shape[0] > image.shape[0] or c0 + sup.shape[1] > image.shape[1]:
                 raise ValueError(f"support {sup.shape} at {(r0, c0)} does not fit the image {image.shape[:2]}")
@@ -134,6 +129,20 @@ class AdaptWidget(QWidget):
                                self.settings.maml_config(), self.settings.devices(), init, image_mpp(image_layer), then,
                                origin, more, on_yield=lambda p: self._progress(p, image_layer),
                                on_return=lambda r: self._show(r, image_layer), on_stop=self._stopped)
+
+    def _support_layers(self, support_layer: Any) -> list[Any]:
+        """``support_layer`` and, for a support region of a slide, the other regions of that image with the same
+        classes (they adapt together)."""
+        meta = plugin_meta(support_layer)
+        if "origin" not in meta:
+            return [support_layer]
+
+        def same_task(ly: Any) -> bool:
+            m = plugin_meta(ly)
+            return "origin" in m and m.get("image") == meta.get("image") and m.get("classes") == meta.get("classes")
+
+        return [support_layer] + [ly for ly in find_layers(self.viewer, "support")
+                                  if unwrap(ly) is not unwrap(support_layer) and same_task(ly)]
 
     def _merged(self, support_layer: Any) -> Any:
         """The support of a support layer with the circles of its centroid clicks filled in."""
@@ -192,15 +201,15 @@ class AdaptWidget(QWidget):
     # ------------------------------------------------------------------------------------------ live mode
 
     def _watch_live(self, on: bool) -> None:
-        if self._live_layer is not None:
-            for ev in (self._live_layer.events.paint, self._live_layer.events.data):
+        """Re-adapt after strokes in the chosen support layer and, on a slide, in its sibling regions."""
+        for layer in self._live_layers:
+            for ev in (layer.events.paint, layer.events.data):
                 ev.disconnect(self._on_stroke)
-            self._live_layer = None
         layer = self.support_combo.layer()
-        if on and layer is not None:
+        self._live_layers = self._support_layers(layer) if on and layer is not None else []
+        for layer in self._live_layers:
             for ev in (layer.events.paint, layer.events.data):
                 ev.connect(self._on_stroke)
-            self._live_layer = layer
 
     def _on_stroke(self, event: Any = None) -> None:
         self._live_timer.start()

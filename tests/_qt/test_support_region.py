@@ -128,6 +128,11 @@ def test_two_regions_adapt_together_and_are_saved_apart(viewer, qtbot, widgets, 
     adapt.support_combo.set_layer(second)
     run(qtbot, adapt.run_adapt(predict=False), adapt)
     assert errors == [] and len(adapt.state.head.provenance["support"]) == 2  # both regions, one support each
+    adapt.settings.live.setChecked(True)  # live mode follows strokes in every region, not only the chosen one
+    first.events.paint(value=[])
+    assert adapt._live_timer.isActive()
+    adapt._live_timer.stop()
+    adapt.settings.live.setChecked(False)
     assert annotate.state.autosaver.save_now()  # the second (watched) region; the first was saved on switching
     data = annotate.state.store.load(annotate.state.autosaver.fingerprint(img))
     assert sorted(o for _, o in data.regions) == [(20, 40), (90, 80)]
