@@ -114,6 +114,8 @@ class AdaptWidget(QWidget):
         # the support regions of a slide (layers with an origin) of this image and these classes adapt together
         regions = [(self._merged(ly), support_origin(ly)) for ly in self._support_layers(support_layer)]
         for sup, (r0, c0) in regions:
+            if "origin" not in meta and sup.shape != tuple(image.shape[:2]):  # not a region: the image's own
+                raise ValueError(f"support {sup.shape} and image {tuple(image.shape[:2])} differ in size")
             if r0 + sup.shape[0] > image.shape[0] or c0 + sup.shape[1] > image.shape[1]:
                 raise ValueError(f"support {sup.shape} at {(r0, c0)} does not fit the image {image.shape[:2]}")
         (support, origin), more = regions[0], regions[1:]

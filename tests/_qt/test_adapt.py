@@ -213,6 +213,10 @@ def test_errors_are_notified_not_raised(viewer, qtbot, adapt, errors, tmp_path):
     for box in adapt.settings.device_boxes.values():
         box.setChecked(False)
     assert adapt.run_adapt() is None and "no device selected" in errors[-1]
+    for box in adapt.settings.device_boxes.values():
+        box.setChecked(True)
+    sup.data = np.ones((64, 64), np.uint8)  # a support layer of another image (not a region of this one)
+    assert adapt.run_adapt() is None and "differ in size" in errors[-1]
 
 
 def test_live_mode_readapts_after_strokes(viewer, qtbot, adapt):
