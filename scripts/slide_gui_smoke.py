@@ -31,6 +31,14 @@ def main() -> int:
     ap.add_argument("--min-accuracy", type=float, default=0.9)
     ap.add_argument("--out", default="slide_smoke.png")
     args = ap.parse_args()
+    import os
+    import tempfile
+
+    from napari_metahistoseg._qt.jobs import PREDICTIONS_ENV
+    from napari_metahistoseg.session import SESSIONS_ENV
+
+    scratch = tempfile.mkdtemp(prefix="slide_smoke_")  # autosaved sessions and predictions stay out of $HOME
+    os.environ[SESSIONS_ENV], os.environ[PREDICTIONS_ENV] = f"{scratch}/sessions", f"{scratch}/predictions"
 
     import napari
     from qtpy.QtWidgets import QApplication
