@@ -517,7 +517,11 @@ def _predict_large(backbone, head, image, out, mpp, devs, tiling, instances, hov
         try:
             if roi is not None:
                 res.roi = _check_roi(roi, (H, W))
-                yield from _roi_pass(job, res.roi, instances, post, mpp, core, margin)
+                if roi_only and instances:  # the region is all there will be: its nuclei get the table
+                    table = NucleiCSV(Path(nuclei_csv) if nuclei_csv else out.with_suffix(".nuclei.csv"), mpp=mpp,
+                                      type_names=types)
+                    res.nuclei_csv = table.path
+                res.n_instances = yield from _roi_pass(job, res.roi, instances, post, mpp, core, margin, table)
                 if roi_only:
                     return res
             if instances:
@@ -601,21 +605,26 @@ def large_objects(res: LargePrediction, cfg: ObjectPostConfig, csv_path: str | o
     return int(len(table["id"]))
 
 
-def _roi_pass(job: _Job, roi, instances: bool, post, mpp: float, core: int, margin: int) -> Generator[dict, None, None]:
-    """Predict the ROI (with a halo of context) and segment its nuclei, before the full pass."""
+def _roi_pass(job: _Job, roi, instances: bool, post, mpp: float, core: int, margin: int,
+              table: NucleiCSV | None = None) -> Generator[dict, None, int]:
+    """Predict the ROI (with a halo of context) and segment its nuclei, before the full pass; with ``table``
+    (a prediction of the ROI only) their rows go to it in image coordinates. Returns the ROI's nucleus count."""
     r0, c0, r1, c1 = roi
     region = (max(0, r0 - job.halo), max(0, c0 - job.halo), min(job.image.height, r1 + job.halo),
               min(job.image.width, c1 + job.halo))
     gen = _band_pass(job, region, roi)
     for p in gen:
         yield {**p, "stage": "roi-predict"}
+    n = 0
     if instances:
         root = job.root
         stitch = InstanceStitcher((r1 - r0, c1 - c0), core=core, margin=margin,
                                   segment=_segmenter(root, post, mpp, (r0, c0)),
                                   write=lambda r, block: root["instances"].__setitem__(
                                       (slice(r0 + r, r0 + r + block.shape[0]), slice(c0, c1)), block),
-                                  emit=lambda table: None)
+                                  emit=(lambda t: table.write(t, (r0, c0))) if table is not None else (lambda t: None))
         for p in stitch.advance(r1 - r0):
             yield {**p, "stage": "roi-instances"}
+        n = stitch.n_instances
     yield {"stage": "roi", "done": 1, "total": 1, "region": roi}
+    return n

@@ -218,6 +218,35 @@ def test_predict_streamed_matches_in_memory(work, head, capsys, tmp_path):
     assert (tmp_path / "zarr" / "q1.nuclei.csv").exists() and "instances" in root
 
 
+def test_predict_a_region_only(work, head, capsys, tmp_path):
+    """``--roi``: only the region is predicted (streamed; the rest empty), its nuclei in the table in image
+    coordinates; bad regions and --objects are refused with one line."""
+    import csv
+
+    args = ["predict", work / "images" / "q1.tif", "--head", head, "--threads", "1", "--tile", "128"]  # 144x176
+    code, out, err = cli(capsys, *args, "--instances", "--roi", "20,30,110,150", "--out", tmp_path / "roi")
+    assert code == 0, err
+    root = zarr.open_group(str(tmp_path / "roi" / "q1.zarr"), mode="r")
+    inst = root["instances"][:]
+    outside = np.ones(inst.shape, bool)
+    outside[20:110, 30:150] = False
+    assert not inst[outside].any() and not root["semantic"][:][outside].any()
+    with open(tmp_path / "roi" / "q1.nuclei.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(int(r["id"]) for r in rows) == sorted(set(np.unique(inst)) - {0})
+    for r in rows:  # image coordinates: each centroid lies on its own nucleus
+        assert inst[round(float(r["centroid_row"])), round(float(r["centroid_col"]))] in (0, int(r["id"]))
+        assert 20 <= float(r["centroid_row"]) < 110 and 30 <= float(r["centroid_col"]) < 150
+    [summary] = json.loads(out.strip().splitlines()[-1])["images"].values()
+    assert summary["roi"] == [20, 30, 110, 150] and summary["mode"] == "streamed, region only"
+    assert summary["n_nuclei"] == len(rows)
+    for bad, message in (("5,5,5,9", "R0 < R1"), ("1,2,3", "four integers")):
+        code, _, err = cli(capsys, *args, f"--roi={bad}", "--out", tmp_path / "bad")
+        assert code == 2 and message in one_error_line(err)
+    code, _, err = cli(capsys, *args, "--roi", "0,0,50,50", "--objects", "--out", tmp_path / "bad")
+    assert code == 2 and "--objects needs the whole" in one_error_line(err)
+
+
 def test_predict_objects_in_memory_and_streamed(work, head, capsys, tmp_path):
     """``--objects``: large-object instances + table, as a TIFF in memory and in the zarr when streamed."""
     args = ["predict", work / "images" / "q2.tif", "--head", head, "--threads", "1", "--tile", "128", "--objects"]

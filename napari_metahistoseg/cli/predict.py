@@ -13,6 +13,9 @@ relative to the list). Per image ``<stem>``, in ``DIR``:
 * with ``--mitosis`` (needs :mod:`napari_metahistoseg.mitosis`; implies ``--instances``): ``<stem>.mitosis.csv``,
   every nucleus centroid classified as a patch (probability and call).
 
+``--roi R0,C0,R1,C1`` predicts only that region of each image (streamed; the zarr keeps the image's shape, empty
+outside; the nuclei table and mitosis calls cover the region; not with ``--objects``, which needs the whole map).
+
 Several images share the device set (with several devices, one image per device at a time). Under ``torchrun``
 (``WORLD_SIZE``/``RANK``) each rank predicts ``files[rank::world]``. Progress goes to stderr, a JSON summary to
 the last line of stdout. A bad image is reported on one line naming it and the others are still predicted; the
@@ -55,6 +58,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tile", type=int, default=None, help="tile side in model pixels (TilingConfig.tile_px)")
     p.add_argument("--batch", type=int, default=None, help="tiles per forward and device (TilingConfig.batch_size)")
     p.add_argument("--stream", action="store_true", help="always predict streamed into <stem>.zarr")
+    p.add_argument("--roi", default=None, metavar="R0,C0,R1,C1",
+                   help="predict only rows R0..R1, columns C0..C1 of each image (streamed into <stem>.zarr, the "
+                        "rest left empty; the nuclei table covers the region): try a head on part of a slide")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.set_defaults(func=run)
 
@@ -201,6 +207,19 @@ def _load_mitosis(args: argparse.Namespace):
     return mod, model
 
 
+def parse_roi(spec: str | None) -> tuple[int, int, int, int] | None:
+    """``"R0,C0,R1,C1"`` → a region (clipped to each image by ``predict_large``); ValueError if malformed."""
+    if spec is None:
+        return None
+    try:
+        r0, c0, r1, c1 = (int(v) for v in spec.split(","))
+    except ValueError:
+        raise ValueError(f"--roi must be R0,C0,R1,C1 (four integers), got {spec!r}") from None
+    if r1 <= r0 or c1 <= c0 or min(r0, c0) < 0:
+        raise ValueError(f"--roi needs 0 <= R0 < R1 and 0 <= C0 < C1, got {spec!r}")
+    return r0, c0, r1, c1
+
+
 class Predictor:
     """Predict one image into the output folder (in memory or streamed) and return what was written."""
 
@@ -213,6 +232,9 @@ class Predictor:
         self.tiling = dataclasses.replace(TilingConfig(), **{k: v for k, v in (("tile_px", args.tile),
                                                                                 ("batch_size", args.batch))
                                                                if v is not None})
+        self.roi = parse_roi(args.roi)
+        if self.roi is not None and args.objects:
+            raise ValueError("--objects needs the whole semantic map: predict without --roi for gland instances")
 
     def __call__(self, path: Path, devices: list[str]) -> dict:
         from ..slide import open_image
@@ -223,7 +245,8 @@ class Predictor:
                 say(f"[predict] {path.name}: no µm-per-pixel in the metadata; assuming the backbone's "
                     f"{self.backbone.mpp} (give --mpp)")
                 mpp = self.backbone.mpp
-            big = self.args.stream or img.height * img.width > self.tiling.stream_above_mp * 1e6
+            big = (self.args.stream or self.roi is not None
+                   or img.height * img.width > self.tiling.stream_above_mp * 1e6)
             return (self._large if big else self._small)(path, img, mpp, devices)
 
     def _progress(self, path: Path, gen):
@@ -307,9 +330,11 @@ class Predictor:
                                                  instances=self.args.instances, np_source=self.args.np_source,
                                                  nuclei_csv=self.out / f"{s}.nuclei.csv",
                                                  objects=self.args.objects,
-                                                 objects_csv=self.out / f"{s}.objects.csv"))
-        out = {"mode": "streamed", "shape": list(res.shape), "mpp": mpp, "classes": res.classes,
-               "zarr": str(res.store), "tiles": res.tiles}
+                                                 objects_csv=self.out / f"{s}.objects.csv",
+                                                 roi=self.roi, roi_only=self.roi is not None))
+        out = {"mode": "streamed" if self.roi is None else "streamed, region only", "shape": list(res.shape),
+               "mpp": mpp, "classes": res.classes, "zarr": str(res.store), "tiles": res.tiles,
+               **({"roi": list(res.roi)} if self.roi is not None else {})}
         if res.objects_csv is not None:
             out.update(objects_csv=str(res.objects_csv), n_objects=res.n_objects)
         if res.nuclei_csv is not None:

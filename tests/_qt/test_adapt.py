@@ -175,6 +175,8 @@ def test_large_image_streams_into_zarr(viewer, qtbot, adapt, errors, tmp_path, m
     assert not np.asarray(sem.data[0])[outside].any() and errors == []
     # its levels were built for the visible field only, and agree with the full-resolution labels
     assert np.array_equal(np.asarray(sem.data[1]), np.asarray(sem.data[0])[::2, ::2])
+    [inst] = find_layers(viewer, "instances")  # the field's nuclei come with their table
+    assert set(inst.features["index"]) == set(np.unique(np.asarray(inst.data[0]))) - {0}
 
 
 def test_cancel_leaves_viewer_consistent(viewer, qtbot, adapt):
