@@ -510,6 +510,9 @@ def cli_cases(fx: Fixtures) -> list[CliCase]:
                                                            str(r / "other"), "--out", str(out)]),
             CliCase("`predict`: --mpp -1", ["predict", str(fx.png), "--head", head, "--mpp", "-1", *p]),
             CliCase("`predict`: --tile 0", ["predict", str(fx.png), "--head", head, "--tile", "0", *p]),
+            CliCase("`predict`: --roi with R1 <= R0", ["predict", str(fx.png), "--head", head, "--roi", "9,0,4,8", *p]),
+            CliCase("`predict`: --roi with --objects", ["predict", str(fx.png), "--head", head, "--roi", "0,0,8,8",
+                                                       "--objects", *p]),
         ]
     return cases
 
