@@ -37,29 +37,43 @@ def show_preview(viewer: napari.Viewer, image_layer: Any, prediction: Any, regio
                              **place)
 
 
+# result array -> (plugin layer kind, layer name, opacity, contour width; 0 = filled)
+LABEL_LAYERS = {"semantic": ("prediction", "classes", 0.5, 0), "instances": ("instances", "nuclei", 0.6, 1),
+                "objects": ("objects", "objects", 0.5, 2)}
+
+
+def _show_labels(viewer: napari.Viewer, image_layer: Any, data: dict[str, Any], features: dict[str, Any],
+                 classes: list[str], colours: list[str], store: dict) -> list[Any]:
+    """Add or update the classes / nuclei / objects layers of ``data`` (absent or None: skipped), with their
+    feature tables; ``store`` is extra metadata of every layer. Returns the layers created."""
+    created = []
+    for key, (kind, label, opacity, contour) in LABEL_LAYERS.items():
+        if data.get(key) is None:
+            continue
+        semantic = key == "semantic"
+        layer, new = upsert_labels(viewer, kind, data[key], name=f"{label} ({image_layer.name})",
+                                   image_layer=image_layer, opacity=opacity,
+                                   meta={**({"classes": list(classes), "colours": list(colours)} if semantic
+                                            else {}), **store},
+                                   **({"colormap": labels_colormap(colours, offset=0)} if semantic else {}))
+        if features.get(key) is not None:
+            layer.features = features[key]
+        layer.contour = contour
+        created += [layer] if new else []
+    return created
+
+
 def show_result(viewer: napari.Viewer, image_layer: Any, result: Result, colours: list[str]) -> list[Any]:
     """Add or update the prediction layers; returns the layers that were created (not merely updated)."""
     if result.large is not None:
-        return show_large(viewer, image_layer, result, colours)
-    pred = result.prediction
-    created = []
-    meta = {"classes": list(pred.classes), "colours": list(colours)}
-    sem, new = upsert_labels(viewer, "prediction", pred.semantic, name=f"classes ({image_layer.name})",
-                             image_layer=image_layer, meta=meta, opacity=0.5,
-                             colormap=labels_colormap(colours, offset=0))
-    created += [sem] if new else []
-    if pred.instances is not None:
-        inst, new = upsert_labels(viewer, "instances", pred.instances, name=f"nuclei ({image_layer.name})",
-                                  image_layer=image_layer, opacity=0.6)
-        inst.features = table_features(pred.table, result.type_names)
-        inst.contour = 1
-        created += [inst] if new else []
-    if pred.objects is not None:
-        obj, new = upsert_labels(viewer, "objects", pred.objects, name=f"objects ({image_layer.name})",
-                                 image_layer=image_layer, opacity=0.5)
-        obj.features = object_features(pred.object_table, list(pred.classes))
-        obj.contour = 2
-        created += [obj] if new else []
+        created = show_large(viewer, image_layer, result, colours)
+    else:
+        pred = result.prediction
+        features = {"instances": table_features(pred.table, result.type_names) if pred.instances is not None
+                    else None, "objects": object_features(pred.object_table, list(pred.classes))
+                    if pred.objects is not None else None}
+        created = _show_labels(viewer, image_layer, {"semantic": pred.semantic, "instances": pred.instances,
+                                                     "objects": pred.objects}, features, pred.classes, colours, {})
     if result.mitosis_points is not None:
         created += show_mitosis(viewer, image_layer, result.mitosis_points, result.mitosis_probs)
     return created
@@ -72,34 +86,18 @@ def _labels_data(levels: list) -> Any:
 
 def show_large(viewer: napari.Viewer, image_layer: Any, result: Result, colours: list[str]) -> list[Any]:
     """Layers over the zarr arrays of a streamed prediction, multiscale where the store has levels (napari reads
-    a single-scale layer whole, a multiscale one only on screen);
-    nuclei and objects carry their tables (read from the CSVs by the job) as features. Older stores of the same
-    image are deleted on a background thread once the layers read the new one."""
+    a single-scale layer whole, a multiscale one only on screen); nuclei and objects carry their tables (read
+    from the CSVs by the job) as features. Older stores of the same image are deleted on a background thread
+    once the layers read the new one."""
     import zarr
 
     from ..slide import pyramid
 
     res = result.large
     root = zarr.open_group(str(res.store), mode="r")
-    created = []
-    data = {n: _labels_data(pyramid(root, n)) for n in ("semantic", "instances", "objects") if n in root}
-    meta = {"classes": list(res.classes), "colours": list(colours), "store": str(res.store)}
-    sem, new = upsert_labels(viewer, "prediction", data["semantic"], name=f"classes ({image_layer.name})",
-                             image_layer=image_layer, meta=meta, opacity=0.5,
-                             colormap=labels_colormap(colours, offset=0))
-    created += [sem] if new else []
-    if "instances" in root:
-        inst, new = upsert_labels(viewer, "instances", data["instances"], name=f"nuclei ({image_layer.name})",
-                                  image_layer=image_layer, opacity=0.6, meta={"store": str(res.store)})
-        if result.features.get("instances") is not None:
-            inst.features = result.features["instances"]
-        created += [inst] if new else []
-    if "objects" in root:
-        obj, new = upsert_labels(viewer, "objects", data["objects"], name=f"objects ({image_layer.name})",
-                                 image_layer=image_layer, opacity=0.5, meta={"store": str(res.store)})
-        if result.features.get("objects") is not None:
-            obj.features = result.features["objects"]
-        created += [obj] if new else []
+    data = {n: _labels_data(pyramid(root, n)) for n in LABEL_LAYERS if n in root}
+    created = _show_labels(viewer, image_layer, data, result.features, res.classes, colours,
+                           {"store": str(res.store)})
     prune_later(res.store)  # the layers now read this store: older ones of the same image can go
     return created
 

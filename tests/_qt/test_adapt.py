@@ -242,7 +242,7 @@ def test_device_checkboxes_list_available_devices(adapt):
     assert adapt.settings.devices() == ["cpu"]
 
 
-def test_mitosis_candidates_with_threshold(viewer, qtbot, adapt, tmp_path, errors):
+def test_mitosis_candidates_with_threshold(viewer, qtbot, adapt, tmp_path, errors, monkeypatch):
     mitosis = pytest.importorskip("napari_metahistoseg.mitosis")  # the GUI hides the option without it
     from napari_metahistoseg._qt import jobs
     from napari_metahistoseg.config import MitosisConfig
@@ -264,6 +264,19 @@ def test_mitosis_candidates_with_threshold(viewer, qtbot, adapt, tmp_path, error
     assert mit.shown.all()
     adapt.settings.threshold.setValue(100)
     assert not mit.shown.any() and len(mit.data) == len(probs)  # hidden, not deleted
+    # a streamed (slide-sized) prediction shows its candidates too (they used to be computed but not shown)
+    import dataclasses
+
+    import zarr
+
+    monkeypatch.setenv(jobs.PREDICTIONS_ENV, str(tmp_path / "pred"))
+    adapt.settings.tiling = dataclasses.replace(adapt.settings.tiling, stream_above_mp=0.01)
+    viewer.layers.remove(mit)
+    run(qtbot, adapt.run_predict(), adapt)
+    assert errors == []
+    [inst] = find_layers(viewer, "instances")
+    [mit] = find_layers(viewer, "mitosis")
+    assert isinstance(inst.data, zarr.Array) and len(mit.data) == len(inst.features) > 0
 
 
 def test_visible_region_follows_the_camera(make_napari_viewer, qtbot):
