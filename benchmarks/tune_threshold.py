@@ -35,11 +35,8 @@ from napari_metahistoseg.pipeline import (  # noqa: E402
     initial_head,
     load_backbone,
     support_balance,
+    threshold_grid,
 )
-
-
-def grid(cfg: MAMLConfig) -> np.ndarray:
-    return np.round(np.arange(cfg.threshold_min, cfg.threshold_max + cfg.threshold_step / 2, cfg.threshold_step), 6)
 
 
 def miou_at(prob: np.ndarray, truth: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
@@ -68,7 +65,7 @@ def unit(bb, sup, qry, cfg: MAMLConfig) -> dict:
     fast = run(adapt_head_on_pixels(head, init, x, y, n_classes=2, steps=cfg.steps, lr=cfg.inner_lr,
                                     balance=balance, lrs=_learned_lrs(bb, init, cfg)))
     t = calibrate_threshold(head, fast, x, y, cfg) if calibrates(cfg, labels, 2) else None
-    ths = grid(cfg)
+    ths = threshold_grid(cfg)
     counts = 0
     with torch.no_grad():
         for f, lab, _ in qry:

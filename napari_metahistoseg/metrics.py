@@ -233,14 +233,11 @@ class PairCounter:
 
     def aji(self) -> float:
         """:func:`aji` of everything added."""
-        inter, union = _aji_terms(self.table())
-        return 1.0 if union == 0 else inter / union
+        return _aji_of(self.table())
 
     def panoptic_quality(self, iou_threshold: float = 0.5) -> dict:
         """:func:`panoptic_quality` of everything added."""
-        if not 0.0 <= iou_threshold < 1.0:
-            raise ValueError(f"panoptic_quality: iou_threshold must be in [0, 1), got {iou_threshold}")
-        return _pq_from_terms(*_pq_terms(self.table(), iou_threshold))
+        return _pq_of(self.table(), iou_threshold)
 
 
 def _aji_terms(tab: _PairTable) -> tuple[float, float]:
@@ -271,7 +268,11 @@ def aji(truth_inst: np.ndarray, pred_inst: np.ndarray) -> float:
     ``truth_inst``, ``pred_inst``: ``(H, W)`` non-negative integer instance maps. Returns a float in [0, 1]
     (1.0 when both maps are empty).
     """
-    inter, union = _aji_terms(_pair_table(truth_inst, pred_inst))
+    return _aji_of(_pair_table(truth_inst, pred_inst))
+
+
+def _aji_of(tab: _PairTable) -> float:
+    inter, union = _aji_terms(tab)
     return 1.0 if union == 0 else inter / union
 
 
@@ -307,9 +308,13 @@ def panoptic_quality(truth_inst: np.ndarray, pred_inst: np.ndarray, iou_threshol
     used. Returns ``dict(pq, dq, sq, tp, fp, fn)`` (floats and ints); SQ is the mean IoU of matched pairs (0 if
     none). Both maps empty → pq = dq = sq = 1.0.
     """
+    return _pq_of(_pair_table(truth_inst, pred_inst), iou_threshold)
+
+
+def _pq_of(tab: _PairTable, iou_threshold: float) -> dict:
     if not 0.0 <= iou_threshold < 1.0:
         raise ValueError(f"panoptic_quality: iou_threshold must be in [0, 1), got {iou_threshold}")
-    return _pq_from_terms(*_pq_terms(_pair_table(truth_inst, pred_inst), iou_threshold))
+    return _pq_from_terms(*_pq_terms(tab, iou_threshold))
 
 
 def aji_plus(truth_inst: np.ndarray, pred_inst: np.ndarray) -> float:

@@ -347,12 +347,17 @@ def calibrates(cfg: MAMLConfig, labels: Sequence[np.ndarray], n_classes: int) ->
     return labelled >= cfg.dense_label_fraction * sum(lab.size for lab in labels)
 
 
+def threshold_grid(cfg: MAMLConfig) -> np.ndarray:
+    """The foreground-probability thresholds calibration tries: ``cfg.threshold_min..max`` by ``step``."""
+    return np.round(np.arange(cfg.threshold_min, cfg.threshold_max + cfg.threshold_step / 2, cfg.threshold_step), 6)
+
+
 def calibrate_threshold(head: torch.nn.Module, fast: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
                         cfg: MAMLConfig) -> float:
     """The foreground-probability threshold that maximises the mIoU of the support pixels ``x (N, F)`` with labels
     ``y (N,)`` under the two-class head ``fast`` (grid ``cfg.threshold_min..max`` by ``step``; of equal scores the
     value closest to 0.5 wins, so an uninformative support keeps the plain arg-max)."""
-    grid = np.arange(cfg.threshold_min, cfg.threshold_max + cfg.threshold_step / 2, cfg.threshold_step)
+    grid = threshold_grid(cfg)
     grid = grid[np.argsort(np.abs(grid - 0.5), kind="stable")]  # argmax below keeps the first (closest) of ties
     with torch.no_grad():
         p = head_pixel_logits(head, fast, x).softmax(1)[:, 1].cpu().numpy()

@@ -437,24 +437,31 @@ def pyramid(root: Any, name: str) -> list[Any]:
     return out
 
 
+def labelled_box(labels: np.ndarray, unknown: int = 255) -> tuple[int, int, int, int] | None:
+    """``(r0, r1, c0, c1)`` bounding the pixels of ``labels`` that are not ``unknown``; None if there are none."""
+    rows = np.flatnonzero((labels != unknown).any(1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero((labels[rows[0]:rows[-1] + 1] != unknown).any(0))
+    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+
+
 def label_window(image: Any, labels: np.ndarray, margin_px: int, origin: tuple[int, int] = (0, 0),
                  unknown: int = 255) -> tuple[np.ndarray, np.ndarray]:
     """The part of ``image`` (any sliceable ``(H, W, ...)`` array) around the labelled pixels of ``labels`` plus
     ``margin_px`` of context, and the labels on that window: ``labels`` covers the image from pixel ``origin`` (a
     region of a slide; the whole image when it has its shape), the context may reach beyond it (unknown there).
     Only the window is read. Nothing labelled: a 1x1 window of unknown."""
-    known = labels != unknown
-    rows = np.flatnonzero(known.any(1))
-    if rows.size == 0:
+    box = labelled_box(labels, unknown)
+    if box is None:
         return np.asarray(image[:1, :1]), np.full((1, 1), unknown, labels.dtype)
-    cols = np.flatnonzero(known[rows[0]:rows[-1] + 1].any(0))
     h, w = int(image.shape[0]), int(image.shape[1])
     o0, o1 = (int(v) for v in origin)
     if o0 < 0 or o1 < 0 or o0 + labels.shape[0] > h or o1 + labels.shape[1] > w:
         raise ValueError(f"labels of {labels.shape[0]}x{labels.shape[1]} at row {o0}, column {o1} do not fit "
                          f"the image of {h}x{w}")
-    r0, r1 = max(0, o0 + rows[0] - margin_px), min(h, o0 + rows[-1] + margin_px + 1)
-    c0, c1 = max(0, o1 + cols[0] - margin_px), min(w, o1 + cols[-1] + margin_px + 1)
+    r0, r1 = max(0, o0 + box[0] - margin_px), min(h, o0 + box[1] + margin_px)
+    c0, c1 = max(0, o1 + box[2] - margin_px), min(w, o1 + box[3] + margin_px)
     out = np.full((r1 - r0, c1 - c0), unknown, labels.dtype)
     a0, a1 = max(r0, o0), min(r1, o0 + labels.shape[0])  # the labels' part of the window
     b0, b1 = max(c0, o1), min(c1, o1 + labels.shape[1])

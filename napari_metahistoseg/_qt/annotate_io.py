@@ -10,9 +10,11 @@ import numpy as np
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtWidgets import QFileDialog
 
+from ..data.task import IGNORE
 from ..pipeline import AdaptedHead
 from ..sample_data import support_to_layer
-from .importing import crop_to_region, merge_support, painted_box, read_annotations
+from ..slide import labelled_box
+from .importing import crop_to_region, merge_support, read_annotations
 from .jobs import is_large
 from .layers import SUPPORT_REGION_MAX_PX, image_shape, image_source, plugin_meta, support_origin
 from .workers import error_text
@@ -41,7 +43,7 @@ class AnnotationIO:
             if got.support is not None:
                 support = self.support_combo.layer()
                 if support is None and is_large(image_source(self._image()), self.tiling):
-                    box = painted_box(got.support)  # a slide: a new support region around the imported labels
+                    box = labelled_box(got.support, IGNORE)  # a slide: a new support region around the imported labels
                     if box is not None and max(box[1] - box[0], box[3] - box[2]) > IMPORT_REGION_MAX_PX:
                         raise ValueError(f"{Path(path).name}: the labels span {box[1] - box[0]} x {box[3] - box[2]} "
                                          f"px, more than a support region of a slide may ({IMPORT_REGION_MAX_PX} "
@@ -50,9 +52,8 @@ class AnnotationIO:
                 elif support is None:
                     support = self.create_support()
                 if support is not None:
-                    sub = crop_to_region(got.support, support_origin(support), support.data.shape) \
-                        if support.data.shape != got.support.shape else got.support
-                    support.data = merge_support(support.data, sub)
+                    support.data = merge_support(support.data, crop_to_region(got.support, support_origin(support),
+                                                                               support.data.shape))
         except ValueError as e:
             show_error(error_text("Import", e))
             return False

@@ -10,7 +10,6 @@ from typing import Any
 
 import napari
 import numpy as np
-from napari.utils.notifications import show_error
 from qtpy.QtWidgets import QFormLayout, QLabel, QProgressBar, QPushButton, QVBoxLayout, QWidget
 
 from ..config import PointsConfig, TilingConfig
@@ -18,14 +17,9 @@ from ..maml import run
 from ..metrics import detection_scores, score_strips
 from .common import LayerCombo, row
 from .layers import kind_of, layer_to_support, level0, plugin_meta, support_origin
-from .workers import JobRunner, error_text
+from .workers import JobRunner
 
 NOT_TRUTH = ("prediction", "instances", "objects", "preview", "circles")
-
-
-def truth_classes(layer: Any) -> np.ndarray:
-    """Class ids of a truth Labels layer (a support layer is converted: its 0 means unknown)."""
-    return layer_to_support(level0(layer)) if kind_of(layer) == "support" else np.asarray(level0(layer))
 
 
 DISPLAY = {"miou": "mIoU", "dice": "Dice", "accuracy": "accuracy", "aji": "AJI", "pq": "PQ", "dq": "DQ", "sq": "SQ"}
@@ -124,23 +118,19 @@ class EvaluateWidget(QWidget):
         """Compute and show the metrics (an error notification if the layers do not fit). In-memory layers are
         scored at once and the metrics returned; lazy or slide-sized ones (a streamed prediction) are scored strip
         by strip on a worker thread with progress and Cancel — this returns {} and the table fills in when done."""
-        if self.runner.busy:
-            show_error("Evaluate: a run is in progress; cancel it first")
-            return {}
+        return self.runner.guarded("Evaluate", self._start) or {}
+
+    def _start(self) -> dict[str, float] | None:
         layers = (self.pred_combo.layer(), self.truth_combo.layer(), self.pred_inst_combo.layer(),
                   self.truth_inst_combo.layer(), self.points_combo.layer())
-        try:
-            if layers[0] is None:
-                raise ValueError("no prediction layer: press Adapt & predict first")
-            if layers[1] is None and (layers[3] is None or layers[2] is None) and layers[4] is None:
-                raise ValueError("nothing to compare: choose a truth layer (classes, nuclei or points)")
-            if any(ly is not None and is_lazy(ly) for ly in layers[:4]):
-                self.runner.run("Evaluate", score_job, *layers, on_return=self._show)
-                return {}
-            return self._show(evaluate_layers(*layers))
-        except ValueError as e:
-            show_error(error_text("Evaluate", e))
-            return {}
+        if layers[0] is None:
+            raise ValueError("no prediction layer: press Adapt & predict first")
+        if layers[1] is None and (layers[3] is None or layers[2] is None) and layers[4] is None:
+            raise ValueError("nothing to compare: choose a truth layer (classes, nuclei or points)")
+        if any(ly is not None and is_lazy(ly) for ly in layers[:4]):
+            self.runner.run("Evaluate", score_job, *layers, on_return=self._show)
+            return None
+        return self._show(evaluate_layers(*layers))
 
     def _show(self, results: dict[str, float]) -> dict[str, float]:
         self.results = results

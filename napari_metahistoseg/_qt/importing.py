@@ -14,6 +14,7 @@ import numpy as np
 from ..data.io import read_mask, read_points_csv
 from ..data.sources import parse_aperio_xml
 from ..data.task import IGNORE
+from ..slide import labelled_box
 from .layers import support_to_layer
 
 MASK_SUFFIXES = (".png", ".tif", ".tiff")
@@ -76,21 +77,12 @@ def merge_support(layer_values: np.ndarray, support: np.ndarray) -> np.ndarray:
     return out
 
 
-def painted_box(support: np.ndarray) -> tuple[int, int, int, int] | None:
-    """``(r0, r1, c0, c1)`` of the labelled pixels of ``support`` (class ids, IGNORE = unknown); None if none."""
-    rows = np.flatnonzero((support != IGNORE).any(1))
-    if rows.size == 0:
-        return None
-    cols = np.flatnonzero((support[rows[0]:rows[-1] + 1] != IGNORE).any(0))
-    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
-
-
 def crop_to_region(support: np.ndarray, origin: tuple[int, int], shape: tuple[int, int]) -> np.ndarray:
     """The part of an image-sized imported ``support`` inside the region of ``shape`` at image pixel ``origin``;
     ValueError if labelled pixels lie outside it (they would be lost)."""
     r0, c0 = origin
     r1, c1 = r0 + shape[0], c0 + shape[1]
-    box = painted_box(support)
+    box = labelled_box(support, IGNORE)
     if box is not None and (box[0] < r0 or box[1] > r1 or box[2] < c0 or box[3] > c1):
         raise ValueError(f"the imported labels span rows {box[0]}-{box[1]}, columns {box[2]}-{box[3]}, beyond the "
                          f"support region (rows {r0}-{r1}, columns {c0}-{c1}), which would lose them: import a crop, "

@@ -6,7 +6,8 @@ the head is ready (so the GUI keeps it even if prediction is cancelled later) an
 
 Images above ``TilingConfig.stream_above_mp`` megapixels (slides) are never read whole: the support is cut out
 around the painted pixels for adaptation, and prediction streams tile by tile into a zarr store
-(:func:`~napari_metahistoseg.inference.predict_large`) whose arrays the viewer then shows lazily.
+(:func:`~napari_metahistoseg.inference.predict_large`) whose arrays (with their levels) the viewer shows
+multiscale, loading only what is on screen.
 """
 
 from __future__ import annotations
@@ -211,14 +212,6 @@ def predict_job(backbone: Backbone | Callable[[], Backbone], head: AdaptedHead, 
     return result
 
 
-def support_window(image: Any, support: np.ndarray, margin_px: int,
-                   origin: tuple[int, int] = (0, 0)) -> tuple[np.ndarray, np.ndarray]:
-    """The image and support cut to the painted pixels plus ``margin_px`` of context (only that part of a large
-    image is read; :func:`.slide.label_window`). ``support`` covers the image from pixel ``origin`` (a support
-    region); the context may reach beyond it (its labels there are unknown)."""
-    return label_window(image, support, margin_px, origin, unknown=IGNORE)
-
-
 def adapt_job(backbone: Callable[[], Backbone], image: Any, support: np.ndarray, classes: list[str],
               colours: list[str], cfg: MAMLConfig, devices: Sequence[str], init: AdaptedHead | None,
               mpp: float | None, then_predict: PredictSettings | None, origin: tuple[int, int] = (0, 0),
@@ -234,7 +227,8 @@ def adapt_job(backbone: Callable[[], Backbone], image: Any, support: np.ndarray,
     region = len(regions) > 1 or tuple(origin) != (0, 0) or tuple(support.shape) != tuple(image.shape[:2])
     if region or is_large(image, then_predict.tiling if then_predict is not None else TilingConfig()):
         margin = math.ceil(2 * CONTEXT_PX * bb.mpp / min(mpp or bb.mpp, bb.mpp))
-        windows = [support_window(image, s, margin, o) for s, o in regions]  # predict_job reads the rest if needed
+        # only these windows of the image are read (predict_job reads the rest if needed)
+        windows = [label_window(image, s, margin, o, unknown=IGNORE) for s, o in regions]
         windows = [w for w in windows if (w[1] != IGNORE).any()] or windows[:1]  # unpainted regions add nothing
         sup_images, sups = [w[0] for w in windows], [w[1] for w in windows]
     else:

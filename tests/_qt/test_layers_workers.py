@@ -66,6 +66,7 @@ def test_jobs_stream_a_lazy_dask_image(backbone_path, tmp_path):
     from napari_metahistoseg.data.synthetic import synthetic_tile
     from napari_metahistoseg.maml import run
     from napari_metahistoseg.pipeline import load_backbone
+    from napari_metahistoseg.slide import label_window
 
     bb = load_backbone(backbone_path)
     t = synthetic_tile((300, 260), seed=1, mpp=0.5)
@@ -83,7 +84,7 @@ def test_jobs_stream_a_lazy_dask_image(backbone_path, tmp_path):
     img = NoWholeReads(da.from_array(t.image, chunks=(64, 64, 3)))
     sup = np.full(t.semantic.shape, 255, np.uint8)
     sup[10:60, 10:80] = t.semantic[10:60, 10:80]
-    win_img, win_sup = jobs.support_window(img, sup, 8)
+    win_img, win_sup = label_window(img, sup, 8, unknown=255)
     assert win_img.shape[:2] == win_sup.shape == (66, 86)  # rows 2..67, cols 2..87
     s = jobs.PredictSettings(mpp=0.5, tiling=TilingConfig(tile_px=128, halo_px=16, stream_above_mp=0.01),
                              stream_dir=str(tmp_path), name="slide 1/A", objects=True, mitosis_model="")
