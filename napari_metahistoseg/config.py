@@ -176,6 +176,10 @@ class TilingConfig:
     malloc_keep_mb: float = 256.0
     channels_last: bool = True  # NHWC tensors (faster convolutions on CPU and CUDA)
     autocast_bf16: bool = False  # bf16 autocast on CUDA
+    # test-time augmentation: average the outputs of this many dihedral variants of every tile (1 = off; 2 = +
+    # left-right flip; 4 = all flips; 8 = flips and transposes). HV maps are mapped back (signs, axes). Costs as
+    # many forward passes
+    tta_variants: int = 1
     instance_window_px: int = 1024  # core side of the HoVer post-processing windows (image pixels)
     instance_margin_um: float = 24.0  # context around each window; must exceed the largest nucleus diameter
     stream_above_mp: float = 16.0  # images above this many megapixels are predicted streamed, into zarr
@@ -196,6 +200,8 @@ class TilingConfig:
             raise ValueError("TilingConfig needs 0 <= 2*halo_px < tile_px")
         if not self.malloc_keep_mb >= 0:
             raise ValueError(f"TilingConfig.malloc_keep_mb must be >= 0, got {self.malloc_keep_mb!r}")
+        if self.tta_variants not in (1, 2, 4, 8):
+            raise ValueError(f"TilingConfig.tta_variants must be 1, 2, 4 or 8, got {self.tta_variants!r}")
         if not (isinstance(self.cpu_workers, int) and self.cpu_workers >= 0):
             raise ValueError(f"TilingConfig.cpu_workers must be an integer >= 0, got {self.cpu_workers!r}")
 

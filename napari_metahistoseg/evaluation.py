@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import MAMLConfig, ObjectPostConfig, PointsConfig
+from .config import MAMLConfig, ObjectPostConfig, PointsConfig, TilingConfig
 from .data.readers import TaskDataset, open_dataset
 from .data.task import IGNORE, Sample
 from .inference import detect_points, predict
@@ -81,8 +81,10 @@ def evaluate(
     seed: int = 0,
     out: str | Path | None = None,
     points_cfg: PointsConfig | None = None,
+    tiling: TilingConfig | None = None,
 ) -> Generator[dict, None, dict]:
-    """Run one few-shot evaluation; yields progress, returns the metrics dict (the CLI's JSON line)."""
+    """Run one few-shot evaluation; yields progress, returns the metrics dict (the CLI's JSON line). ``tiling``:
+    the prediction's tiling and test-time augmentation (default ``TilingConfig()``, as the GUI)."""
     ds = open_dataset(data_dir)
     sup_ids, qry_ids = split_ids(ds, support)
     if ds.kind == "patches":
@@ -107,7 +109,7 @@ def evaluate(
     t1 = time.time()
     for k, qid in enumerate(qry_ids):
         q = ds.load(qid)
-        pred = yield from predict(bb, head, q.image, mpp=q.mpp, devices=devices, instances=nuclear)
+        pred = yield from predict(bb, head, q.image, mpp=q.mpp, devices=devices, instances=nuclear, tiling=tiling)
         acc.update(pred.semantic, q.semantic if q.semantic is not None else np.full(q.shape, IGNORE, np.uint8))
         if q.instances is not None and ds.kind != "points":
             inst = pred.instances if nuclear else object_instances(pred.semantic > 0, ObjectPostConfig(),

@@ -131,6 +131,52 @@ def _replicas(model: torch.nn.Module, devices: Sequence[torch.device]) -> list[t
     return [model if d.type == "cpu" else copy.deepcopy(model).to(d).eval() for d in devices]
 
 
+# (transpose, flip rows, flip cols) of the dihedral variants, in the order TilingConfig.tta_variants takes them
+DIHEDRAL = ((False, False, False), (False, False, True), (False, True, False), (False, True, True),
+            (True, False, False), (True, False, True), (True, True, False), (True, True, True))
+
+
+def tta_forward(fwd: Callable[[torch.Tensor], dict[str, torch.Tensor]], variants: int,
+                activations: dict[str, Callable] | None = None) -> Callable[[torch.Tensor], dict[str, torch.Tensor]]:
+    """Test-time augmentation: ``fwd`` run on ``variants`` dihedral variants of its input (1 = as is, 2 = + the
+    left-right flip, 4 = every flip, 8 = flips of the image and of its transpose); each output is mapped back to
+    the input's frame (``activations`` applied first, e.g. softmax) and the variants are averaged. An ``"hv"``
+    output is a vector field (horizontal, vertical): a flip negates its component along the flipped axis and a
+    transpose swaps the two."""
+    if variants not in (1, 2, 4, 8):
+        raise ValueError(f"variants must be 1, 2, 4 or 8, got {variants!r}")
+    acts = dict(activations or {})
+    if variants == 1 and not acts:
+        return fwd
+
+    def undo(name: str, t: torch.Tensor, transpose: bool, rows: bool, cols: bool) -> torch.Tensor:
+        dims = [d for d, f in ((2, rows), (3, cols)) if f]
+        if dims:
+            t = t.flip(dims)
+            if name == "hv":
+                sign = torch.tensor([-1.0 if cols else 1.0, -1.0 if rows else 1.0], dtype=t.dtype, device=t.device)
+                t = t * sign.view(1, 2, 1, 1)
+        if transpose:
+            t = t.transpose(2, 3)
+            if name == "hv":
+                t = t.flip(1)  # (h, v) of the transposed image are (v, h) of the original
+        return t
+
+    def averaged(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        total: dict[str, torch.Tensor] = {}
+        for transpose, rows, cols in DIHEDRAL[:variants]:
+            xi = x.transpose(2, 3) if transpose else x
+            dims = [d for d, f in ((2, rows), (3, cols)) if f]
+            xi = xi.flip(dims) if dims else xi
+            for name, t in fwd(xi).items():
+                t = t.float()
+                t = acts[name](t) if name in acts else t
+                t = undo(name, t, transpose, rows, cols)
+                total[name] = total[name] + t if name in total else t
+        return {name: t / variants for name, t in total.items()}
+    return averaged
+
+
 def predict(
     backbone: Backbone,
     head: AdaptedHead,
@@ -179,11 +225,13 @@ def predict(
             if instances:
                 out.update(m.heads["hover"](feats))
             return out
-        return fwd
+        # variants are averaged as probabilities (as in the streamed path), so then the runner applies no activation
+        return tta_forward(fwd, tiling.tta_variants, acts) if tiling.tta_variants > 1 else fwd
 
     # an out-of-memory error (a large tile batch on a small GPU) restarts with a smaller batch, then smaller tiles
     maps = yield from oom_fallback_gen(
-        lambda t: predict_tiled(fwd_for(reps[0]), small, cfg=t, devices=devs, channels=channels, activations=acts,
+        lambda t: predict_tiled(fwd_for(reps[0]), small, cfg=t, devices=devs, channels=channels,
+                                activations=acts if tiling.tta_variants == 1 else None,
                                 forwards=[fwd_for(r) for r in reps], cpu_channels_last=t.channels_last), tiling)
     probs = _resize_maps(maps["seg"], (h, w))
     pred = Prediction(decide(probs, head.threshold), probs, list(head.classes))
@@ -494,7 +542,8 @@ def _predict_large(backbone, head, image, out, mpp, devs, tiling, instances, hov
     H, W = image.height, image.width
     model = _inference_model(backbone, head, tiling)
     has_nc = instances and getattr(model.heads["hover"], "nc", None) is not None
-    fwds = [_forward_for(m, instances, np_source, has_nc) for m in _replicas(model, devs)]
+    fwds = [tta_forward(_forward_for(m, instances, np_source, has_nc), tiling.tta_variants)
+            for m in _replicas(model, devs)]
     channels = {"seg": len(head.classes)}
     arrays = {"semantic": ((), "uint8")}
     if instances:

@@ -218,6 +218,15 @@ def test_predict_streamed_matches_in_memory(work, head, capsys, tmp_path):
     assert (tmp_path / "zarr" / "q1.nuclei.csv").exists() and "instances" in root
 
 
+def test_predict_with_test_time_augmentation(work, head, capsys, tmp_path):
+    args = ["predict", work / "images" / "q1.tif", "--head", head, "--threads", "1", "--tile", "128", "--stream"]
+    assert cli(capsys, *args, "--tta", "4", "--out", tmp_path / "tta")[0] == 0
+    root = zarr.open_group(str(tmp_path / "tta" / "q1.zarr"), mode="r")
+    assert root.attrs["complete"] is True and root.attrs["tiling"]["tta_variants"] == 4  # provenance
+    code, _, err = cli(capsys, *args, "--tta", "3", "--out", tmp_path / "bad")
+    assert code == 2 and "--tta" in err and "invalid choice" in err
+
+
 def test_predict_a_region_only(work, head, capsys, tmp_path):
     """``--roi``: only the region is predicted (streamed; the rest empty), its nuclei in the table in image
     coordinates; bad regions and --objects are refused with one line."""

@@ -412,3 +412,56 @@ def test_cpu_tiles_side_by_side_equal_one_at_a_time(backbone, head, image, monke
     assert TilingConfig(cpu_workers=0).workers_for(["cpu"]) == torch.get_num_threads()
     with pytest.raises(ValueError, match="cpu_workers"):
         TilingConfig(cpu_workers=-1)
+
+
+def _equivariant_forward(x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A forward pass that commutes with flips and transposes: the class logits are a point-wise function of the
+    input and the HV field is the image gradient (central differences of the channel mean)."""
+    g = x.mean(1, keepdim=True)
+    p = torch.nn.functional.pad(g, (1, 1, 1, 1), mode="replicate")
+    hv = torch.cat([(p[..., 1:-1, 2:] - p[..., 1:-1, :-2]) / 2, (p[..., 2:, 1:-1] - p[..., :-2, 1:-1]) / 2], 1)
+    return {"seg": torch.cat([x[:, :1] * 3, -x[:, 1:2]], 1), "hv": hv}
+
+
+@pytest.mark.parametrize("variants", [2, 4, 8])
+def test_tta_maps_every_variant_back(variants):
+    x = torch.rand(2, 3, 24, 40, generator=torch.Generator().manual_seed(0))
+    plain = _equivariant_forward(x)
+    acts = {"seg": lambda t: t.softmax(1)}
+    tta = inference.tta_forward(_equivariant_forward, variants, acts)(x)
+    torch.testing.assert_close(tta["seg"], plain["seg"].softmax(1))  # averaged as probabilities
+    torch.testing.assert_close(tta["hv"], plain["hv"])  # signs and axes of the vector field restored
+
+
+def test_tta_averages_a_forward_that_is_not_equivariant():
+    def left_edge(x):  # marks the left column of its input: a flip-sensitive output
+        out = torch.zeros_like(x[:, :1])
+        out[..., 0] = 1
+        return {"seg": out}
+
+    x = torch.zeros(1, 3, 8, 8)
+    out = inference.tta_forward(left_edge, 2)(x)["seg"][0, 0]
+    assert torch.all(out[:, 0] == 0.5) and torch.all(out[:, -1] == 0.5) and torch.all(out[:, 1:-1] == 0)
+    with pytest.raises(ValueError, match="1, 2, 4 or 8"):
+        inference.tta_forward(left_edge, 3)
+    with pytest.raises(ValueError, match="tta_variants"):
+        TilingConfig(tta_variants=3)
+
+
+def test_tta_prediction_in_memory_and_streamed(backbone, head, image, tmp_path):
+    tiling = dataclasses.replace(TILING, tta_variants=4)
+    mem, _ = run(predict(backbone, head, image, mpp=0.5, tiling=tiling, instances=True))
+    plain, _ = run(predict(backbone, head, image, mpp=0.5, tiling=TILING))
+    np.testing.assert_allclose(mem.probs.sum(0), 1, atol=1e-4)
+    assert not np.allclose(mem.probs, plain.probs)  # the variants were really run
+    # on one unpadded tile, the flipped image's TTA prediction is the flip of the image's (the set of variants is
+    # closed under flips; a larger image's tile grid and padding are not symmetric)
+    one = image[:96, :96].copy()
+    a, _ = run(predict(backbone, head, one, mpp=0.5, tiling=tiling, instances=True))
+    b, _ = run(predict(backbone, head, one[:, ::-1].copy(), mpp=0.5, tiling=tiling, instances=True))
+    np.testing.assert_allclose(b.probs[:, :, ::-1], a.probs, atol=1e-5)
+    np.testing.assert_allclose(-b.hv[0, :, ::-1], a.hv[0], atol=1e-5)
+    np.testing.assert_allclose(b.hv[1, :, ::-1], a.hv[1], atol=1e-5)
+    run(predict_large(backbone, head, image, out_dir=tmp_path / "t.zarr", mpp=0.5, tiling=tiling))
+    root = zarr.open_group(str(tmp_path / "t.zarr"), mode="r")
+    assert (root["semantic"][:] == mem.semantic).mean() > 0.999

@@ -6,6 +6,7 @@ post-processing and tiling configs are attributes (``hover``, ``tiling``) with t
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from qtpy.QtCore import Qt
@@ -18,6 +19,7 @@ from .common import path_row, row
 from .layers import image_mpp, visible_region
 
 MODES = {"fast: head only": "head", "full: MAML steps on decoder + head": "decoder"}
+TTA = {"TTA off": 1, "TTA: 2 flips": 2, "TTA: 4 flips": 4, "TTA: 8 (flips, transposes)": 8}
 
 
 class AdaptSettings(QWidget):
@@ -52,6 +54,9 @@ class AdaptSettings(QWidget):
                                          "filled, small pieces dropped, touching objects split at necks")
         self.fov_first = QCheckBox("visible field first", checked=True)
         self.live = QCheckBox("live: re-adapt after each stroke")
+        self.tta = QComboBox(toolTip="test-time augmentation: predict flipped (and transposed) copies of every tile "
+                                     "and average them; each variant costs one more forward pass")
+        self.tta.addItems(list(TTA))
         on = jobs.MITOSIS_AVAILABLE
         self.mitosis = QCheckBox("mitosis candidates", visible=on)
         self.mitosis_edit = QLineEdit(visible=on, placeholderText="mitosis model (bundled)")
@@ -63,7 +68,7 @@ class AdaptSettings(QWidget):
                          ("start from", self.start_combo), ("mode", row(self.mode_combo, self.decoder_blocks)),
                          ("steps / inner lr", row(self.steps, self.inner_lr, self.first_order, self.calibrate)),
                          ("devices", row(*self.device_boxes.values())), ("", row(self.instances, self.objects)),
-                         ("", row(self.fov_first, self.live)), ("", row(self.mitosis, self.mitosis_edit)),
+                         ("", row(self.fov_first, self.live, self.tta)), ("", row(self.mitosis, self.mitosis_edit)),
                          ("threshold", self.threshold)]:
             form.addRow(label, w)
         form.labelForField(self.threshold).setVisible(on)
@@ -86,7 +91,8 @@ class AdaptSettings(QWidget):
     def predict_settings(self, image_layer: Any) -> jobs.PredictSettings:
         mitosis = self.mitosis_edit.text().strip() if jobs.MITOSIS_AVAILABLE and self.mitosis.isChecked() else None
         region = visible_region(image_layer) if self.fov_first.isChecked() else None
-        return jobs.PredictSettings(mpp=image_mpp(image_layer), devices=self.devices(), tiling=self.tiling,
+        tiling = dataclasses.replace(self.tiling, tta_variants=TTA[self.tta.currentText()])
+        return jobs.PredictSettings(mpp=image_mpp(image_layer), devices=self.devices(), tiling=tiling,
                                     instances=self.instances.isChecked(), hover=self.hover, region=region,
                                     mitosis_model=mitosis, objects=self.objects.isChecked(),
                                     object_cfg=self.objects_cfg, name=image_layer.name)

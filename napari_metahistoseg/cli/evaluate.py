@@ -17,15 +17,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--devices", default="cpu", help="cpu | cuda:0 | cuda:0,cuda:1 ...")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write per-image predictions here")
+    p.add_argument("--tta", type=int, default=1, choices=[1, 2, 4, 8],
+                   help="test-time augmentation of the predictions (TilingConfig.tta_variants; default 1 = off, "
+                        "as the GUI)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..config import TilingConfig
     from ..evaluation import evaluate
     from ..maml import run as drive
 
     gen = evaluate(args.data_dir, args.support.split(","), method=args.method, backbone=args.backbone,
-                   steps=args.steps, devices=args.devices, seed=args.seed, out=args.out)
+                   steps=args.steps, devices=args.devices, seed=args.seed, out=args.out,
+                   tiling=TilingConfig(tta_variants=args.tta))
 
     def show(p: dict) -> None:
         if p.get("stage") in ("adapt", "evaluate") and (p.get("step") or p.get("done")):

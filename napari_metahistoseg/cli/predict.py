@@ -57,6 +57,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--devices", default="cpu", help="cpu | cuda:0 | cuda:0,cuda:1 | auto")
     p.add_argument("--tile", type=int, default=None, help="tile side in model pixels (TilingConfig.tile_px)")
     p.add_argument("--batch", type=int, default=None, help="tiles per forward and device (TilingConfig.batch_size)")
+    p.add_argument("--tta", type=int, default=None, choices=[1, 2, 4, 8],
+                   help="test-time augmentation: average 1 (off), 2, 4 (flips) or 8 (flips and transposes) "
+                        "variants of every tile; costs as many forward passes (TilingConfig.tta_variants)")
     p.add_argument("--stream", action="store_true", help="always predict streamed into <stem>.zarr")
     p.add_argument("--roi", default=None, metavar="R0,C0,R1,C1",
                    help="predict only rows R0..R1, columns C0..C1 of each image (streamed into <stem>.zarr, the "
@@ -230,7 +233,8 @@ class Predictor:
 
         self.args, self.backbone, self.head, self.out, self.mitosis = args, backbone, head, out, mitosis
         self.tiling = dataclasses.replace(TilingConfig(), **{k: v for k, v in (("tile_px", args.tile),
-                                                                                ("batch_size", args.batch))
+                                                                                ("batch_size", args.batch),
+                                                                                ("tta_variants", args.tta))
                                                                if v is not None})
         self.roi = parse_roi(args.roi)
         if self.roi is not None and args.objects:

@@ -118,6 +118,17 @@ def test_visible_field_first(viewer, qtbot, adapt, monkeypatch):
     assert find_layers(viewer, "prediction")[0].data.shape == (128, 128)
 
 
+def test_test_time_augmentation_setting(viewer, qtbot, adapt, errors):
+    img, *_ = small_demo(viewer)
+    assert adapt.settings.predict_settings(img).tiling.tta_variants == 1  # off by default, as the library
+    adapt.settings.tta.setCurrentText("TTA: 4 flips")
+    assert adapt.settings.predict_settings(img).tiling.tta_variants == 4
+    assert adapt.settings.tiling.tta_variants == 1  # the panel's base tiling is not changed
+    adapt.settings.instances.setChecked(False)
+    run(qtbot, adapt.run_adapt(), adapt)
+    assert errors == [] and find_layers(viewer, "prediction")[0].data.shape == (128, 128)
+
+
 def test_large_image_streams_into_zarr(viewer, qtbot, adapt, errors, tmp_path, monkeypatch):
     """An image above ``stream_above_mp`` is never read whole: adaptation gets the painted window, prediction
     streams into a zarr store (visible field first, as a region-sized preview) and the layers show its arrays."""
