@@ -342,10 +342,15 @@ class ObjectsCSV:
 def nuclei_centroids(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """``ids (N,)`` and centroids ``(N, 2)`` (row, col) of a nuclei CSV written by :class:`NucleiCSV`."""
     with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    ids = np.array([int(r["id"]) for r in rows], np.int64)
-    pts = np.array([[float(r["centroid_row"]), float(r["centroid_col"])] for r in rows], np.float64).reshape(-1, 2)
-    return ids, pts
+        reader = csv.reader(f)
+        header = next(reader, [])
+        try:
+            cols = [header.index(c) for c in ("id", "centroid_row", "centroid_col")]
+        except ValueError:
+            raise ValueError(f"{path}: not a nuclei table (needs id, centroid_row, centroid_col columns)") from None
+        picked = [[row[c] for c in cols] for row in reader if row]  # only the three columns of each row
+    a = np.array(picked, dtype=np.float64).reshape(-1, 3)
+    return a[:, 0].astype(np.int64), a[:, 1:]
 
 
 # ------------------------------------------------------------------------------------------ streamed

@@ -249,7 +249,8 @@ def test_predict_a_region_only(work, head, capsys, tmp_path):
     [summary] = json.loads(out.strip().splitlines()[-1])["images"].values()
     assert summary["roi"] == [20, 30, 110, 150] and summary["mode"] == "streamed, region only"
     assert summary["n_nuclei"] == len(rows)
-    for bad, message in (("5,5,5,9", "R0 < R1"), ("1,2,3", "four integers")):
+    for bad, message in (("5,5,5,9", "R0 < R1"), ("1,2,3", "four integers"), ("-1,0,5,5", "non-negative"),
+                         ("a,b,c,d", "four integers")):
         code, _, err = cli(capsys, *args, f"--roi={bad}", "--out", tmp_path / "bad")
         assert code == 2 and message in one_error_line(err)
     code, _, err = cli(capsys, *args, "--roi", "0,0,50,50", "--objects", "--out", tmp_path / "bad")

@@ -141,6 +141,12 @@ def test_streamed_instances_and_nuclei_csv(backbone, head, image, tmp_path):
         assert r["type_name"] == HOVER_TYPES[int(r["type"])]
         assert 0 <= float(r["centroid_row"]) < image.shape[0] and 0 <= float(r["centroid_col"]) < image.shape[1]
     assert any(e["stage"] == "instances" for e in events)
+    nid, pts = inference.nuclei_centroids(res.nuclei_csv)  # the table's ids and centroids, as numbers
+    assert nid.tolist() == [int(r["id"]) for r in rows] and pts.shape == (len(rows), 2)
+    np.testing.assert_allclose(pts, [[float(r["centroid_row"]), float(r["centroid_col"])] for r in rows])
+    (tmp_path / "other.csv").write_text("x,y\n1,2\n")
+    with pytest.raises(ValueError, match="other.csv: not a nuclei table"):
+        inference.nuclei_centroids(tmp_path / "other.csv")
 
 
 OBJECTS = ObjectPostConfig(min_object_area_um2=5.0, split_depth_um=2.0, smooth_um=1.0, work_mpp_um=2.0,

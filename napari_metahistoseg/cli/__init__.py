@@ -34,6 +34,22 @@ EXIT_INTERRUPTED = 130
 log = logging.getLogger(__name__)
 
 
+def int_list(spec: str, option: str, form: str) -> tuple[int, ...]:
+    """Comma-separated non-negative integers of a command-line option, e.g. ``int_list("3,4", "--origin",
+    "ROW,COL")``: as many as ``form`` names; ValueError naming the option and the expected form otherwise."""
+    n = len(form.split(","))
+    try:
+        vals = tuple(int(v) for v in spec.split(","))
+    except ValueError:
+        vals = ()
+    if len(vals) != n:
+        count = {1: "one integer", 2: "two integers", 3: "three integers", 4: "four integers"}.get(n, f"{n} integers")
+        raise ValueError(f"{option} must be {form} ({count}), got {spec!r}")
+    if min(vals) < 0:
+        raise ValueError(f"{option} must be non-negative, got {spec!r}")
+    return vals
+
+
 def _load_subcommand_modules() -> list[ModuleType]:
     """Import the subcommand modules that exist; one that is not written yet is skipped."""
     modules = []

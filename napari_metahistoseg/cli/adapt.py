@@ -161,16 +161,9 @@ def _from_labels(args, img, margin: int):
 
 
 def _origin(spec: str | None) -> tuple[int, int]:
-    if spec is None:
-        return 0, 0
-    try:
-        r, c = (int(v) for v in spec.split(","))
-    except ValueError:
-        raise ValueError(f"--origin must be ROW,COL (two integers), got {spec!r}") from None
-    if r < 0 or c < 0:
-        raise ValueError(f"--origin must be non-negative, got {spec!r}")
-    return r, c
+    from . import int_list
 
+    return (0, 0) if spec is None else int_list(spec, "--origin", "ROW,COL")
 
 
 def _from_points(args, img, mpp: float, margin: int):

@@ -212,13 +212,12 @@ def _load_mitosis(args: argparse.Namespace):
 
 def parse_roi(spec: str | None) -> tuple[int, int, int, int] | None:
     """``"R0,C0,R1,C1"`` → a region (clipped to each image by ``predict_large``); ValueError if malformed."""
+    from . import int_list
+
     if spec is None:
         return None
-    try:
-        r0, c0, r1, c1 = (int(v) for v in spec.split(","))
-    except ValueError:
-        raise ValueError(f"--roi must be R0,C0,R1,C1 (four integers), got {spec!r}") from None
-    if r1 <= r0 or c1 <= c0 or min(r0, c0) < 0:
+    r0, c0, r1, c1 = int_list(spec, "--roi", "R0,C0,R1,C1")
+    if r1 <= r0 or c1 <= c0:
         raise ValueError(f"--roi needs 0 <= R0 < R1 and 0 <= C0 < C1, got {spec!r}")
     return r0, c0, r1, c1
 
