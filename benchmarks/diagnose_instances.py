@@ -15,20 +15,17 @@ Writes ``benchmarks/results/diagnose_instances.{json,md}``.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 from scipy import ndimage as ndi
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from tune_adapt import DATA, TASKS  # noqa: E402
+from tune_adapt import dev_args, dev_draws  # noqa: E402
 
 from napari_metahistoseg.config import HoVerPostConfig, MAMLConfig  # noqa: E402
-from napari_metahistoseg.data import open_dataset  # noqa: E402
 from napari_metahistoseg.inference import _resize_maps, predict  # noqa: E402
 from napari_metahistoseg.maml import run  # noqa: E402
 from napari_metahistoseg.metrics import ConfusionAccumulator, aji, panoptic_quality  # noqa: E402
@@ -87,26 +84,14 @@ def unit(bb, ds, sup, qry, seed: int) -> list[dict]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tasks", default="monuseg,cpm15")
-    ap.add_argument("--draws", type=int, default=2)
-    ap.add_argument("--backbone", default="default")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default="diagnose_instances")
-    a = ap.parse_args()
-    torch.set_num_threads(a.threads)
+    a = dev_args(__doc__, "monuseg,cpm15", 2, "diagnose_instances")
     bb = load_backbone(a.backbone)
     records = []
-    for task in a.tasks.split(","):
-        ds = open_dataset(DATA / task)
-        k, nq = TASKS[task]
-        for d in range(a.draws):
-            ids = list(np.random.default_rng(d).permutation(ds.ids))
-            sup, qry = [ds.load(i) for i in ids[:k]], [ds.load(i) for i in ids[k:k + nq]]
-            for rec in unit(bb, ds, sup, qry, seed=d):
-                rec.update(task=task, draw=d, k=k)
-                records.append(rec)
-                print(rec, file=sys.stderr, flush=True)
+    for task, d, ds, sup, qry in dev_draws(a.tasks, a.draws):
+        for rec in unit(bb, ds, sup, qry, seed=d):
+            rec.update(task=task, draw=d, k=len(sup))
+            records.append(rec)
+            print(rec, file=sys.stderr, flush=True)
     rows, err_rows = [], []
     for task in a.tasks.split(","):
         rs = [r for r in records if r["task"] == task]

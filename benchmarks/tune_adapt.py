@@ -33,6 +33,33 @@ DATA = ROOT / ".." / "shared" / "data"
 TASKS = {"monuseg": (1, 4), "glas": (4, 8), "bm_graz_cells": (1, 3), "cpm15": (2, 6), "consep_tiles": (8, 24)}
 
 
+def dev_args(doc: str, tasks: str, draws: int, out: str, extra=None) -> argparse.Namespace:
+    """The options of the per-task, per-draw DEV sweeps (``--tasks --draws --backbone --threads --out``, plus what
+    ``extra(parser)`` adds), parsed; torch's thread count is set."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    if extra is not None:
+        extra(ap)
+    ap.add_argument("--tasks", default=tasks)
+    ap.add_argument("--draws", type=int, default=draws)
+    ap.add_argument("--backbone", default="default")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=out)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    return a
+
+
+def dev_draws(tasks: str, draws: int):
+    """For every task (comma-separated) and draw ``d``: ``(task, d, dataset, support samples, query samples)``, with
+    :data:`TASKS`' K support and query images of the dev folder in the order ``default_rng(d)`` shuffles them."""
+    for task in tasks.split(","):
+        ds = open_dataset(DATA / task)
+        k, nq = TASKS[task]
+        for d in range(draws):
+            ids = list(np.random.default_rng(d).permutation(ds.ids))
+            yield task, d, ds, [ds.load(i) for i in ids[:k]], [ds.load(i) for i in ids[k:k + nq]]
+
+
 def cached(bb, samples):
     out = []
     for s in samples:

@@ -13,7 +13,6 @@ Writes ``benchmarks/results/tune_threshold.{json,md}``.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -22,10 +21,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from tune_adapt import DATA, TASKS, cached  # noqa: E402
+from tune_adapt import cached, dev_args, dev_draws  # noqa: E402
 
 from napari_metahistoseg.config import MAMLConfig  # noqa: E402
-from napari_metahistoseg.data import open_dataset  # noqa: E402
 from napari_metahistoseg.maml import adapt_head_on_pixels, head_pixel_logits, pixel_support, run  # noqa: E402
 from napari_metahistoseg.models import PixelHead  # noqa: E402
 from napari_metahistoseg.pipeline import (  # noqa: E402
@@ -77,26 +75,14 @@ def unit(bb, sup, qry, cfg: MAMLConfig) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tasks", default="monuseg,glas,cpm15,bm_graz_cells")
-    ap.add_argument("--draws", type=int, default=3)
-    ap.add_argument("--backbone", default="default")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default="tune_threshold")
-    a = ap.parse_args()
-    torch.set_num_threads(a.threads)
+    a = dev_args(__doc__, "monuseg,glas,cpm15,bm_graz_cells", 3, "tune_threshold")
     bb = load_backbone(a.backbone)
     records = []
-    for task in a.tasks.split(","):
-        ds = open_dataset(DATA / task)
-        k, nq = TASKS[task]
-        for d in range(a.draws):
-            ids = list(np.random.default_rng(d).permutation(ds.ids))
-            sup = cached(bb, [ds.load(i) for i in ids[:k]])
-            qry = cached(bb, [ds.load(i) for i in ids[k:k + nq]])
-            rec = {"task": task, "draw": d, "k": k, "n_query": nq, **unit(bb, sup, qry, MAMLConfig(seed=d))}
-            records.append(rec)
-            print(rec, file=sys.stderr, flush=True)
+    for task, d, _, sup, qry in dev_draws(a.tasks, a.draws):
+        rec = {"task": task, "draw": d, "k": len(sup), "n_query": len(qry),
+               **unit(bb, cached(bb, sup), cached(bb, qry), MAMLConfig(seed=d))}
+        records.append(rec)
+        print(rec, file=sys.stderr, flush=True)
     rows = []
     for task in a.tasks.split(","):
         rs = [r for r in records if r["task"] == task]

@@ -12,20 +12,17 @@ Writes ``benchmarks/results/tune_tta.{json,md}``.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from tune_adapt import DATA, TASKS  # noqa: E402
+from tune_adapt import dev_args, dev_draws  # noqa: E402
 
 from napari_metahistoseg.config import MAMLConfig, PointsConfig, TilingConfig  # noqa: E402
-from napari_metahistoseg.data import open_dataset  # noqa: E402
 from napari_metahistoseg.evaluation import _is_nuclear  # noqa: E402
 from napari_metahistoseg.inference import detect_points, predict  # noqa: E402
 from napari_metahistoseg.maml import run  # noqa: E402
@@ -62,28 +59,16 @@ def unit(bb, ds, sup, qry, variants: list[int], seed: int) -> list[dict]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tasks", default="monuseg,cpm15,glas,bm_graz_cells")
-    ap.add_argument("--variants", default="1,2,4,8")
-    ap.add_argument("--draws", type=int, default=2)
-    ap.add_argument("--backbone", default="default")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default="tune_tta")
-    a = ap.parse_args()
-    torch.set_num_threads(a.threads)
+    a = dev_args(__doc__, "monuseg,cpm15,glas,bm_graz_cells", 2, "tune_tta",
+                 extra=lambda ap: ap.add_argument("--variants", default="1,2,4,8"))
     bb = load_backbone(a.backbone)
     variants = [int(v) for v in a.variants.split(",")]
     records = []
-    for task in a.tasks.split(","):
-        ds = open_dataset(DATA / task)
-        k, nq = TASKS[task]
-        for d in range(a.draws):
-            ids = list(np.random.default_rng(d).permutation(ds.ids))
-            sup, qry = [ds.load(i) for i in ids[:k]], [ds.load(i) for i in ids[k:k + nq]]
-            for rec in unit(bb, ds, sup, qry, variants, seed=d):
-                rec.update(task=task, draw=d, k=k, n_query=len(qry))
-                records.append(rec)
-                print(rec, file=sys.stderr, flush=True)
+    for task, d, ds, sup, qry in dev_draws(a.tasks, a.draws):
+        for rec in unit(bb, ds, sup, qry, variants, seed=d):
+            rec.update(task=task, draw=d, k=len(sup), n_query=len(qry))
+            records.append(rec)
+            print(rec, file=sys.stderr, flush=True)
     rows = []
     for task in a.tasks.split(","):
         base = {r["draw"]: r for r in records if r["task"] == task and r["variants"] == 1}
