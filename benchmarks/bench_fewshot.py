@@ -75,8 +75,11 @@ from napari_metahistoseg.pipeline import (  # noqa: E402
     _features,
     _learned_lrs,
     adapt,
+    calibrate_smoothing,
     calibrate_threshold,
     calibrates,
+    calibration_window,
+    gaussian_smooth,
     initial_head,
     load_backbone,
     rescale,
@@ -301,17 +304,26 @@ def adapt_cached(bb: Backbone, feats: list[torch.Tensor], labels: list[np.ndarra
     fast = run(adapt_head_on_pixels(template, init, x, y, n_classes=n_cls, steps=cfg.steps,
                                     lr=cfg.inner_lr, first_order=True, balance=balance,
                                     lrs=_learned_lrs(bb, init, cfg), devices=[torch.device("cpu")]))
-    threshold = calibrate_threshold(template, fast, x, y, cfg) if calibrates(cfg, labels, n_cls) else None
+    calibrating = calibrates(cfg, labels, n_cls)
+    threshold = calibrate_threshold(template, fast, x, y, cfg) if calibrating else None
+    smoothing = (calibrate_smoothing(template, fast, [calibration_window(f, lab, cfg.calibration_window_px)
+                                                      for f, lab in zip(feats, labels, strict=True)],
+                                     threshold, cfg, bb.mpp) if calibrating and cfg.calibrate_smoothing else None)
     return AdaptedHead(list(classes), {prefix + k: v.detach().cpu() for k, v in fast.items()}, bb.sha256, cfg,
-                       bb.mpp, {"backbone": bb.name, "cached_features": True, "calibrated_threshold": threshold})
+                       bb.mpp, {"backbone": bb.name, "cached_features": True, "calibrated_threshold": threshold,
+                                "calibrated_smoothing_um": smoothing})
 
 
 def predict_cached(model: torch.nn.Module, feats: torch.Tensor, s: Sample, bb: Backbone, classes: list[str],
-                   nuclear: bool, threshold: float | None = None) -> Prediction:
-    """``inference.predict`` with the head applied to cached features (``np_source="adapted"``)."""
+                   nuclear: bool, threshold: float | None = None, smoothing_um: float = 0.0) -> Prediction:
+    """``inference.predict`` with the head applied to cached features (``np_source="adapted"``); the class decision
+    smoothed over the whole image at once (``predict`` smooths each tile: equal away from tile borders)."""
     with torch.inference_mode():
-        probs = _resize_maps(model.heads[TASK](feats[None])["seg"].softmax(1)[0].numpy(), s.shape)
-        pred = Prediction(decide(probs, threshold), probs, list(classes))
+        model_probs = model.heads[TASK](feats[None])["seg"].softmax(1)
+        probs = _resize_maps(model_probs[0].numpy(), s.shape)
+        dec = _resize_maps(gaussian_smooth(model_probs, smoothing_um / bb.mpp)[0].numpy(), s.shape) \
+            if smoothing_um > 0 else probs
+        pred = Prediction(decide(dec, threshold), probs, list(classes))
         if nuclear:
             hv = np.clip(_resize_maps(model.heads["hover"](feats[None])["hv"][0].numpy(), s.shape), -1, 1)
             np_prob = probs[1:].sum(0)
@@ -406,7 +418,7 @@ class Runner:
             model = head.module_for(bb)
             for q in qrys:
                 out[q.sample_id] = predict_cached(model, self.cache.get(bb, td.name, q), q, bb, classes, nuclear,
-                                                  head.threshold)
+                                                  head.threshold, head.smoothing_um)
         else:
             for q in qrys:
                 out[q.sample_id] = run(predict(bb, head, q.image, mpp=q.mpp, instances=nuclear))
@@ -504,9 +516,9 @@ def consistency_check(runner: Runner, td: TaskData, max_query: int, fixed: list[
     nuclear = td.ds.kind != "points" and _is_nuclear([s])
     p_ref = run(predict(bb, ref, q.image, mpp=q.mpp, instances=nuclear))
     p_mine = predict_cached(mine.module_for(bb), runner.cache.get(bb, td.name, q), q, bb, classes, nuclear,
-                            mine.threshold)
+                            mine.threshold, mine.smoothing_um)
     out = {"task": td.name, "support": sup, "query0": qry[0], "head_max_abs_diff": head_diff,
-           "thresholds": [ref.threshold, mine.threshold],
+           "thresholds": [ref.threshold, mine.threshold], "smoothings_um": [ref.smoothing_um, mine.smoothing_um],
            "prob_max_abs_diff": float(np.abs(p_ref.probs - p_mine.probs).max()),
            "semantic_pixels_differing": float((p_ref.semantic != p_mine.semantic).mean())}
     if td.name == "monuseg" and len(qry) == len(td.ds.ids) - 1:
@@ -802,11 +814,14 @@ def checks_md(checks: list[dict]) -> str:
     for c in checks:
         ev = c.get("evaluate")
         th = c.get("thresholds") or [None, None]
+        sm = c.get("smoothings_um") or [None, None]
         rows.append([c["task"], " / ".join("–" if t is None else f"{t:.2f}" for t in th),
+                     " / ".join("–" if v is None else f"{v:g}" for v in sm),
                      c["head_max_abs_diff"], c["prob_max_abs_diff"], c["semantic_pixels_differing"],
                      "–" if not ev else " / ".join(f"{ev[k]:.4f}" for k in ("miou", "aji", "pq")),
                      "–" if not ev else " / ".join(f"{c['bench'][k]:.4f}" for k in ("miou", "aji", "pq"))])
-    return common.md_table(["task", "calibrated threshold (GUI / bench)", "head max abs diff", "prob max abs diff",
+    return common.md_table(["task", "calibrated threshold (GUI / bench)", "smoothing µm (GUI / bench)",
+                            "head max abs diff", "prob max abs diff",
                             "semantic px differing",
                             "evaluate() mIoU/AJI/PQ", "bench mIoU/AJI/PQ"], rows)
 

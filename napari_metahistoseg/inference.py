@@ -30,7 +30,7 @@ import torch
 from .config import HoVerPostConfig, ObjectPostConfig, PointsConfig, TilingConfig, to_dict
 from .data.io import to_rgb_uint8
 from .devices import resolve_devices
-from .pipeline import AdaptedHead, Backbone, _check_mpp, rescale
+from .pipeline import AdaptedHead, Backbone, _check_mpp, gaussian_smooth, rescale
 from .postprocess import (
     OBJECT_COLUMNS,
     CoarseObjects,
@@ -210,6 +210,9 @@ def predict(
     n_cls = len(head.classes)
     channels = {"seg": n_cls}
     acts = {"seg": lambda t: t.softmax(1)}
+    smooth_px = head.smoothing_um / backbone.mpp  # the class decision's smoothing, at model resolution
+    if smooth_px > 0:
+        channels["dec"] = n_cls
     has_nc = instances and getattr(model.heads["hover"], "nc", None) is not None
     if instances:
         channels.update({"np": 2, "hv": 2})
@@ -222,6 +225,8 @@ def predict(
         def fwd(x: torch.Tensor) -> dict[str, torch.Tensor]:
             feats = m.features(x)
             out = dict(m.heads["user"](feats))
+            if smooth_px > 0:  # smoothed probabilities for the class decision (as the streamed path)
+                out["dec"] = gaussian_smooth(out["seg"].float().softmax(1), smooth_px)
             if instances:
                 out.update(m.heads["hover"](feats))
             return out
@@ -234,7 +239,8 @@ def predict(
                                 activations=acts if tiling.tta_variants == 1 else None,
                                 forwards=[fwd_for(r) for r in reps], cpu_channels_last=t.channels_last), tiling)
     probs = _resize_maps(maps["seg"], (h, w))
-    pred = Prediction(decide(probs, head.threshold), probs, list(head.classes))
+    dec = _resize_maps(maps["dec"], (h, w)) if "dec" in maps else probs
+    pred = Prediction(decide(dec, head.threshold), probs, list(head.classes))
     if instances:
         yield {"stage": "instances", "done": 0, "total": 1}
         np_prob = probs[1:].sum(0) if np_source == "adapted" else _resize_maps(maps["np"], (h, w))[1]
@@ -356,11 +362,13 @@ def nuclei_centroids(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
 # ------------------------------------------------------------------------------------------ streamed
 
 
-def _forward_for(m: torch.nn.Module, instances: bool, np_source: str, nc: bool) -> Callable:
+def _forward_for(m: torch.nn.Module, instances: bool, np_source: str, nc: bool, smooth_px: float = 0.0) -> Callable:
     def fwd(x: torch.Tensor) -> dict[str, torch.Tensor]:
         feats = m.features(x)
         seg = m.heads["user"](feats)["seg"].float().softmax(1)
         out = {"seg": seg}
+        if smooth_px > 0:
+            out["dec"] = gaussian_smooth(seg, smooth_px)
         if instances:
             hov = m.heads["hover"](feats)
             out["np"] = 1 - seg[:, :1] if np_source == "adapted" else hov["np"].float().softmax(1)[:, 1:]
@@ -449,7 +457,7 @@ def _write_rows(root, maps: dict[str, np.ndarray], origin: tuple[int, int], writ
         if r1 <= r0:
             return
         sl = (slice(r0 - origin[0], r1 - origin[0]), slice(c0 - origin[1], c1 - origin[1]))
-        root["semantic"][r0:r1, c0:c1] = decide(maps["seg"][(slice(None), *sl)], threshold)
+        root["semantic"][r0:r1, c0:c1] = decide(maps.get("dec", maps["seg"])[(slice(None), *sl)], threshold)
         if "np" in maps:
             root["np"][r0:r1, c0:c1] = np.rint(np.clip(maps["np"][0][sl], 0, 1) * NP_LEVELS).astype(np.uint8)
             root["hv"][:, r0:r1, c0:c1] = np.rint(np.clip(maps["hv"][(slice(None), *sl)], -1, 1) * HV_LEVELS
@@ -547,9 +555,10 @@ def _predict_large(backbone, head, image, out, mpp, devs, tiling, instances, hov
     H, W = image.height, image.width
     model = _inference_model(backbone, head, tiling)
     has_nc = instances and getattr(model.heads["hover"], "nc", None) is not None
-    fwds = [tta_forward(_forward_for(m, instances, np_source, has_nc), tiling.tta_variants)
+    smooth_px = head.smoothing_um / backbone.mpp
+    fwds = [tta_forward(_forward_for(m, instances, np_source, has_nc, smooth_px), tiling.tta_variants)
             for m in _replicas(model, devs)]
-    channels = {"seg": len(head.classes)}
+    channels = {"seg": len(head.classes), **({"dec": len(head.classes)} if smooth_px > 0 else {})}
     arrays = {"semantic": ((), "uint8")}
     if instances:
         n_types = model.heads["hover"].nc[-1].out_channels if has_nc else 0

@@ -101,6 +101,14 @@ class AdaptedHead:
         t = self.provenance.get("calibrated_threshold")
         return float(t) if t is not None and len(self.classes) == 2 else None
 
+    @property
+    def smoothing_um(self) -> float:
+        """Sigma (µm) of the Gaussian smoothing of the class probabilities behind the class decision of a two-class
+        head (0: none), calibrated on the support with the threshold (:func:`calibrate_smoothing`); in the
+        provenance, so exported heads keep it."""
+        s = self.provenance.get("calibrated_smoothing_um")
+        return float(s) if s is not None and len(self.classes) == 2 else 0.0
+
     def save(self, path: str | Path) -> tuple[Path, Path]:
         prov = {**self.provenance, "maml": to_dict(self.maml), "mpp": self.mpp}
         return export_head(path, self.state, backbone_sha=self.backbone_sha256, classes=self.classes,
@@ -273,9 +281,10 @@ def adapt(
         raise ValueError(f"the starting head has {len(init.classes)} classes, the support names {len(classes)}")
     t0 = time.time()
     balance = support_balance(cfg, [lab for _, lab in sup], len(classes))
-    threshold = None
+    threshold = smoothing = None
     if cfg.adapt == "head":
-        fast, threshold = yield from _adapt_head(backbone, sup, len(classes), start, cfg, devs, tiling, t0, balance)
+        fast, threshold, smoothing = yield from _adapt_head(backbone, sup, len(classes), start, cfg, devs, tiling, t0,
+                                                            balance)
     else:
         fast = yield from _adapt_full(backbone, sup, len(classes), start, cfg, devs, t0, balance)
     prov = {"support": [{"shape": list(im.shape[:2]), "labelled_px": int((lab != IGNORE).sum()),
@@ -284,6 +293,7 @@ def adapt(
                         for (im, lab), im0, lab0 in zip(sup, images, labels, strict=True)],
             "devices": [str(d) for d in devs], "adapt_seconds": round(time.time() - t0, 3),
             "class_balance_used": balance, "calibrated_threshold": threshold,
+            "calibrated_smoothing_um": smoothing,
             "backbone": backbone.name}
     log.info("adapted %s on %s in %.2f s", cfg.adapt, [str(d) for d in devs], time.time() - t0)
     return AdaptedHead(list(classes), {k: v.detach().cpu() for k, v in fast.items()}, backbone.sha256, cfg,
@@ -312,7 +322,8 @@ def _progress(p: dict, t0: float, stage: str) -> dict:
 
 def _adapt_head(backbone, sup, n_classes, start, cfg, devs, tiling, t0, balance) -> Generator[dict, None, dict]:
     model = backbone.model
-    xs, ys = [], []
+    xs, ys, windows = [], [], []
+    calibrating = calibrates(cfg, [lab for _, lab in sup], n_classes)
     for i, (im, lab) in enumerate(sup):
         yield {"stage": "features", "step": i, "steps": len(sup), "elapsed_s": time.time() - t0}
         # per-tile progress of this image's features (the worker can cancel between tiles)
@@ -324,6 +335,8 @@ def _adapt_head(backbone, sup, n_classes, start, cfg, devs, tiling, t0, balance)
                              stratified=balance)
         xs.append(x)
         ys.append(y)
+        if calibrating and cfg.calibrate_smoothing:
+            windows.append(calibration_window(feats, lab, cfg.calibration_window_px))
     x, y = torch.cat(xs).to(devs[0]), torch.cat(ys).to(devs[0])
     template = PixelHead(model.backbone.out_channels, n_classes, model.cfg.head_hidden)
     prefix = f"heads.{TASK}."
@@ -332,9 +345,10 @@ def _adapt_head(backbone, sup, n_classes, start, cfg, devs, tiling, t0, balance)
     gen = adapt_head_on_pixels(template, init, x, y, n_classes=n_classes, steps=cfg.steps, lr=cfg.inner_lr,
                                first_order=cfg.first_order, balance=balance, lrs=lrs, devices=devs)
     fast = yield from relay(gen, lambda p: _progress(p, t0, "adapt"))
-    threshold = calibrate_threshold(template, fast, x, y, cfg) if calibrates(cfg, [lab for _, lab in sup],
-                                                                              n_classes) else None
-    return {prefix + k: v for k, v in fast.items()}, threshold
+    threshold = calibrate_threshold(template, fast, x, y, cfg) if calibrating else None
+    smoothing = (calibrate_smoothing(template, fast, windows, threshold, cfg, backbone.mpp)
+                 if calibrating and cfg.calibrate_smoothing else None)
+    return {prefix + k: v for k, v in fast.items()}, threshold, smoothing
 
 
 def calibrates(cfg: MAMLConfig, labels: Sequence[np.ndarray], n_classes: int) -> bool:
@@ -368,6 +382,57 @@ def calibrate_threshold(head: torch.nn.Module, fast: dict[str, torch.Tensor], x:
     miou = (i0 / np.maximum(u0, 1) + i1 / np.maximum(u1, 1)) / 2
     return float(np.round(grid[int(np.argmax(miou))], 6))
 
+
+
+def gaussian_smooth(t: torch.Tensor, sigma_px: float) -> torch.Tensor:
+    """Maps ``(N, C, H, W)`` smoothed per channel by a Gaussian of ``sigma_px`` (separable, truncated at 3 sigma,
+    edges replicated); ``sigma_px <= 0`` returns ``t``. Isotropic, so it commutes with flips and transposes."""
+    if sigma_px <= 0:
+        return t
+    r = max(1, math.ceil(3 * sigma_px))
+    k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=t.dtype, device=t.device) / sigma_px) ** 2)
+    k = k / k.sum()
+    c = t.shape[1]
+    t = F.conv2d(F.pad(t, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
+    return F.conv2d(F.pad(t, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
+
+
+def calibration_window(feats: torch.Tensor, lab: np.ndarray, side: int) -> tuple[torch.Tensor, np.ndarray]:
+    """The centre ``side x side`` window of a support image's features ``(F, H, W)`` (a float16 copy, so the whole
+    map can be freed) and of its labels, for :func:`calibrate_smoothing`."""
+    h, w = lab.shape
+    r0, c0 = max(0, (h - side) // 2), max(0, (w - side) // 2)
+    box = (slice(r0, r0 + side), slice(c0, c0 + side))
+    return feats[(slice(None), *box)].to(torch.float16).clone(), lab[box]
+
+
+def calibrate_smoothing(head: torch.nn.Module, fast: dict[str, torch.Tensor],
+                        windows: Sequence[tuple[torch.Tensor, np.ndarray]], threshold: float | None,
+                        cfg: MAMLConfig, mpp: float) -> float:
+    """The sigma (µm) of ``cfg.smoothing_um`` whose Gaussian smoothing of the two-class head's probabilities
+    maximises the mIoU of the support ``windows`` (features ``(F, h, w)`` at ``mpp`` µm/px, labels ``(h, w)``)
+    under the class decision at ``threshold`` (None: 0.5); of equal scores the smallest sigma wins."""
+    sigmas = sorted({float(v) for v in cfg.smoothing_um})
+    if not windows or sigmas == [0.0]:
+        return 0.0
+    th = 0.5 if threshold is None else threshold
+    counts = np.zeros((len(sigmas), 4))
+    with torch.no_grad():
+        for feats, lab in windows:
+            known = lab != IGNORE
+            if not known.any():
+                continue
+            f = feats.float()
+            dev = next(iter(fast.values())).device
+            logits = head_pixel_logits(head, fast, f.reshape(f.shape[0], -1).t().to(dev))
+            prob = logits.softmax(1).t().reshape(1, 2, *f.shape[1:]).cpu()
+            truth = lab[known].astype(bool)
+            for i, s in enumerate(sigmas):
+                pred = (gaussian_smooth(prob, s / mpp)[0, 1].numpy() >= th)[known]
+                counts[i] += [(pred & truth).sum(), (pred | truth).sum(), (~pred & ~truth).sum(),
+                              (~pred | ~truth).sum()]
+    miou = (counts[:, 0] / np.maximum(counts[:, 1], 1) + counts[:, 2] / np.maximum(counts[:, 3], 1)) / 2
+    return sigmas[int(np.argmax(miou))]
 
 
 def _learned_lrs(backbone: Backbone, init: dict, cfg: MAMLConfig) -> dict | None:

@@ -131,11 +131,13 @@ def test_adapt_with_points(work, capsys):
     prov = json.loads((work / "headP.mhshead.json").read_text())["provenance"]
     assert prov["support_kind"] == "points" and prov["points_radius_model_px"] == pytest.approx(6.0)
     assert 0.2 <= prov["calibrated_threshold"] <= 0.8  # exhaustive points: a dense two-class support
+    assert prov["calibrated_smoothing_um"] in (0.0, 1.0, 2.0, 4.0)
     code, out, err = cli(capsys, "adapt", work / "b.tif", "--points", work / "b_points.csv", "--points-exhaustive",
                          "--radius", "3", "--radius-unit", "um", "--backbone", work / "bb", *FAST, "--no-calibrate",
                          "--out", work / "headP0")
     assert code == 0, err
-    assert json.loads((work / "headP0.mhshead.json").read_text())["provenance"]["calibrated_threshold"] is None
+    prov0 = json.loads((work / "headP0.mhshead.json").read_text())["provenance"]
+    assert prov0["calibrated_threshold"] is None and prov0["calibrated_smoothing_um"] is None
 
 
 def test_adapt_points_need_a_contrast(work, capsys):

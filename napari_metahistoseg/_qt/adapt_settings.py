@@ -45,7 +45,8 @@ class AdaptSettings(QWidget):
         self.first_order = QCheckBox("first-order", checked=MAMLConfig.first_order)
         self.calibrate = QCheckBox("calibrate", checked=MAMLConfig.calibrate_threshold,
                                    toolTip="fast mode, fully painted two-class support: fit the foreground "
-                                           "probability threshold that scores best on the support")
+                                           "probability threshold and the smoothing of the class decision that "
+                                           "score best on the support")
         self.mode_combo.currentTextChanged.connect(lambda t: self.calibrate.setEnabled(MODES[t] == "head"))
         self.device_boxes = {d: QCheckBox(device_label(d), checked=(d == "cpu")) for d in available_devices()}
         self.instances = QCheckBox("nuclei instances (HoVer)", checked=True)
@@ -83,7 +84,8 @@ class AdaptSettings(QWidget):
         return MAMLConfig(steps=self.steps.value(), inner_lr=self.inner_lr.value(),
                           first_order=self.first_order.isChecked(), adapt=MODES[self.mode_combo.currentText()],
                           decoder_blocks=self.decoder_blocks.value(),
-                          calibrate_threshold=self.calibrate.isChecked())
+                          calibrate_threshold=self.calibrate.isChecked(),
+                          calibrate_smoothing=self.calibrate.isChecked())
 
     def start_from_current(self) -> bool:
         return self.start_combo.currentText() == "current head"

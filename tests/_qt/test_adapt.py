@@ -92,6 +92,7 @@ def test_full_mode_adapts_decoder(viewer, qtbot, adapt, errors):
     assert not adapt.settings.decoder_blocks.isEnabled() and adapt.settings.calibrate.isEnabled()
     adapt.settings.calibrate.setChecked(False)
     assert adapt.settings.maml_config().calibrate_threshold is False
+    assert adapt.settings.maml_config().calibrate_smoothing is False
     adapt.settings.mode_combo.setCurrentIndex(1)
     assert adapt.settings.decoder_blocks.isEnabled() and not adapt.settings.calibrate.isEnabled()
     adapt.settings.decoder_blocks.setValue(1)
