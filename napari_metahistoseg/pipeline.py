@@ -411,8 +411,9 @@ def calibrate_smoothing(head: torch.nn.Module, fast: dict[str, torch.Tensor],
                         cfg: MAMLConfig, mpp: float) -> float:
     """The sigma (µm) of ``cfg.smoothing_um`` whose Gaussian smoothing of the two-class head's probabilities
     maximises the mIoU of the support ``windows`` (features ``(F, h, w)`` at ``mpp`` µm/px, labels ``(h, w)``)
-    under the class decision at ``threshold`` (None: 0.5); of equal scores the smallest sigma wins."""
-    sigmas = sorted({float(v) for v in cfg.smoothing_um})
+    under the class decision at ``threshold`` (None: 0.5), if it beats no smoothing by ``cfg.smoothing_min_gain``
+    (else 0); of equal scores the smallest sigma wins."""
+    sigmas = sorted({float(v) for v in cfg.smoothing_um} | {0.0})
     if not windows or sigmas == [0.0]:
         return 0.0
     th = 0.5 if threshold is None else threshold
@@ -432,7 +433,8 @@ def calibrate_smoothing(head: torch.nn.Module, fast: dict[str, torch.Tensor],
                 counts[i] += [(pred & truth).sum(), (pred | truth).sum(), (~pred & ~truth).sum(),
                               (~pred | ~truth).sum()]
     miou = (counts[:, 0] / np.maximum(counts[:, 1], 1) + counts[:, 2] / np.maximum(counts[:, 3], 1)) / 2
-    return sigmas[int(np.argmax(miou))]
+    best = int(np.argmax(miou))
+    return sigmas[best] if miou[best] - miou[0] >= cfg.smoothing_min_gain else 0.0
 
 
 def _learned_lrs(backbone: Backbone, init: dict, cfg: MAMLConfig) -> dict | None:

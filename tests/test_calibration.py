@@ -151,6 +151,9 @@ def test_smoothing_calibration_follows_the_support():
     feats[0] = torch.from_numpy(noisy * 2.0 - 1)
     cfg = MAMLConfig()
     assert calibrate_smoothing(head, fast, [calibration_window(feats, blobs, 64)], 0.5, cfg, 0.5) > 0
+    # a gain below smoothing_min_gain is not enough (the support is the head's own training data)
+    assert calibrate_smoothing(head, fast, [calibration_window(feats, blobs, 64)], 0.5,
+                               MAMLConfig(smoothing_min_gain=1.0), 0.5) == 0.0
     stripes = ((cc // 2) % 2).astype(np.uint8)  # fine structure that the head gets exactly right
     feats[0] = torch.from_numpy(stripes * 2.0 - 1)
     assert calibrate_smoothing(head, fast, [calibration_window(feats, stripes, 64)], 0.5, cfg, 0.5) == 0.0
@@ -163,6 +166,8 @@ def test_smoothing_calibration_follows_the_support():
     assert np.array_equal(lab, blobs[16:80, 16:80])  # the centre window
     with pytest.raises(ValueError, match="smoothing_um"):
         MAMLConfig(smoothing_um=(-1.0,))
+    with pytest.raises(ValueError, match="smoothing_min_gain"):
+        MAMLConfig(smoothing_min_gain=-0.1)
     with pytest.raises(ValueError, match="calibration_window_px"):
         MAMLConfig(calibration_window_px=4)
 
