@@ -426,10 +426,10 @@ def calibrate_smoothing(head: torch.nn.Module, fast: dict[str, torch.Tensor],
             f = feats.float()
             dev = next(iter(fast.values())).device
             logits = head_pixel_logits(head, fast, f.reshape(f.shape[0], -1).t().to(dev))
-            prob = logits.softmax(1).t().reshape(1, 2, *f.shape[1:]).cpu()
+            fg = logits.softmax(1)[:, 1].reshape(1, 1, *f.shape[1:]).cpu()  # smoothing is linear: p0 = 1 - p1
             truth = lab[known].astype(bool)
             for i, s in enumerate(sigmas):
-                pred = (gaussian_smooth(prob, s / mpp)[0, 1].numpy() >= th)[known]
+                pred = (gaussian_smooth(fg, s / mpp)[0, 0].numpy() >= th)[known]
                 counts[i] += [(pred & truth).sum(), (pred | truth).sum(), (~pred & ~truth).sum(),
                               (~pred | ~truth).sum()]
     miou = (counts[:, 0] / np.maximum(counts[:, 1], 1) + counts[:, 2] / np.maximum(counts[:, 3], 1)) / 2
