@@ -87,8 +87,15 @@ class AdaptWidget(QWidget):
         self.settings.backbone_edit.setText(spec)
 
     def _sync_head(self, head: Any) -> None:
-        self.head_label.setText("no head yet" if head is None else
-                                f"head: {', '.join(head.classes)} ({self.state.head_source})")
+        if head is None:
+            self.head_label.setText("no head yet")
+            return
+        text = f"head: {', '.join(head.classes)} ({self.state.head_source})"
+        if getattr(head, "threshold", None) is not None:  # what the calibration decided, so the user can see it
+            text += f" · threshold {head.threshold:.2f}"
+        if getattr(head, "smoothing_um", 0.0):
+            text += f" · smoothing {head.smoothing_um:g} µm"
+        self.head_label.setText(text)
 
     def _image(self) -> Any:
         layer = self.image_combo.layer()

@@ -87,6 +87,22 @@ def viewer_backbone_decoders(widget):
     return load_backbone(widget.settings.backbone_edit.text()).model.backbone.decoders
 
 
+def test_head_label_shows_the_calibration(adapt):
+    import dataclasses
+
+    from napari_metahistoseg.config import MAMLConfig
+    from napari_metahistoseg.pipeline import AdaptedHead
+
+    head = AdaptedHead(["background", "gland"], {}, "x", MAMLConfig(), 0.5, {})
+    adapt.state.set_head(head, "adapted")
+    assert adapt.head_label.text() == "head: background, gland (adapted)"  # nothing calibrated (strokes)
+    calibrated = dataclasses.replace(head, provenance={"calibrated_threshold": 0.45, "calibrated_smoothing_um": 4.0})
+    adapt.state.set_head(calibrated, "adapted")
+    assert adapt.head_label.text() == "head: background, gland (adapted) · threshold 0.45 · smoothing 4 µm"
+    adapt.state.set_head(None, "")
+    assert adapt.head_label.text() == "no head yet"
+
+
 def test_full_mode_adapts_decoder(viewer, qtbot, adapt, errors):
     small_demo(viewer)
     assert not adapt.settings.decoder_blocks.isEnabled() and adapt.settings.calibrate.isEnabled()
