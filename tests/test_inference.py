@@ -471,3 +471,9 @@ def test_tta_prediction_in_memory_and_streamed(backbone, head, image, tmp_path):
     run(predict_large(backbone, head, image, out_dir=tmp_path / "t.zarr", mpp=0.5, tiling=tiling))
     root = zarr.open_group(str(tmp_path / "t.zarr"), mode="r")
     assert (root["semantic"][:] == mem.semantic).mean() > 0.999
+    # with a calibrated smoothing of the class decision, the variants of its smoothed map are averaged alike
+    smooth = dataclasses.replace(head, provenance={"calibrated_smoothing_um": 2.0, "calibrated_threshold": 0.5})
+    sm, _ = run(predict(backbone, smooth, image, mpp=0.5, tiling=tiling))
+    run(predict_large(backbone, smooth, image, out_dir=tmp_path / "ts.zarr", mpp=0.5, tiling=tiling))
+    assert (zarr.open_group(str(tmp_path / "ts.zarr"), mode="r")["semantic"][:] == sm.semantic).mean() > 0.999
+    np.testing.assert_allclose(sm.probs, mem.probs, atol=1e-6)  # the probabilities are not smoothed
