@@ -513,6 +513,9 @@ def cli_cases(fx: Fixtures) -> list[CliCase]:
             CliCase("`predict`: --roi with R1 <= R0", ["predict", str(fx.png), "--head", head, "--roi", "9,0,4,8", *p]),
             CliCase("`predict`: --roi with --objects", ["predict", str(fx.png), "--head", head, "--roi", "0,0,8,8",
                                                        "--objects", *p]),
+            CliCase("`predict`: --roi negative", ["predict", str(fx.png), "--head", head, "--roi=-1,0,4,8", *p]),
+            CliCase("`predict`: --tta 3 (not 1, 2, 4 or 8)", ["predict", str(fx.png), "--head", head, "--tta", "3",
+                                                              *p]),
         ]
     return cases
 
