@@ -60,6 +60,21 @@ def dev_draws(tasks: str, draws: int):
             yield task, d, ds, [ds.load(i) for i in ids[:k]], [ds.load(i) for i in ids[k:k + nq]]
 
 
+def adapt_binary_cached(bb, sup, cfg: MAMLConfig):
+    """The default head-only adaptation of ``pipeline.adapt`` for a two-class task on ``cached`` support features
+    (same pixel sampling, start and inner loop): ``(head template, fast weights, pixel features x, labels y)``."""
+    balance = support_balance(cfg, [lab for _, lab, _ in sup], 2)
+    xs, ys = zip(*[pixel_support(f[None], torch.from_numpy(lab)[None], 2, max_pixels=cfg.max_support_pixels
+                                 // len(sup), seed=cfg.seed + i, stratified=balance)
+                   for i, (f, lab, _) in enumerate(sup)], strict=True)
+    x, y = torch.cat(xs), torch.cat(ys)
+    head = PixelHead(bb.model.backbone.out_channels, 2, bb.model.cfg.head_hidden)
+    init = {k.split("heads.user.")[1]: v for k, v in initial_head(bb, 2, seed=cfg.seed).items()}
+    fast = run(adapt_head_on_pixels(head, init, x, y, n_classes=2, steps=cfg.steps, lr=cfg.inner_lr,
+                                    balance=balance, lrs=_learned_lrs(bb, init, cfg)))
+    return head, fast, x, y
+
+
 def cached(bb, samples):
     out = []
     for s in samples:

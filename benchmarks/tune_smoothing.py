@@ -22,23 +22,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from tune_adapt import cached, dev_args, dev_draws  # noqa: E402
+from tune_adapt import adapt_binary_cached, cached, dev_args, dev_draws  # noqa: E402
 
 from napari_metahistoseg.config import MAMLConfig  # noqa: E402
 from napari_metahistoseg.inference import _resize_maps, decide  # noqa: E402
-from napari_metahistoseg.maml import adapt_head_on_pixels, head_pixel_logits, pixel_support, run  # noqa: E402
+from napari_metahistoseg.maml import head_pixel_logits  # noqa: E402
 from napari_metahistoseg.metrics import ConfusionAccumulator  # noqa: E402
-from napari_metahistoseg.models import PixelHead  # noqa: E402
 from napari_metahistoseg.pipeline import (  # noqa: E402
-    _learned_lrs,
     calibrate_smoothing,
     calibrate_threshold,
     calibrates,
     calibration_window,
     gaussian_smooth,
-    initial_head,
     load_backbone,
-    support_balance,
 )
 
 
@@ -46,15 +42,7 @@ def unit(bb, sup, qry, cfg: MAMLConfig) -> dict:
     labels = [lab for _, lab, _ in sup]
     if not calibrates(cfg, labels, 2):
         return {}
-    balance = support_balance(cfg, labels, 2)
-    xs, ys = zip(*[pixel_support(f[None], torch.from_numpy(lab)[None], 2, max_pixels=cfg.max_support_pixels
-                                 // len(sup), seed=cfg.seed + i, stratified=balance)
-                   for i, (f, lab, _) in enumerate(sup)], strict=True)
-    x, y = torch.cat(xs), torch.cat(ys)
-    head = PixelHead(bb.model.backbone.out_channels, 2, bb.model.cfg.head_hidden)
-    init = {k.split("heads.user.")[1]: v for k, v in initial_head(bb, 2, seed=cfg.seed).items()}
-    fast = run(adapt_head_on_pixels(head, init, x, y, n_classes=2, steps=cfg.steps, lr=cfg.inner_lr,
-                                    balance=balance, lrs=_learned_lrs(bb, init, cfg)))
+    head, fast, x, y = adapt_binary_cached(bb, sup, cfg)
     t = calibrate_threshold(head, fast, x, y, cfg)
     s = calibrate_smoothing(head, fast, [calibration_window(f, lab, cfg.calibration_window_px) for f, lab, _ in sup],
                             t, cfg, bb.mpp)
