@@ -177,6 +177,17 @@ def tta_forward(fwd: Callable[[torch.Tensor], dict[str, torch.Tensor]], variants
     return averaged
 
 
+def _decision_smoothing_px(head: AdaptedHead, backbone: Backbone, tiling: TilingConfig) -> float:
+    """The class decision's smoothing sigma in model pixels (each tile is smoothed on its own: a kernel reaching
+    beyond the tile halo may leave seams, which is logged)."""
+    sigma = head.smoothing_um / backbone.mpp
+    if sigma > 0 and math.ceil(3 * sigma) > tiling.halo_px:
+        log.warning("the head's decision smoothing (%.1f µm = %.1f model px) reaches beyond the %d px tile halo: "
+                    "seams are possible; raise TilingConfig.halo_px to %d", head.smoothing_um, sigma, tiling.halo_px,
+                    math.ceil(3 * sigma))
+    return sigma
+
+
 def predict(
     backbone: Backbone,
     head: AdaptedHead,
@@ -210,7 +221,7 @@ def predict(
     n_cls = len(head.classes)
     channels = {"seg": n_cls}
     acts = {"seg": lambda t: t.softmax(1)}
-    smooth_px = head.smoothing_um / backbone.mpp  # the class decision's smoothing, at model resolution
+    smooth_px = _decision_smoothing_px(head, backbone, tiling)
     if smooth_px > 0:
         channels["dec"] = n_cls
     has_nc = instances and getattr(model.heads["hover"], "nc", None) is not None
@@ -555,7 +566,7 @@ def _predict_large(backbone, head, image, out, mpp, devs, tiling, instances, hov
     H, W = image.height, image.width
     model = _inference_model(backbone, head, tiling)
     has_nc = instances and getattr(model.heads["hover"], "nc", None) is not None
-    smooth_px = head.smoothing_um / backbone.mpp
+    smooth_px = _decision_smoothing_px(head, backbone, tiling)
     fwds = [tta_forward(_forward_for(m, instances, np_source, has_nc, smooth_px), tiling.tta_variants)
             for m in _replicas(model, devs)]
     channels = {"seg": len(head.classes), **({"dec": len(head.classes)} if smooth_px > 0 else {})}

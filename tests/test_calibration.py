@@ -172,7 +172,7 @@ def test_smoothing_calibration_follows_the_support():
         MAMLConfig(calibration_window_px=4)
 
 
-def test_adapt_records_the_smoothing_and_predictions_use_it(backbone, tmp_path):
+def test_adapt_records_the_smoothing_and_predictions_use_it(backbone, tmp_path, caplog):
     tile = synthetic_tile((96, 96), seed=3, mpp=0.5)
     dense = (tile.semantic > 0).astype(np.uint8)
     head = run(adapt(backbone, [tile.image], [dense], ["background", "nucleus"], cfg=MAMLConfig(steps=3)))
@@ -196,5 +196,8 @@ def test_adapt_records_the_smoothing_and_predictions_use_it(backbone, tmp_path):
     assert np.array_equal(streamed, tiled.semantic)  # same tiles, same smoothing: identical
     head.save(tmp_path / "h")
     assert AdaptedHead.load(tmp_path / "h", backbone).smoothing_um == 2.0  # exported heads keep it
+    with caplog.at_level("WARNING", logger="napari_metahistoseg.inference"):  # 3 sigma = 12 px > an 8 px halo
+        run(predict(backbone, head, tile.image, instances=False, tiling=TilingConfig(tile_px=64, halo_px=8)))
+    assert "beyond the 8 px tile halo" in caplog.text
     three = AdaptedHead(["a", "b", "c"], {}, "x", MAMLConfig(), 0.5, {"calibrated_smoothing_um": 2.0})
     assert three.smoothing_um == 0.0  # two-class heads only
