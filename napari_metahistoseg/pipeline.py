@@ -418,13 +418,13 @@ def calibrate_smoothing(head: torch.nn.Module, fast: dict[str, torch.Tensor],
         return 0.0
     th = 0.5 if threshold is None else threshold
     counts = np.zeros((len(sigmas), 4))
+    dev = next(iter(fast.values())).device
     with torch.no_grad():
         for feats, lab in windows:
             known = lab != IGNORE
             if not known.any():
                 continue
             f = feats.float()
-            dev = next(iter(fast.values())).device
             logits = head_pixel_logits(head, fast, f.reshape(f.shape[0], -1).t().to(dev))
             fg = logits.softmax(1)[:, 1].reshape(1, 1, *f.shape[1:]).cpu()  # smoothing is linear: p0 = 1 - p1
             truth = lab[known].astype(bool)
