@@ -62,10 +62,17 @@ from napari_metahistoseg.data import open_dataset  # noqa: E402
 from napari_metahistoseg.data.points import points_to_masks  # noqa: E402
 from napari_metahistoseg.data.task import IGNORE, Sample  # noqa: E402
 from napari_metahistoseg.evaluation import SCRATCH, _is_nuclear, evaluate  # noqa: E402
-from napari_metahistoseg.inference import Prediction, _resize_maps, decide, detect_points, predict  # noqa: E402
-from napari_metahistoseg.maml import adapt_head_on_pixels, pixel_support, run  # noqa: E402
+from napari_metahistoseg.inference import (  # noqa: E402
+    Prediction,
+    _resize_maps,
+    decide,
+    detect_points,
+    head_input,
+    predict,
+)
+from napari_metahistoseg.maml import run  # noqa: E402
 from napari_metahistoseg.metrics import ConfusionAccumulator, aji, detection_scores, panoptic_quality  # noqa: E402
-from napari_metahistoseg.models import PixelHead  # noqa: E402
+from napari_metahistoseg.models import to_tensor_image  # noqa: E402
 from napari_metahistoseg.pipeline import (  # noqa: E402
     CONTEXT_PX,
     TASK,
@@ -73,17 +80,16 @@ from napari_metahistoseg.pipeline import (  # noqa: E402
     Backbone,
     _crop_to_labels,
     _features,
-    _learned_lrs,
     adapt,
-    calibrate_smoothing,
-    calibrate_threshold,
     calibrates,
-    calibration_window,
+    fit_head,
     gaussian_smooth,
+    image_colour_stats,
     initial_head,
     load_backbone,
     rescale,
     support_balance,
+    support_part,
 )
 from napari_metahistoseg.postprocess import HoVerPostProcessor, object_instances  # noqa: E402
 
@@ -284,42 +290,40 @@ def can_use_cache(bb: Backbone, supports: list[Sample], labels: list[np.ndarray]
     return True
 
 
+def _model_image(bb: Backbone, s: Sample) -> np.ndarray:
+    return rescale(s.image, (s.mpp or bb.mpp) / bb.mpp, order=1)
+
+
 def adapt_cached(bb: Backbone, feats: list[torch.Tensor], labels: list[np.ndarray], classes: list[str],
-                 cfg: MAMLConfig) -> AdaptedHead:
-    """``pipeline.adapt`` head-only on cached whole-image features (same sampling, init and inner loop)."""
+                 cfg: MAMLConfig, samples: list[Sample]) -> AdaptedHead:
+    """``pipeline.adapt`` head-only on cached whole-image features: the library's own per-image support step and
+    head fit (``pipeline.support_part``, ``fit_head``: same sampling, colour inputs, init, inner loop and
+    calibrations)."""
     n_cls = len(classes)
     balance = support_balance(cfg, labels, n_cls)
-    xs, ys = [], []
-    for i, (f, lab) in enumerate(zip(feats, labels, strict=True)):
-        x, y = pixel_support(f[None], torch.from_numpy(lab)[None], n_cls,
-                             max_pixels=max(1, cfg.max_support_pixels // len(feats)), seed=cfg.seed + i,
-                             stratified=balance)
-        xs.append(x)
-        ys.append(y)
-    start = initial_head(bb, n_cls, seed=cfg.seed)
-    prefix = f"heads.{TASK}."
-    init = {k[len(prefix):]: v.detach().clone() for k, v in start.items() if k.startswith(prefix)}
-    template = PixelHead(bb.model.backbone.out_channels, n_cls, bb.model.cfg.head_hidden)
-    x, y = torch.cat(xs), torch.cat(ys)
-    fast = run(adapt_head_on_pixels(template, init, x, y, n_classes=n_cls, steps=cfg.steps,
-                                    lr=cfg.inner_lr, first_order=True, balance=balance,
-                                    lrs=_learned_lrs(bb, init, cfg), devices=[torch.device("cpu")]))
     calibrating = calibrates(cfg, labels, n_cls)
-    threshold = calibrate_threshold(template, fast, x, y, cfg) if calibrating else None
-    smoothing = (calibrate_smoothing(template, fast, [calibration_window(f, lab, cfg.calibration_window_px)
-                                                      for f, lab in zip(feats, labels, strict=True)],
-                                     threshold, cfg, bb.mpp) if calibrating and cfg.calibrate_smoothing else None)
-    return AdaptedHead(list(classes), {prefix + k: v.detach().cpu() for k, v in fast.items()}, bb.sha256, cfg,
+    sig_um = tuple(cfg.colour_sigmas_um) if cfg.colour_features and cfg.adapt == "head" else ()
+    parts = [support_part(bb, f, _model_image(bb, s) if sig_um else None, lab, i, len(feats), n_cls, cfg, balance,
+                          calibrating, image_colour_stats(s.image) if sig_um else None, sig_um)
+             for i, (f, lab, s) in enumerate(zip(feats, labels, samples, strict=True))]
+    fast, threshold, smoothing, sig_um, check = run(fit_head(bb, parts, n_cls, initial_head(bb, n_cls, seed=cfg.seed),
+                                                             cfg, [torch.device("cpu")], balance, calibrating, sig_um,
+                                                             time.time()))
+    return AdaptedHead(list(classes), {k: v.detach().cpu() for k, v in fast.items()}, bb.sha256, cfg,
                        bb.mpp, {"backbone": bb.name, "cached_features": True, "calibrated_threshold": threshold,
-                                "calibrated_smoothing_um": smoothing})
+                                "calibrated_smoothing_um": smoothing, "colour_sigmas_um": list(sig_um) or None,
+                                "colour_check_miou": check})
 
 
-def predict_cached(model: torch.nn.Module, feats: torch.Tensor, s: Sample, bb: Backbone, classes: list[str],
-                   nuclear: bool, threshold: float | None = None, smoothing_um: float = 0.0) -> Prediction:
+def predict_cached(model: torch.nn.Module, feats: torch.Tensor, s: Sample, bb: Backbone, head: AdaptedHead,
+                   nuclear: bool) -> Prediction:
     """``inference.predict`` with the head applied to cached features (``np_source="adapted"``); the class decision
     smoothed over the whole image at once (``predict`` smooths each tile: equal away from tile borders)."""
+    classes, threshold, smoothing_um = head.classes, head.threshold, head.smoothing_um
     with torch.inference_mode():
-        model_probs = model.heads[TASK](feats[None])["seg"].softmax(1)
+        colour = head.colour_input(bb, image_colour_stats(s.image) if head.colour_sigmas_um else None)
+        model_probs = model.heads[TASK](head_input(feats[None], to_tensor_image(_model_image(bb, s)),
+                                                   colour))["seg"].softmax(1)
         probs = _resize_maps(model_probs[0].numpy(), s.shape)
         dec = _resize_maps(gaussian_smooth(model_probs, smoothing_um / bb.mpp)[0].numpy(), s.shape) \
             if smoothing_um > 0 else probs
@@ -410,15 +414,14 @@ class Runner:
             feats = [self.cache.get(bb, td.name, s) for s in sups]
             t0 = time.time()
             labs = [_model_labels(bb, s, lab) for s, lab in zip(sups, labels, strict=True)]
-            head = adapt_cached(bb, feats, labs, classes, cfg)
+            head = adapt_cached(bb, feats, labs, classes, cfg, sups)
         else:
             head = run(adapt(bb, [s.image for s in sups], labels, classes, mpp=[s.mpp for s in sups], cfg=cfg))
         out: dict = {"adapt_seconds": time.time() - t0}
         if method in HEAD_ONLY:
             model = head.module_for(bb)
             for q in qrys:
-                out[q.sample_id] = predict_cached(model, self.cache.get(bb, td.name, q), q, bb, classes, nuclear,
-                                                  head.threshold, head.smoothing_um)
+                out[q.sample_id] = predict_cached(model, self.cache.get(bb, td.name, q), q, bb, head, nuclear)
         else:
             for q in qrys:
                 out[q.sample_id] = run(predict(bb, head, q.image, mpp=q.mpp, instances=nuclear))
@@ -511,12 +514,11 @@ def consistency_check(runner: Runner, td: TaskData, max_query: int, fixed: list[
     classes = list(td.ds.class_names)
     cfg = MAMLConfig()
     ref = run(adapt(bb, [s.image], labels, classes, mpp=[s.mpp], cfg=cfg))
-    mine = adapt_cached(bb, [runner.cache.get(bb, td.name, s)], [_model_labels(bb, s, labels[0])], classes, cfg)
+    mine = adapt_cached(bb, [runner.cache.get(bb, td.name, s)], [_model_labels(bb, s, labels[0])], classes, cfg, [s])
     head_diff = max(float((ref.state[k] - mine.state[k]).abs().max()) for k in ref.state)
     nuclear = td.ds.kind != "points" and _is_nuclear([s])
     p_ref = run(predict(bb, ref, q.image, mpp=q.mpp, instances=nuclear))
-    p_mine = predict_cached(mine.module_for(bb), runner.cache.get(bb, td.name, q), q, bb, classes, nuclear,
-                            mine.threshold, mine.smoothing_um)
+    p_mine = predict_cached(mine.module_for(bb), runner.cache.get(bb, td.name, q), q, bb, mine, nuclear)
     out = {"task": td.name, "support": sup, "query0": qry[0], "head_max_abs_diff": head_diff,
            "thresholds": [ref.threshold, mine.threshold], "smoothings_um": [ref.smoothing_um, mine.smoothing_um],
            "prob_max_abs_diff": float(np.abs(p_ref.probs - p_mine.probs).max()),

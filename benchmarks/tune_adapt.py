@@ -61,8 +61,10 @@ def dev_draws(tasks: str, draws: int):
 
 
 def adapt_binary_cached(bb, sup, cfg: MAMLConfig):
-    """The default head-only adaptation of ``pipeline.adapt`` for a two-class task on ``cached`` support features
-    (same pixel sampling, start and inner loop): ``(head template, fast weights, pixel features x, labels y)``."""
+    """The head-only adaptation of ``pipeline.adapt`` for a two-class task on ``cached`` support features (same pixel
+    sampling, start and inner loop) on the backbone's features only — the head of sessions 6–7, on which the
+    threshold and smoothing sweeps were run (``MAMLConfig.colour_features``, session 8, is measured end to end by
+    ``tune_colour.py``): ``(head template, fast weights, pixel features x, labels y)``."""
     balance = support_balance(cfg, [lab for _, lab, _ in sup], 2)
     xs, ys = zip(*[pixel_support(f[None], torch.from_numpy(lab)[None], 2, max_pixels=cfg.max_support_pixels
                                  // len(sup), seed=cfg.seed + i, stratified=balance)

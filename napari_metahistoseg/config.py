@@ -84,10 +84,29 @@ class MAMLConfig:
     # favour smoothing a little (MoNuSeg: +0.005 there, -0.026 on the queries); the gains that carried over to the
     # queries were +0.011 to +0.026 on the support (GlaS, BM-Graz)
     smoothing_min_gain: float = 0.01
+    # head mode: the head also sees the image's colour (RGB and haematoxylin/eosin optical density, standardised by
+    # the image's own statistics so a lab's stain shift cancels, each Gaussian-smoothed at colour_sigmas_um) next
+    # to the backbone's features; those weights start at 0 (the meta-learned head is unchanged) and take
+    # colour_lr_scale x the head's step size. Measured on the dev data (BENCHMARKS.md, "Adaptation defaults":
+    # colour inputs): BM-Graz cells, which the backbone never saw, +0.02-0.03 mIoU; the trained tasks unchanged
+    colour_features: bool = True
+    colour_sigmas_um: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0)  # keep 3 sigma within the tile halo
+    colour_lr_scale: float = 10.0
+    # ... and they are kept only if a head with them beats one without by colour_min_gain mIoU in a two-fold
+    # cross-check on the support (pipeline.colour_check: support images split by parity, one image by its halves)
+    colour_check: bool = True
+    colour_min_gain: float = 0.0
 
     def __post_init__(self) -> None:
         if not (self.smoothing_um and all(isinstance(v, (int, float)) and v >= 0 for v in self.smoothing_um)):
             raise ValueError(f"MAMLConfig.smoothing_um must be one or more sigmas >= 0 (µm), got {self.smoothing_um!r}")
+        if not (self.colour_sigmas_um and all(isinstance(v, (int, float)) and v >= 0 for v in self.colour_sigmas_um)):
+            raise ValueError("MAMLConfig.colour_sigmas_um must be one or more sigmas >= 0 (µm), got "
+                             f"{self.colour_sigmas_um!r}")
+        if not -1.0 <= self.colour_min_gain <= 1.0:
+            raise ValueError(f"MAMLConfig.colour_min_gain must be in [-1, 1], got {self.colour_min_gain!r}")
+        if not self.colour_lr_scale > 0:
+            raise ValueError(f"MAMLConfig.colour_lr_scale must be > 0, got {self.colour_lr_scale!r}")
         if not 0.0 <= self.smoothing_min_gain <= 1.0:
             raise ValueError(f"MAMLConfig.smoothing_min_gain must be in [0, 1], got {self.smoothing_min_gain!r}")
         if not (isinstance(self.calibration_window_px, int) and self.calibration_window_px >= 16):

@@ -30,7 +30,7 @@ import torch
 from .config import HoVerPostConfig, ObjectPostConfig, PointsConfig, TilingConfig, to_dict
 from .data.io import to_rgb_uint8
 from .devices import resolve_devices
-from .pipeline import AdaptedHead, Backbone, _check_mpp, gaussian_smooth, rescale
+from .pipeline import AdaptedHead, Backbone, _check_mpp, gaussian_smooth, image_colour_stats, rescale
 from .postprocess import (
     OBJECT_COLUMNS,
     CoarseObjects,
@@ -218,6 +218,7 @@ def predict(
     small = rescale(image, f, order=1)
     model = _inference_model(backbone, head, tiling)
     reps = _replicas(model, devs)
+    colour = head.colour_input(backbone, image_colour_stats(image) if head.colour_sigmas_um else None)
     n_cls = len(head.classes)
     channels = {"seg": n_cls}
     acts = {"seg": lambda t: t.softmax(1)}
@@ -235,7 +236,7 @@ def predict(
     def fwd_for(m):
         def fwd(x: torch.Tensor) -> dict[str, torch.Tensor]:
             feats = m.features(x)
-            out = dict(m.heads["user"](feats))
+            out = dict(m.heads["user"](head_input(feats, x, colour)))
             if smooth_px > 0:  # smoothed probabilities for the class decision (as the streamed path)
                 out["dec"] = gaussian_smooth(out["seg"].float().softmax(1), smooth_px)
             if instances:
@@ -373,10 +374,17 @@ def nuclei_centroids(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
 # ------------------------------------------------------------------------------------------ streamed
 
 
-def _forward_for(m: torch.nn.Module, instances: bool, np_source: str, nc: bool, smooth_px: float = 0.0) -> Callable:
+def head_input(feats: torch.Tensor, x: torch.Tensor, colour: Callable | None) -> torch.Tensor:
+    """What the adapted head sees: the backbone's features of the tile ``x``, and its colour inputs when the head
+    has them (``colour``: :meth:`.pipeline.AdaptedHead.colour_input`)."""
+    return feats if colour is None else torch.cat([feats, colour(x).to(feats.dtype)], 1)
+
+
+def _forward_for(m: torch.nn.Module, instances: bool, np_source: str, nc: bool, smooth_px: float = 0.0,
+                 colour: Callable | None = None) -> Callable:
     def fwd(x: torch.Tensor) -> dict[str, torch.Tensor]:
         feats = m.features(x)
-        seg = m.heads["user"](feats)["seg"].float().softmax(1)
+        seg = m.heads["user"](head_input(feats, x, colour))["seg"].float().softmax(1)
         out = {"seg": seg}
         if smooth_px > 0:
             out["dec"] = gaussian_smooth(seg, smooth_px)
@@ -567,7 +575,8 @@ def _predict_large(backbone, head, image, out, mpp, devs, tiling, instances, hov
     model = _inference_model(backbone, head, tiling)
     has_nc = instances and getattr(model.heads["hover"], "nc", None) is not None
     smooth_px = _decision_smoothing_px(head, backbone, tiling)
-    fwds = [tta_forward(_forward_for(m, instances, np_source, has_nc, smooth_px), tiling.tta_variants)
+    colour = head.colour_input(backbone, image_colour_stats(image) if head.colour_sigmas_um else None)
+    fwds = [tta_forward(_forward_for(m, instances, np_source, has_nc, smooth_px, colour), tiling.tta_variants)
             for m in _replicas(model, devs)]
     channels = {"seg": len(head.classes), **({"dec": len(head.classes)} if smooth_px > 0 else {})}
     arrays = {"semantic": ((), "uint8")}

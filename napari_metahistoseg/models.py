@@ -9,6 +9,8 @@ part of the backbone so callers never need to know it. H and W are padded to a m
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -148,11 +150,12 @@ class MetaHistoSegNet(nn.Module):
         if hover_types is not None:
             self.heads["hover"] = HoVerHead(self.backbone.out_channels, cfg.head_hidden, hover_types)
 
-    def add_head(self, task: str, n_classes: int) -> PixelHead:
-        """Create (or replace) the semantic head of ``task`` sized to ``n_classes``."""
+    def add_head(self, task: str, n_classes: int, extra_inputs: int = 0) -> PixelHead:
+        """Create (or replace) the semantic head of ``task`` sized to ``n_classes``; ``extra_inputs``: channels the
+        head takes after the decoder features (:func:`colour_channels`)."""
         if n_classes < 2:
             raise ValueError(f"task {task!r} needs at least 2 classes, got {n_classes}")
-        head = PixelHead(self.backbone.out_channels, n_classes, self.cfg.head_hidden)
+        head = PixelHead(self.backbone.out_channels + extra_inputs, n_classes, self.cfg.head_hidden)
         self.heads[task] = head
         return head
 
@@ -200,3 +203,40 @@ def to_tensor_image(images, device: torch.device | str = "cpu") -> torch.Tensor:
     if t.ndim == 3:
         t = t[None]
     return t.to(device).permute(0, 3, 1, 2).float().div_(255.0).contiguous()
+
+
+def gaussian_smooth(t: torch.Tensor, sigma_px: float) -> torch.Tensor:
+    """Maps ``(N, C, H, W)`` smoothed per channel by a Gaussian of ``sigma_px`` (separable, truncated at 3 sigma,
+    edges replicated); ``sigma_px <= 0`` returns ``t``. Isotropic, so it commutes with flips and transposes."""
+    if sigma_px <= 0:
+        return t
+    r = max(1, math.ceil(3 * sigma_px))
+    k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=t.dtype, device=t.device) / sigma_px) ** 2)
+    k = k / k.sum()
+    c = t.shape[1]
+    t = F.conv2d(F.pad(t, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
+    return F.conv2d(F.pad(t, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
+
+
+# Ruifrok & Johnston's H&E(-DAB) optical-density vectors (rows: haematoxylin, eosin, DAB), as in
+# skimage.color.rgb2hed; the colour channels keep the first two stains
+_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=torch.float64)
+HED_FROM_OD = torch.linalg.inv(_HED)[:, :2].float()  # (3 OD, 2 stains)
+COLOUR_BASE = ("red", "green", "blue", "haematoxylin", "eosin")  # the channels before smoothing
+
+
+def colour_base(x: torch.Tensor) -> torch.Tensor:
+    """``(B, 5, H, W)``: RGB in [0, 1] and the haematoxylin and eosin optical densities of ``x (B, 3, H, W)``."""
+    od = -torch.log(x.float().clamp_min(1 / 255))
+    hed = torch.einsum("bchw,cs->bshw", od, HED_FROM_OD.to(x.device))
+    return torch.cat([x.float(), hed], 1)
+
+
+def colour_channels(x: torch.Tensor, stats: torch.Tensor, sigmas_px) -> torch.Tensor:
+    """The colour inputs of a head (``MAMLConfig.colour_features``): :func:`colour_base` of ``x (B, 3, H, W)``
+    standardised by the image's ``stats (2, 5)`` (means, standard deviations; :func:`image_colour_stats` of
+    pipeline), then Gaussian-smoothed at each of ``sigmas_px`` (0 = as is): ``(B, 5 * len(sigmas_px), H, W)``.
+    Per-pixel up to the smoothing, which reaches ``3 * max(sigmas_px)`` pixels: tiles with a larger halo agree."""
+    stats = stats.to(x.device, torch.float32)
+    base = (colour_base(x) - stats[0].view(1, -1, 1, 1)) / stats[1].view(1, -1, 1, 1)
+    return torch.cat([gaussian_smooth(base, s) for s in sigmas_px], 1)

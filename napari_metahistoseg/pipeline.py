@@ -29,7 +29,16 @@ from .data.io import to_rgb_uint8
 from .data.task import IGNORE
 from .devices import resolve_devices
 from .maml import adapt_head_on_pixels, balanced_weights, head_pixel_logits, inner_loop, pixel_support, relay
-from .models import MetaHistoSegNet, PixelHead, adapted_param_names
+from .models import (
+    COLOUR_BASE,
+    MetaHistoSegNet,
+    PixelHead,
+    adapted_param_names,
+    colour_base,
+    colour_channels,
+    gaussian_smooth,
+    to_tensor_image,
+)
 from .resilience import oom_fallback_gen
 from .tiling import predict_tiled
 
@@ -39,6 +48,10 @@ WEIGHTS = Path(__file__).parent / "weights"
 TASK = "user"  # key of the adapted head inside the model's ModuleDict
 GENERIC = "generic"
 CONTEXT_PX = 48  # context kept around labelled pixels when cropping the support (model pixels)
+COLOUR_STATS_ALL_PX = 4_000_000  # images up to this size: colour statistics over every pixel
+COLOUR_STATS_WINDOWS = 64  # larger images (slides): over this many windows on a regular grid
+COLOUR_STATS_WINDOW_PX = 256
+__all__ = ["gaussian_smooth"]  # re-exported (it lives in models, next to the colour inputs that use it)
 _BACKBONES: dict[str, Backbone] = {}
 
 
@@ -109,6 +122,23 @@ class AdaptedHead:
         s = self.provenance.get("calibrated_smoothing_um")
         return float(s) if s is not None and len(self.classes) == 2 else 0.0
 
+    @property
+    def colour_sigmas_um(self) -> tuple[float, ...]:
+        """Sigmas (µm) of the head's colour inputs (:func:`.models.colour_channels`; empty: the head sees the
+        backbone's features only — heads of ``colour_features=False`` and of before session 8); in the
+        provenance, so exported heads keep it."""
+        return tuple(float(v) for v in self.provenance.get("colour_sigmas_um") or ())
+
+    def colour_input(self, backbone: Backbone, stats: torch.Tensor | None):
+        """``x (B, 3, h, w) -> colour channels`` at the backbone's resolution for an image of colour ``stats``
+        (:func:`image_colour_stats`), or None when the head has no colour inputs."""
+        if not self.colour_sigmas_um:
+            return None
+        if stats is None:
+            raise ValueError("this head sees the image's colour: its statistics (image_colour_stats) are needed")
+        sig = [v / backbone.mpp for v in self.colour_sigmas_um]
+        return lambda x: colour_channels(x, stats, sig)
+
     def save(self, path: str | Path) -> tuple[Path, Path]:
         prov = {**self.provenance, "maml": to_dict(self.maml), "mpp": self.mpp}
         return export_head(path, self.state, backbone_sha=self.backbone_sha256, classes=self.classes,
@@ -127,7 +157,7 @@ class AdaptedHead:
     def module_for(self, backbone: Backbone) -> MetaHistoSegNet:
         """A copy of the backbone model with this head (and any adapted backbone tensors) loaded."""
         model = copy.deepcopy(backbone.model)
-        model.add_head(TASK, len(self.classes))
+        model.add_head(TASK, len(self.classes), extra_inputs=len(COLOUR_BASE) * len(self.colour_sigmas_um))
         own = model.state_dict()
         for k, v in self.state.items():
             if k not in own or own[k].shape != v.shape:
@@ -193,6 +223,24 @@ def array_sha256(a: np.ndarray) -> str:
     h = hashlib.sha256(f"{a.shape}|{a.dtype.str}|".encode())
     h.update(a.reshape(-1).view(np.uint8))
     return h.hexdigest()
+
+
+def image_colour_stats(image) -> torch.Tensor:
+    """Means and standard deviations ``(2, 5)`` of the :func:`.models.colour_base` channels of an RGB uint8 image
+    ``(H, W, 3)`` — an array or a :class:`.slide.LazyImage` — at its own resolution: over every pixel up to
+    ``COLOUR_STATS_ALL_PX``, else over ``COLOUR_STATS_WINDOWS`` windows on a regular grid (a slide is never read
+    whole). The same rule for an array and the slide it came from, so streamed and in-memory predictions agree."""
+    h, w = image.shape[:2]
+    if h * w <= COLOUR_STATS_ALL_PX:
+        parts = [np.asarray(image[:, :])]
+    else:
+        n, side = math.ceil(math.sqrt(COLOUR_STATS_WINDOWS)), COLOUR_STATS_WINDOW_PX
+        rows = np.linspace(0, max(0, h - side), n).astype(int)
+        cols = np.linspace(0, max(0, w - side), n).astype(int)
+        parts = [np.asarray(image[r:r + side, c:c + side]) for r in rows for c in cols]
+    px = torch.from_numpy(np.concatenate([p.reshape(-1, 3) for p in parts]).astype(np.float32) / 255.0)
+    base = colour_base(px.t().reshape(1, 3, -1, 1))[0, :, :, 0].double()
+    return torch.stack([base.mean(1), base.std(1).clamp_min(1e-3)]).float()
 
 
 def _crop_to_labels(image: np.ndarray, lab: np.ndarray, margin: int) -> tuple[np.ndarray, np.ndarray]:
@@ -271,6 +319,14 @@ def adapt(
         raise ValueError(f"{len(mpps)} mpp values for {len(images)} support images")
     for i, m in enumerate(mpps):
         _check_mpp(m, f"support image {i}")
+    if init is not None and init.colour_sigmas_um:
+        sigmas_um = init.colour_sigmas_um  # a head with colour inputs stays one
+    else:
+        sigmas_um = tuple(cfg.colour_sigmas_um) if cfg.colour_features and cfg.adapt == "head" else ()
+    if sigmas_um and cfg.adapt != "head":
+        raise ValueError(f"the starting head has colour inputs: it can be adapted in head mode only, not "
+                         f"{cfg.adapt!r}")
+    stats = [image_colour_stats(im) for im in images] if sigmas_um else [None] * len(images)
     sup = []
     for im, lab, m in zip(images, labels, mpps, strict=True):
         f = (m or backbone.mpp) / backbone.mpp
@@ -281,10 +337,10 @@ def adapt(
         raise ValueError(f"the starting head has {len(init.classes)} classes, the support names {len(classes)}")
     t0 = time.time()
     balance = support_balance(cfg, [lab for _, lab in sup], len(classes))
-    threshold = smoothing = None
+    threshold = smoothing = check = None
     if cfg.adapt == "head":
-        fast, threshold, smoothing = yield from _adapt_head(backbone, sup, len(classes), start, cfg, devs, tiling, t0,
-                                                            balance)
+        fast, threshold, smoothing, sigmas_um, check = yield from _adapt_head(
+            backbone, sup, len(classes), start, cfg, devs, tiling, t0, balance, stats, sigmas_um)
     else:
         fast = yield from _adapt_full(backbone, sup, len(classes), start, cfg, devs, t0, balance)
     prov = {"support": [{"shape": list(im.shape[:2]), "labelled_px": int((lab != IGNORE).sum()),
@@ -294,6 +350,7 @@ def adapt(
             "devices": [str(d) for d in devs], "adapt_seconds": round(time.time() - t0, 3),
             "class_balance_used": balance, "calibrated_threshold": threshold,
             "calibrated_smoothing_um": smoothing,
+            "colour_sigmas_um": list(sigmas_um) or None, "colour_check_miou": check,
             "backbone": backbone.name}
     log.info("adapted %s on %s in %.2f s", cfg.adapt, [str(d) for d in devs], time.time() - t0)
     return AdaptedHead(list(classes), {k: v.detach().cpu() for k, v in fast.items()}, backbone.sha256, cfg,
@@ -320,9 +377,36 @@ def _progress(p: dict, t0: float, stage: str) -> dict:
     return {**p, "stage": stage, "elapsed_s": el, "eta_s": el / max(p["step"], 1) * (p["steps"] - p["step"])}
 
 
-def _adapt_head(backbone, sup, n_classes, start, cfg, devs, tiling, t0, balance) -> Generator[dict, None, dict]:
+def colour_support(im: np.ndarray, lab: np.ndarray, stats: torch.Tensor, sigmas_px: Sequence[float], n_classes: int,
+                   *, max_pixels: int, seed: int, stratified: bool) -> torch.Tensor:
+    """The colour inputs ``(P, 5 * len(sigmas_px))`` of the support pixels :func:`.maml.pixel_support` picks from
+    ``lab`` with the same arguments (same pixels, same order), one sigma at a time (a large support region never
+    holds all its colour channels at once)."""
+    x = to_tensor_image(im)
+    cols = []
+    for s in sigmas_px:
+        c, _ = pixel_support(colour_channels(x, stats, [s]), torch.from_numpy(lab)[None], n_classes,
+                             max_pixels=max_pixels, seed=seed, stratified=stratified)
+        cols.append(c)
+    return torch.cat(cols, 1)
+
+
+def colour_window(im: np.ndarray, stats: torch.Tensor, sigmas_px: Sequence[float], side: int) -> torch.Tensor:
+    """The colour inputs ``(5 * len(sigmas_px), h, w)`` of :func:`calibration_window`'s centre window of ``im``,
+    computed with ``3 * max(sigmas_px)`` pixels of context around it (as a tile's halo), float16."""
+    h, w = im.shape[:2]
+    r0, c0 = max(0, (h - side) // 2), max(0, (w - side) // 2)
+    r1, c1 = min(h, r0 + side), min(w, c0 + side)
+    m = math.ceil(3 * max(sigmas_px))
+    a0, b0 = max(0, r0 - m), max(0, c0 - m)
+    col = colour_channels(to_tensor_image(im[a0:min(h, r1 + m), b0:min(w, c1 + m)]), stats, sigmas_px)[0]
+    return col[:, r0 - a0:r1 - a0, c0 - b0:c1 - b0].to(torch.float16).clone()
+
+
+def _adapt_head(backbone, sup, n_classes, start, cfg, devs, tiling, t0, balance, stats, sigmas_um
+                ) -> Generator[dict, None, dict]:
     model = backbone.model
-    xs, ys, windows = [], [], []
+    parts = []
     calibrating = calibrates(cfg, [lab for _, lab in sup], n_classes)
     for i, (im, lab) in enumerate(sup):
         yield {"stage": "features", "step": i, "steps": len(sup), "elapsed_s": time.time() - t0}
@@ -330,25 +414,131 @@ def _adapt_head(backbone, sup, n_classes, start, cfg, devs, tiling, t0, balance)
         feats = yield from relay(_features(model, im, devs[i % len(devs)], tiling),
                                  lambda p, i=i: {"stage": "features", "step": i, "steps": len(sup), "tile": p["done"],
                                                  "tiles": p["total"], "elapsed_s": time.time() - t0})
-        x, y = pixel_support(feats[None], torch.from_numpy(lab)[None], n_classes,
-                             max_pixels=max(1, cfg.max_support_pixels // len(sup)), seed=cfg.seed + i,
-                             stratified=balance)
-        xs.append(x)
-        ys.append(y)
-        if calibrating and cfg.calibrate_smoothing:
-            windows.append(calibration_window(feats, lab, cfg.calibration_window_px))
-    x, y = torch.cat(xs).to(devs[0]), torch.cat(ys).to(devs[0])
-    template = PixelHead(model.backbone.out_channels, n_classes, model.cfg.head_hidden)
+        parts.append(support_part(backbone, feats, im, lab, i, len(sup), n_classes, cfg, balance, calibrating,
+                                  stats[i], sigmas_um))
+    return (yield from fit_head(backbone, parts, n_classes, start, cfg, devs, balance, calibrating, sigmas_um, t0))
+
+
+def support_part(backbone: Backbone, feats: torch.Tensor, im: np.ndarray, lab: np.ndarray, i: int, n_images: int,
+                 n_classes: int, cfg: MAMLConfig, balance: bool, calibrating: bool, stats: torch.Tensor | None,
+                 sigmas_um: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor, tuple | None, torch.Tensor]:
+    """What head adaptation keeps of support image ``i`` of ``n_images`` (model resolution: ``feats (F, H, W)``,
+    ``im``, ``lab``): its sampled pixels ``x (P, F [+ colour])``, ``y (P,)``, when the smoothing is calibrated its
+    calibration window, and the fold (0/1) of every pixel for :func:`colour_check` — image ``i``'s parity when
+    there are several support images, else its left or right half (columns split at the pixels' median); the
+    features themselves can then be freed."""
+    sig = [v / backbone.mpp for v in sigmas_um]
+    sample = {"max_pixels": max(1, cfg.max_support_pixels // n_images), "seed": cfg.seed + i, "stratified": balance}
+    x, y = pixel_support(feats[None], torch.from_numpy(lab)[None], n_classes, **sample)
+    if n_images > 1:
+        fold = torch.full((len(y),), i % 2, dtype=torch.int64)
+    else:  # the columns of the same sampled pixels (same labels and seed: same picks)
+        col = torch.arange(lab.shape[1], dtype=torch.float32).expand(1, 1, *lab.shape)
+        c = pixel_support(col, torch.from_numpy(lab)[None], n_classes, **sample)[0][:, 0]
+        fold = (c >= c.median()).long() if len(c) else torch.zeros(0, dtype=torch.int64)
+    if sig:
+        x = torch.cat([x, colour_support(im, lab, stats, sig, n_classes, **sample)], 1)
+    window = None
+    if calibrating and cfg.calibrate_smoothing:
+        f, wl = calibration_window(feats, lab, cfg.calibration_window_px)
+        if sig:
+            f = torch.cat([f, colour_window(im, stats, sig, cfg.calibration_window_px)])
+        window = (f, wl)
+    return x, y, window, fold
+
+
+def fit_head(backbone: Backbone, parts: Sequence[tuple], n_classes: int, start: dict[str, torch.Tensor],
+             cfg: MAMLConfig, devs: Sequence[torch.device], balance: bool, calibrating: bool,
+             sigmas_um: Sequence[float], t0: float, check: bool = True) -> Generator[dict, None, tuple]:
+    """The head's inner loop on the support pixels of :func:`support_part`, then the calibrations: ``(fast weights
+    named as in the model, threshold, smoothing, colour sigmas, colour check)``. Colour inputs (``sigmas_um``) of a
+    head that has none yet start with zero weights (the same head function) and take ``cfg.colour_lr_scale`` x its
+    step size; they are kept only if :func:`colour_check` finds that they help (``check`` and
+    ``cfg.colour_check``; a starting head that already has them keeps them)."""
+    model = backbone.model
+    x = torch.cat([p[0] for p in parts]).to(devs[0])
+    y = torch.cat([p[1] for p in parts]).to(devs[0])
+    fold = torch.cat([p[3] for p in parts]).to(devs[0])
+    windows = [p[2] for p in parts if p[2] is not None]
+    n_feat = model.backbone.out_channels
     prefix = f"heads.{TASK}."
     init = {k[len(prefix):]: v.detach().clone().to(devs[0]) for k, v in start.items() if k.startswith(prefix)}
-    lrs = _learned_lrs(backbone, init, cfg)
+    first = "net.0.weight"
+    scores = None
+    if sigmas_um and init[first].shape[1] == n_feat and check and cfg.colour_check:
+        scores = colour_check(backbone, x, y, fold, n_classes, init, cfg, balance)
+        if scores is not None and scores["colour"] - scores["features"] < cfg.colour_min_gain:
+            sigmas_um = ()
+            x = x[:, :n_feat]
+            windows = [(f[:n_feat], wl) for f, wl in windows]
+    template, init, lrs = _head_start(backbone, init, len(COLOUR_BASE) * len(sigmas_um), n_classes, cfg)
     gen = adapt_head_on_pixels(template, init, x, y, n_classes=n_classes, steps=cfg.steps, lr=cfg.inner_lr,
                                first_order=cfg.first_order, balance=balance, lrs=lrs, devices=devs)
     fast = yield from relay(gen, lambda p: _progress(p, t0, "adapt"))
     threshold = calibrate_threshold(template, fast, x, y, cfg) if calibrating else None
     smoothing = (calibrate_smoothing(template, fast, windows, threshold, cfg, backbone.mpp)
                  if calibrating and cfg.calibrate_smoothing else None)
-    return {prefix + k: v for k, v in fast.items()}, threshold, smoothing
+    return {prefix + k: v for k, v in fast.items()}, threshold, smoothing, tuple(sigmas_um), scores
+
+
+def _head_start(backbone: Backbone, init: dict[str, torch.Tensor], extra: int, n_classes: int, cfg: MAMLConfig):
+    """``(template, initial parameters, step sizes)`` of a head with ``extra`` colour inputs: a head that has none
+    gets zero weights for them; they take ``cfg.colour_lr_scale`` x the head's first-layer step size."""
+    n_feat = backbone.model.backbone.out_channels
+    template = PixelHead(n_feat + extra, n_classes, backbone.model.cfg.head_hidden)
+    init = dict(init)
+    lrs = _learned_lrs(backbone, init, cfg)
+    first = "net.0.weight"
+    if init[first].shape[1] == n_feat and extra:
+        w = init[first]
+        init[first] = torch.cat([w, w.new_zeros(w.shape[0], extra, *w.shape[2:])], 1)
+    if extra:
+        step = torch.full_like(init[first], float(lrs[first]) if lrs and first in lrs else cfg.inner_lr)
+        step[:, n_feat:] *= cfg.colour_lr_scale
+        lrs = {**(lrs or {}), first: step}
+    return template, init, lrs
+
+
+def colour_check(backbone: Backbone, x: torch.Tensor, y: torch.Tensor, fold: torch.Tensor, n_classes: int,
+                 init: dict[str, torch.Tensor], cfg: MAMLConfig, balance: bool) -> dict | None:
+    """Two-fold cross-check of the colour inputs on the support: a head with and one without them is fitted on
+    each fold's pixels (``x (P, features + colour)``, ``fold`` 0/1) and scored (pooled mIoU, arg-max) on the other
+    fold's. ``{"features": mIoU, "colour": mIoU}``, or None when a fold lacks pixels of every class of the other
+    (nothing to check on). The colour inputs help where the backbone never saw the objects (BM-Graz cells) and can
+    hurt where its features already say more than the colour of a few images (GlaS glands)."""
+    n_feat = backbone.model.backbone.out_channels
+    extra = x.shape[1] - n_feat
+    present = [set(torch.unique(y[fold == f]).tolist()) for f in (0, 1)]
+    if len(present[0]) < 2 or present[0] != present[1]:
+        return None
+    counts = {"features": np.zeros((n_classes, 2)), "colour": np.zeros((n_classes, 2))}
+    for f in (0, 1):
+        fit, held = fold == f, fold != f
+        for name, cols, ex in (("features", n_feat, 0), ("colour", n_feat + extra, extra)):
+            template, start, lrs = _head_start(backbone, init, ex, n_classes, cfg)
+            fast = run_quiet(adapt_head_on_pixels(template, start, x[fit][:, :cols], y[fit], n_classes=n_classes,
+                                                  steps=cfg.steps, lr=cfg.inner_lr, first_order=True,
+                                                  balance=balance, lrs=lrs, devices=[x.device]))
+            with torch.no_grad():
+                pred = head_pixel_logits(template, fast, x[held][:, :cols]).argmax(1)
+            truth = y[held]
+            for c in range(n_classes):
+                p, t = pred == c, truth == c
+                counts[name][c] += [float((p & t).sum()), float((p | t).sum())]
+    out = {}
+    for name, cnt in counts.items():
+        seen = cnt[:, 1] > 0
+        out[name] = round(float((cnt[seen, 0] / cnt[seen, 1]).mean()), 4)
+    return out
+
+
+def run_quiet(gen: Generator) -> object:
+    """Drive a generator to its return value, dropping its progress."""
+    try:
+        while True:
+            next(gen)
+    except StopIteration as stop:
+        return stop.value
 
 
 def calibrates(cfg: MAMLConfig, labels: Sequence[np.ndarray], n_classes: int) -> bool:
@@ -382,19 +572,6 @@ def calibrate_threshold(head: torch.nn.Module, fast: dict[str, torch.Tensor], x:
     miou = (i0 / np.maximum(u0, 1) + i1 / np.maximum(u1, 1)) / 2
     return float(np.round(grid[int(np.argmax(miou))], 6))
 
-
-
-def gaussian_smooth(t: torch.Tensor, sigma_px: float) -> torch.Tensor:
-    """Maps ``(N, C, H, W)`` smoothed per channel by a Gaussian of ``sigma_px`` (separable, truncated at 3 sigma,
-    edges replicated); ``sigma_px <= 0`` returns ``t``. Isotropic, so it commutes with flips and transposes."""
-    if sigma_px <= 0:
-        return t
-    r = max(1, math.ceil(3 * sigma_px))
-    k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=t.dtype, device=t.device) / sigma_px) ** 2)
-    k = k / k.sum()
-    c = t.shape[1]
-    t = F.conv2d(F.pad(t, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
-    return F.conv2d(F.pad(t, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
 
 
 def calibration_window(feats: torch.Tensor, lab: np.ndarray, side: int) -> tuple[torch.Tensor, np.ndarray]:

@@ -18,7 +18,7 @@ import zarr
 
 from napari_metahistoseg.checkpoints import save_model
 from napari_metahistoseg.cli import main
-from napari_metahistoseg.config import ModelConfig
+from napari_metahistoseg.config import MAMLConfig, ModelConfig
 from napari_metahistoseg.data.synthetic import synthetic_points_tile, synthetic_tile
 from napari_metahistoseg.models import MetaHistoSegNet
 
@@ -138,6 +138,12 @@ def test_adapt_with_points(work, capsys):
     assert code == 0, err
     prov0 = json.loads((work / "headP0.mhshead.json").read_text())["provenance"]
     assert prov0["calibrated_threshold"] is None and prov0["calibrated_smoothing_um"] is None
+    assert prov["colour_sigmas_um"] == list(MAMLConfig().colour_sigmas_um)  # the head sees the image's colour
+    code, out, err = cli(capsys, "adapt", work / "b.tif", "--points", work / "b_points.csv", "--points-exhaustive",
+                         "--radius", "3", "--radius-unit", "um", "--backbone", work / "bb", *FAST, "--no-colour",
+                         "--out", work / "headPc")
+    assert code == 0, err
+    assert json.loads((work / "headPc.mhshead.json").read_text())["provenance"]["colour_sigmas_um"] is None
 
 
 def test_adapt_points_need_a_contrast(work, capsys):

@@ -95,6 +95,8 @@ class AdaptWidget(QWidget):
             text += f" · threshold {head.threshold:.2f}"
         if getattr(head, "smoothing_um", 0.0):
             text += f" · smoothing {head.smoothing_um:g} µm"
+        if getattr(head, "colour_sigmas_um", ()):
+            text += " · colour"
         self.head_label.setText(text)
 
     def _image(self) -> Any:

@@ -48,6 +48,11 @@ class AdaptSettings(QWidget):
                                            "probability threshold and the smoothing of the class decision that "
                                            "score best on the support")
         self.mode_combo.currentTextChanged.connect(lambda t: self.calibrate.setEnabled(MODES[t] == "head"))
+        self.colour = QCheckBox("colour", checked=MAMLConfig.colour_features,
+                                toolTip="fast mode: the head also sees the image's colour (RGB and haematoxylin / "
+                                        "eosin, standardised per image) next to the backbone's features; helps "
+                                        "where the backbone never saw the kind of object")
+        self.mode_combo.currentTextChanged.connect(lambda t: self.colour.setEnabled(MODES[t] == "head"))
         self.device_boxes = {d: QCheckBox(device_label(d), checked=(d == "cpu")) for d in available_devices()}
         self.instances = QCheckBox("nuclei instances (HoVer)", checked=True)
         self.objects = QCheckBox("gland / object instances", checked=False,
@@ -67,7 +72,8 @@ class AdaptSettings(QWidget):
         form.setContentsMargins(0, 0, 0, 0)
         for label, w in [("backbone", path_row(self.backbone_edit, "Backbone", "Backbone (*.safetensors *.json)")),
                          ("start from", self.start_combo), ("mode", row(self.mode_combo, self.decoder_blocks)),
-                         ("steps / inner lr", row(self.steps, self.inner_lr, self.first_order, self.calibrate)),
+                         ("steps / inner lr", row(self.steps, self.inner_lr, self.first_order, self.calibrate,
+                                                  self.colour)),
                          ("devices", row(*self.device_boxes.values())), ("", row(self.instances, self.objects)),
                          ("", row(self.fov_first, self.live, self.tta)), ("", row(self.mitosis, self.mitosis_edit)),
                          ("threshold", self.threshold)]:
@@ -85,7 +91,8 @@ class AdaptSettings(QWidget):
                           first_order=self.first_order.isChecked(), adapt=MODES[self.mode_combo.currentText()],
                           decoder_blocks=self.decoder_blocks.value(),
                           calibrate_threshold=self.calibrate.isChecked(),
-                          calibrate_smoothing=self.calibrate.isChecked())
+                          calibrate_smoothing=self.calibrate.isChecked(),
+                          colour_features=self.colour.isChecked())
 
     def start_from_current(self) -> bool:
         return self.start_combo.currentText() == "current head"

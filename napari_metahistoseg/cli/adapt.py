@@ -49,6 +49,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-calibrate", action="store_true",
                    help="keep the plain arg-max (default: a dense two-class support fits the foreground threshold "
                         "and the smoothing of the class decision, MAMLConfig.calibrate_threshold/_smoothing)")
+    p.add_argument("--no-colour", action="store_true",
+                   help="the head sees the backbone's features only (default: also the image's colour, "
+                        "MAMLConfig.colour_features; head mode)")
     p.add_argument("--devices", default="cpu", help="cpu | cuda:0 | cuda:0,cuda:1 | auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -81,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             crop, lab, classes, kind = _from_points(args, img, mpp, margin)
     cfg = MAMLConfig(seed=args.seed, adapt=args.mode, calibrate_threshold=not args.no_calibrate,
-                     calibrate_smoothing=not args.no_calibrate)
+                     calibrate_smoothing=not args.no_calibrate, colour_features=not args.no_colour)
     cfg = dataclasses.replace(cfg, **{k: v for k, v in (("steps", args.steps), ("inner_lr", args.inner_lr),
                                                          ("decoder_blocks", args.decoder_blocks)) if v is not None})
     gen = adapt(backbone, [crop], [lab], classes, mpp=mpp, cfg=cfg, devices=args.devices)

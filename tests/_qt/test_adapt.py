@@ -99,6 +99,9 @@ def test_head_label_shows_the_calibration(adapt):
     calibrated = dataclasses.replace(head, provenance={"calibrated_threshold": 0.45, "calibrated_smoothing_um": 4.0})
     adapt.state.set_head(calibrated, "adapted")
     assert adapt.head_label.text() == "head: background, gland (adapted) · threshold 0.45 · smoothing 4 µm"
+    coloured = dataclasses.replace(head, provenance={"colour_sigmas_um": [0.0, 1.0]})
+    adapt.state.set_head(coloured, "adapted")
+    assert adapt.head_label.text() == "head: background, gland (adapted) · colour"
     adapt.state.set_head(None, "")
     assert adapt.head_label.text() == "no head yet"
 
@@ -109,8 +112,12 @@ def test_full_mode_adapts_decoder(viewer, qtbot, adapt, errors):
     adapt.settings.calibrate.setChecked(False)
     assert adapt.settings.maml_config().calibrate_threshold is False
     assert adapt.settings.maml_config().calibrate_smoothing is False
+    assert adapt.settings.colour.isEnabled() and adapt.settings.maml_config().colour_features is True
+    adapt.settings.colour.setChecked(False)
+    assert adapt.settings.maml_config().colour_features is False
     adapt.settings.mode_combo.setCurrentIndex(1)
     assert adapt.settings.decoder_blocks.isEnabled() and not adapt.settings.calibrate.isEnabled()
+    assert not adapt.settings.colour.isEnabled()
     adapt.settings.decoder_blocks.setValue(1)
     adapt.settings.instances.setChecked(False)
     run(qtbot, adapt.run_adapt(predict=False), adapt)

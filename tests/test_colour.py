@@ -1,0 +1,171 @@
+"""Colour inputs of an adapted head: RGB and haematoxylin/eosin optical density, standardised per image."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from skimage.color import rgb2hed
+
+from napari_metahistoseg.checkpoints import save_model
+from napari_metahistoseg.config import MAMLConfig, ModelConfig, TilingConfig
+from napari_metahistoseg.data.synthetic import synthetic_tile
+from napari_metahistoseg.inference import predict, predict_large
+from napari_metahistoseg.maml import pixel_support, run
+from napari_metahistoseg.models import MetaHistoSegNet, colour_base, colour_channels, to_tensor_image
+from napari_metahistoseg.pipeline import (
+    AdaptedHead,
+    adapt,
+    colour_check,
+    colour_support,
+    colour_window,
+    initial_head,
+    image_colour_stats,
+    load_backbone,
+)
+from napari_metahistoseg.slide import open_array
+
+SIGMAS_UM = MAMLConfig().colour_sigmas_um
+
+
+@pytest.fixture(scope="module")
+def backbone(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("bb") / "bb"
+    save_model(MetaHistoSegNet(ModelConfig(base_channels=8, depth=3), {"generic": 2}, hover_types=0), path,
+               head_classes={"generic": ["background", "foreground"]})
+    return load_backbone(str(path))
+
+
+def test_stain_channels_are_skimage_rgb2hed():
+    rgb = np.random.default_rng(0).integers(3, 256, (16, 16, 3), dtype=np.uint8)
+    base = colour_base(to_tensor_image(rgb))[0].numpy()
+    np.testing.assert_allclose(base[:3], rgb.transpose(2, 0, 1) / 255.0, atol=1e-6)
+    # skimage scales the optical density by 1 / -log(1e-6) and clips negative stains; the stain vectors are the same
+    ref = rgb2hed(rgb)[..., :2].transpose(2, 0, 1) * -np.log(1e-6)
+    np.testing.assert_allclose(np.maximum(base[3:], 0), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_statistics_standardise_the_image_and_agree_for_arrays_and_slides():
+    tile = synthetic_tile((96, 128), seed=1, mpp=0.5)
+    stats = image_colour_stats(tile.image)
+    assert stats.shape == (2, 5)
+    z = colour_channels(to_tensor_image(tile.image), stats, [0.0])[0].reshape(5, -1).double()
+    np.testing.assert_allclose(z.mean(1).numpy(), 0, atol=1e-4)
+    np.testing.assert_allclose(z.std(1).numpy(), 1, atol=1e-3)
+    # a stain shift (the image darker and bluer) cancels in the standardised channels
+    shifted = np.clip(tile.image.astype(int) * [0.8, 0.85, 0.95], 0, 255).astype(np.uint8)
+    z2 = colour_channels(to_tensor_image(shifted), image_colour_stats(shifted), [0.0])[0].reshape(5, -1)
+    assert np.corrcoef(z.numpy()[3], z2.numpy()[3])[0, 1] > 0.99
+    # above COLOUR_STATS_ALL_PX a slide is sampled in windows; its array and its lazy view give the same numbers
+    big = np.tile(tile.image, (22, 18, 1))  # 2112 x 2304 px = 4.9 MP
+    assert big.shape[0] * big.shape[1] > 4_000_000
+    torch.testing.assert_close(image_colour_stats(big), image_colour_stats(open_array(big, "big")))
+    with pytest.raises(ValueError, match="colour_sigmas_um"):
+        MAMLConfig(colour_sigmas_um=(-1.0,))
+    with pytest.raises(ValueError, match="colour_lr_scale"):
+        MAMLConfig(colour_lr_scale=0.0)
+
+
+def test_support_pixels_and_windows_are_cut_from_the_whole_colour_map():
+    tile = synthetic_tile((80, 100), seed=2, mpp=0.5)
+    lab = (tile.semantic > 0).astype(np.uint8)
+    lab[:10] = 255  # unknown rows are never sampled
+    stats = image_colour_stats(tile.image)
+    sig = [0.0, 1.0, 4.0]
+    full = colour_channels(to_tensor_image(tile.image), stats, sig)
+    kw = {"max_pixels": 500, "seed": 3, "stratified": True}
+    want, _ = pixel_support(full, torch.from_numpy(lab)[None], 2, **kw)
+    torch.testing.assert_close(colour_support(tile.image, lab, stats, sig, 2, **kw), want)
+    win = colour_window(tile.image, stats, sig, 48)  # the centre window, with 12 px of context
+    torch.testing.assert_close(win.float(), full[0, :, 16:64, 26:74].half().float())
+
+
+def test_adapted_heads_see_colour_and_start_from_the_meta_learned_head(backbone, tmp_path):
+    tile = synthetic_tile((96, 96), seed=3, mpp=0.5)
+    dense = (tile.semantic > 0).astype(np.uint8)
+    classes = ["background", "nucleus"]
+    plain0 = run(adapt(backbone, [tile.image], [dense], classes, cfg=MAMLConfig(steps=0, colour_features=False)))
+    colour0 = run(adapt(backbone, [tile.image], [dense], classes, cfg=MAMLConfig(steps=0, colour_check=False)))
+    assert colour0.colour_sigmas_um == SIGMAS_UM and not plain0.colour_sigmas_um
+    w = colour0.state["heads.user.net.0.weight"]
+    assert w.shape[1] == backbone.model.backbone.out_channels + 5 * len(SIGMAS_UM)
+    assert not w[:, backbone.model.backbone.out_channels:].any()  # colour weights start at 0 ...
+    p_plain = run(predict(backbone, plain0, tile.image)).probs
+    p_colour = run(predict(backbone, colour0, tile.image)).probs
+    np.testing.assert_allclose(p_colour, p_plain, atol=1e-5)  # ... so before any step it is the same head
+    head = run(adapt(backbone, [tile.image], [dense], classes, cfg=MAMLConfig(steps=5, colour_check=False)))
+    assert head.state["heads.user.net.0.weight"][:, backbone.model.backbone.out_channels:].abs().sum() > 0
+    assert head.provenance["colour_sigmas_um"] == list(SIGMAS_UM)
+    head.save(tmp_path / "h")
+    back = AdaptedHead.load(tmp_path / "h", backbone)
+    assert back.colour_sigmas_um == SIGMAS_UM
+    np.testing.assert_array_equal(run(predict(backbone, back, tile.image)).semantic,
+                                  run(predict(backbone, head, tile.image)).semantic)
+    # re-adapting from a colour head keeps its colour inputs, whatever the config says
+    again = run(adapt(backbone, [tile.image], [dense], classes, cfg=MAMLConfig(steps=2, colour_features=False),
+                      init=head))
+    assert again.colour_sigmas_um == SIGMAS_UM
+    with pytest.raises(ValueError, match="head mode only"):
+        run(adapt(backbone, [tile.image], [dense], classes, cfg=MAMLConfig(steps=1, adapt="decoder"), init=head))
+    assert not run(adapt(backbone, [tile.image], [dense], classes,
+                         cfg=MAMLConfig(steps=1, adapt="decoder"))).colour_sigmas_um  # decoder mode: features only
+
+
+def test_colour_heads_predict_the_same_streamed_and_in_memory(backbone, tmp_path):
+    tile = synthetic_tile((112, 136), seed=4, mpp=0.5)
+    dense = (tile.semantic > 0).astype(np.uint8)
+    head = run(adapt(backbone, [tile.image], [dense], ["background", "nucleus"],
+                     cfg=MAMLConfig(steps=5, calibrate_smoothing=False, colour_check=False)))
+    assert head.colour_sigmas_um
+    # each tile computes its colour inputs from its own pixels with the image's statistics (3 sigma = 12 px is
+    # within the halo; test_support_pixels_and_windows_are_cut_from_the_whole_colour_map checks the cut itself)
+    tiled = run(predict(backbone, head, tile.image, tiling=TilingConfig(tile_px=64, halo_px=16)))
+    store = run(predict_large(backbone, head, tile.image, out_dir=tmp_path / "c.zarr",
+                              tiling=TilingConfig(tile_px=64, halo_px=16)))
+    assert np.array_equal(zarr.open_group(str(store.store), mode="r")["semantic"][:], tiled.semantic)
+
+
+def _init(backbone):
+    return {k.split("heads.user.")[1]: v for k, v in initial_head(backbone, 2).items()}
+
+
+def test_the_cross_check_keeps_colour_where_it_helps_and_drops_it_where_it_does_not(backbone):
+    g = torch.Generator().manual_seed(0)
+    n_feat, n = backbone.model.backbone.out_channels, 4000
+    fold = (torch.arange(n) % 2).long()
+    cfg = MAMLConfig(steps=20)
+    # the classes are a colour property the features do not show
+    x = torch.randn(n, n_feat + 20, generator=g)
+    y = (x[:, n_feat + 3] > 0).long()
+    got = colour_check(backbone, x, y, fold, 2, _init(backbone), cfg, True)
+    assert got["colour"] > got["features"] + 0.2
+    # the features show the classes, the colour channels are loud noise: colour does not win
+    x = torch.cat([torch.randn(n, n_feat, generator=g), 5 * torch.randn(n, 20, generator=g)], 1)
+    y = (x[:, 0] > 0).long()
+    got = colour_check(backbone, x, y, fold, 2, _init(backbone), cfg, True)
+    assert got["colour"] <= got["features"]
+    # a fold without both classes: nothing to check on
+    y = torch.where(fold == 0, 0, y)
+    assert colour_check(backbone, x, y, fold, 2, _init(backbone), cfg, True) is None
+
+
+def test_adapt_records_the_cross_check(backbone):
+    tile = synthetic_tile((96, 96), seed=5, mpp=0.5)
+    dense = (tile.semantic > 0).astype(np.uint8)
+    head = run(adapt(backbone, [tile.image], [dense], ["background", "nucleus"], cfg=MAMLConfig(steps=5)))
+    check = head.provenance["colour_check_miou"]
+    assert set(check) == {"features", "colour"}
+    kept = check["colour"] - check["features"] >= MAMLConfig().colour_min_gain
+    assert bool(head.colour_sigmas_um) == kept
+    n_in = head.state["heads.user.net.0.weight"].shape[1]
+    assert n_in == backbone.model.backbone.out_channels + (5 * len(SIGMAS_UM) if kept else 0)
+    # a gain no check can reach drops the colour inputs; no check keeps them
+    assert not run(adapt(backbone, [tile.image], [dense], ["background", "nucleus"],
+                         cfg=MAMLConfig(steps=5, colour_min_gain=1.0))).colour_sigmas_um
+    unchecked = run(adapt(backbone, [tile.image], [dense], ["background", "nucleus"],
+                          cfg=MAMLConfig(steps=5, colour_check=False)))
+    assert unchecked.colour_sigmas_um and unchecked.provenance["colour_check_miou"] is None
+    with pytest.raises(ValueError, match="colour_min_gain"):
+        MAMLConfig(colour_min_gain=2.0)
