@@ -96,6 +96,7 @@ class MAMLConfig:
     # cross-check on the support (pipeline.colour_check: support images split by parity, one image by its halves)
     colour_check: bool = True
     colour_min_gain: float = 0.0
+    colour_check_pixels: int = 20_000  # support pixels the cross-check's fits use (both folds together)
 
     def __post_init__(self) -> None:
         if not (self.smoothing_um and all(isinstance(v, (int, float)) and v >= 0 for v in self.smoothing_um)):
@@ -105,6 +106,9 @@ class MAMLConfig:
                              f"{self.colour_sigmas_um!r}")
         if not -1.0 <= self.colour_min_gain <= 1.0:
             raise ValueError(f"MAMLConfig.colour_min_gain must be in [-1, 1], got {self.colour_min_gain!r}")
+        if not (isinstance(self.colour_check_pixels, int) and self.colour_check_pixels >= 2):
+            raise ValueError("MAMLConfig.colour_check_pixels must be an integer >= 2, got "
+                             f"{self.colour_check_pixels!r}")
         if not self.colour_lr_scale > 0:
             raise ValueError(f"MAMLConfig.colour_lr_scale must be > 0, got {self.colour_lr_scale!r}")
         if not 0.0 <= self.smoothing_min_gain <= 1.0:

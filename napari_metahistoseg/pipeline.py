@@ -503,17 +503,22 @@ def colour_check(backbone: Backbone, x: torch.Tensor, y: torch.Tensor, fold: tor
                  init: dict[str, torch.Tensor], cfg: MAMLConfig, balance: bool) -> dict | None:
     """Two-fold cross-check of the colour inputs on the support: a head with and one without them is fitted on
     each fold's pixels (``x (P, features + colour)``, ``fold`` 0/1) and scored (pooled mIoU, arg-max) on the other
-    fold's. ``{"features": mIoU, "colour": mIoU}``, or None when a fold lacks pixels of every class of the other
-    (nothing to check on). The colour inputs help where the backbone never saw the objects (BM-Graz cells) and can
-    hurt where its features already say more than the colour of a few images (GlaS glands)."""
+    fold's (at most ``cfg.colour_check_pixels // 2`` fitting pixels per fold). ``{"features": mIoU, "colour": mIoU}``,
+    or None when a fold lacks pixels of every class of the other (nothing to check on). The colour inputs help where
+    the backbone never saw the objects (BM-Graz cells) and can hurt where its features already say more than the
+    colour of a few images (GlaS glands)."""
     n_feat = backbone.model.backbone.out_channels
     extra = x.shape[1] - n_feat
     present = [set(torch.unique(y[fold == f]).tolist()) for f in (0, 1)]
     if len(present[0]) < 2 or present[0] != present[1]:
         return None
     counts = {"features": np.zeros((n_classes, 2)), "colour": np.zeros((n_classes, 2))}
+    gen = torch.Generator().manual_seed(cfg.seed)
     for f in (0, 1):
-        fit, held = fold == f, fold != f
+        fit, held = torch.nonzero(fold == f).flatten(), fold != f
+        cap = max(1, cfg.colour_check_pixels // 2)
+        if len(fit) > cap:  # each fold's fits on a seeded sample (the check costs about one adaptation)
+            fit = fit[torch.randperm(len(fit), generator=gen)[:cap].sort().values.to(fit.device)]
         for name, cols, ex in (("features", n_feat, 0), ("colour", n_feat + extra, extra)):
             template, start, lrs = _head_start(backbone, init, ex, n_classes, cfg)
             fast = run_quiet(adapt_head_on_pixels(template, start, x[fit][:, :cols], y[fit], n_classes=n_classes,

@@ -20,8 +20,8 @@ from napari_metahistoseg.pipeline import (
     colour_check,
     colour_support,
     colour_window,
-    initial_head,
     image_colour_stats,
+    initial_head,
     load_backbone,
 )
 from napari_metahistoseg.slide import open_array
