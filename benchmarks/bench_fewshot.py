@@ -331,8 +331,8 @@ def predict_cached(model: torch.nn.Module, feats: torch.Tensor, s: Sample, bb: B
         if nuclear:
             hv = np.clip(_resize_maps(model.heads["hover"](feats[None])["hv"][0].numpy(), s.shape), -1, 1)
             np_prob = probs[1:].sum(0)
-            pred.instances, pred.table = HoVerPostProcessor(HoVerPostConfig())(
-                np_prob.astype(np.float32), hv.astype(np.float32), s.mpp or bb.mpp)
+            pred.instances, pred.table = HoVerPostProcessor(HoVerPostConfig())(  # clipped as in predict
+                np.clip(np_prob, 0, 1).astype(np.float32), hv.astype(np.float32), s.mpp or bb.mpp)
     return pred
 
 

@@ -326,6 +326,11 @@ def _check_head_fields(desc: dict, jpath: Path) -> None:
         raise ValueError(f"{jpath}: 'provenance.mpp' must be a number > 0 (µm per pixel), got {mpp!r}")
     if "maml" in prov and not isinstance(prov["maml"], dict):
         raise ValueError(f"{jpath}: 'provenance.maml' must be an object, got {type(prov['maml']).__name__}")
+    sig = prov.get("colour_sigmas_um")
+    if sig is not None and not (isinstance(sig, list) and sig and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0 for v in sig)):
+        raise ValueError(f"{jpath}: 'provenance.colour_sigmas_um' must be null or a list of sigmas >= 0 (µm) of the "
+                         f"head's colour inputs, got {sig!r}")
 
 
 def head_from_state(state: dict[str, torch.Tensor], in_channels: int, n_classes: int, hidden: int) -> PixelHead:

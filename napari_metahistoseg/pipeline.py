@@ -151,7 +151,10 @@ class AdaptedHead:
         maml = from_dict(MAMLConfig, prov.pop("maml", {}), source=f"{path}: provenance.maml")
         head = cls(list(desc["classes"]), state, desc["backbone_sha256"], maml, float(prov.pop("mpp", backbone.mpp)),
                    prov, desc.get("colours"))
-        head.module_for(backbone)  # shape check now, with a clear error
+        try:
+            head.module_for(backbone)  # shape check now, with a clear error
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
         return head
 
     def module_for(self, backbone: Backbone) -> MetaHistoSegNet:
@@ -160,6 +163,10 @@ class AdaptedHead:
         model.add_head(TASK, len(self.classes), extra_inputs=len(COLOUR_BASE) * len(self.colour_sigmas_um))
         own = model.state_dict()
         for k, v in self.state.items():
+            if k == f"heads.{TASK}.net.0.weight" and k in own and v.shape[1] != own[k].shape[1]:
+                raise ValueError(f"head tensor {k!r} takes {v.shape[1]} inputs and does not fit this backbone: its "
+                                 f"{model.backbone.out_channels} features and the {len(self.colour_sigmas_um)} "
+                                 f"colour sigmas of the head's provenance make {own[k].shape[1]}")
             if k not in own or own[k].shape != v.shape:
                 raise ValueError(f"head tensor {k!r} {tuple(v.shape)} does not fit this backbone "
                                  f"({tuple(own[k].shape) if k in own else 'no such tensor'})")

@@ -329,6 +329,10 @@ def library_cases(fx: Fixtures) -> list[Case]:
         "head", "h5", edit=lambda d: d["provenance"]["maml"].update(steps="20"), head=True))
     head("head JSON: one class", lambda: fx.copy_pair("head", "h6", edit=lambda d: d.update(classes=["x"]),
                                                       head=True))
+    head("head JSON: provenance.colour_sigmas_um = 'abc'", lambda: fx.copy_pair(
+        "head", "h7", edit=lambda d: d["provenance"].update(colour_sigmas_um="abc"), head=True))
+    head("head JSON: colour sigmas that do not fit its weights", lambda: fx.copy_pair(
+        "head", "h8", edit=lambda d: d["provenance"].update(colour_sigmas_um=[0.0]), head=True))
     cases.append(Case("head: SHA-256 matches but the file is not safetensors", "`checkpoints.import_head`", "error",
                       lambda: str(import_head(_pickle_pair(fx, head=True))[1]["classes"])))
 

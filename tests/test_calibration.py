@@ -103,10 +103,11 @@ def test_adapt_records_the_threshold_and_predictions_use_it(backbone, tmp_path):
                       cfg=MAMLConfig(steps=3, calibrate_threshold=False)))
     assert plain.threshold is None
     assert all(torch.equal(head.state[k], plain.state[k]) for k in head.state)  # the weights are the same
-    pred = run(predict(backbone, head, tile.image, instances=False))
+    tiling = TilingConfig(tile_px=64, halo_px=16)
+    pred = run(predict(backbone, head, tile.image, instances=False, tiling=tiling))
     assert np.array_equal(pred.semantic, (pred.probs[1] >= t).astype(np.uint8))
     store = run(predict_large(backbone, head, tile.image, out_dir=tmp_path / "s.zarr", instances=False,
-                              tiling=TilingConfig(tile_px=64, halo_px=16)))
+                              tiling=tiling))  # the same tiles: the same decision
     assert np.array_equal(zarr.open_group(str(store.store), mode="r")["semantic"][:], pred.semantic)
     head.save(tmp_path / "h")
     back = AdaptedHead.load(tmp_path / "h", backbone)
