@@ -247,7 +247,7 @@ def image_colour_stats(image) -> torch.Tensor:
         parts = [np.asarray(image[r:r + side, c:c + side]) for r in rows for c in cols]
     px = torch.from_numpy(np.concatenate([p.reshape(-1, 3) for p in parts]).astype(np.float32) / 255.0)
     base = colour_base(px.t().reshape(1, 3, -1, 1))[0, :, :, 0].double()
-    return torch.stack([base.mean(1), base.std(1).clamp_min(1e-3)]).float()
+    return torch.stack([base.mean(1), base.std(1, correction=0).clamp_min(1e-3)]).float()  # 1 px: std 0, not NaN
 
 
 def _crop_to_labels(image: np.ndarray, lab: np.ndarray, margin: int) -> tuple[np.ndarray, np.ndarray]:

@@ -62,6 +62,8 @@ def test_statistics_standardise_the_image_and_agree_for_arrays_and_slides():
     big = np.tile(tile.image, (22, 18, 1))  # 2112 x 2304 px = 4.9 MP
     assert big.shape[0] * big.shape[1] > 4_000_000
     torch.testing.assert_close(image_colour_stats(big), image_colour_stats(open_array(big, "big")))
+    one = image_colour_stats(tile.image[:1, :1])  # a single pixel: finite (std floored), never NaN
+    assert torch.isfinite(one).all() and (one[1] > 0).all()
     with pytest.raises(ValueError, match="colour_sigmas_um"):
         MAMLConfig(colour_sigmas_um=(-1.0,))
     with pytest.raises(ValueError, match="colour_lr_scale"):
