@@ -110,7 +110,7 @@ def fit_fn(bb, images, labels, device: torch.device):
     cfg = MAMLConfig()
     feats = [run(_features(bb.model, im, device, TilingConfig())) for im in images]
     balance, calibrating = support_balance(cfg, labels, 2), calibrates(cfg, labels, 2)
-    sig = tuple(cfg.colour_sigmas_um)
+    sig = tuple(cfg.colour_sigmas_um)  # nuclei: cell-sized objects, colour inputs on
 
     def fn():
         parts = [support_part(bb, f, im, lab, i, len(images), 2, cfg, balance, calibrating, image_colour_stats(im),

@@ -82,6 +82,7 @@ from napari_metahistoseg.pipeline import (  # noqa: E402
     _features,
     adapt,
     calibrates,
+    colour_sigmas,
     fit_head,
     gaussian_smooth,
     image_colour_stats,
@@ -302,7 +303,7 @@ def adapt_cached(bb: Backbone, feats: list[torch.Tensor], labels: list[np.ndarra
     n_cls = len(classes)
     balance = support_balance(cfg, labels, n_cls)
     calibrating = calibrates(cfg, labels, n_cls)
-    sig_um = tuple(cfg.colour_sigmas_um) if cfg.colour_features and cfg.adapt == "head" else ()
+    sig_um, _ = colour_sigmas(cfg, labels, bb.mpp)
     parts = [support_part(bb, f, _model_image(bb, s) if sig_um else None, lab, i, len(feats), n_cls, cfg, balance,
                           calibrating, image_colour_stats(s.image) if sig_um else None, sig_um)
              for i, (f, lab, s) in enumerate(zip(feats, labels, samples, strict=True))]
@@ -400,10 +401,12 @@ class Runner:
         else:
             preds = self._net(td, method, sups, labels, qrys, seed, classes, nuclear)
         t_adapt = preds.pop("adapt_seconds")
+        colour = preds.pop("colour", {})
         for q in qrys:
             scorer.add(q, preds[q.sample_id])
         lab_px = sum(int((lab != IGNORE).sum()) for lab in labels)
-        return {**scorer.result(), "adapt_seconds": round(t_adapt, 3), "seconds": round(time.time() - t0, 2),
+        return {**scorer.result(), **colour, "adapt_seconds": round(t_adapt, 3),
+                "seconds": round(time.time() - t0, 2),
                 "labelled_fraction": lab_px / sum(s.shape[0] * s.shape[1] for s in sups)}
 
     def _net(self, td, method, sups, labels, qrys, seed, classes, nuclear) -> dict:
@@ -417,7 +420,9 @@ class Runner:
             head = adapt_cached(bb, feats, labs, classes, cfg, sups)
         else:
             head = run(adapt(bb, [s.image for s in sups], labels, classes, mpp=[s.mpp for s in sups], cfg=cfg))
-        out: dict = {"adapt_seconds": time.time() - t0}
+        out: dict = {"adapt_seconds": time.time() - t0,
+                     "colour": {"colour_kept": bool(head.colour_sigmas_um),
+                                "colour_check": head.provenance.get("colour_check_miou")}}
         if method in HEAD_ONLY:
             model = head.module_for(bb)
             for q in qrys:

@@ -18,11 +18,13 @@ from napari_metahistoseg.pipeline import (
     AdaptedHead,
     adapt,
     colour_check,
+    colour_sigmas,
     colour_support,
     colour_window,
     image_colour_stats,
     initial_head,
     load_backbone,
+    support_object_um2,
 )
 from napari_metahistoseg.slide import open_array
 
@@ -148,7 +150,7 @@ def test_the_cross_check_keeps_colour_where_it_helps_and_drops_it_where_it_does_
     y = (x[:, 0] > 0).long()
     got = colour_check(backbone, x, y, fold, 2, _init(backbone), cfg, True)
     assert got["colour"] <= got["features"]
-    # a fold without both classes: nothing to check on
+    # a fold without both classes: nothing to check on (and adaptation then keeps the features only)
     y = torch.where(fold == 0, 0, y)
     assert colour_check(backbone, x, y, fold, 2, _init(backbone), cfg, True) is None
 
@@ -171,3 +173,33 @@ def test_adapt_records_the_cross_check(backbone):
     assert unchecked.colour_sigmas_um and unchecked.provenance["colour_check_miou"] is None
     with pytest.raises(ValueError, match="colour_min_gain"):
         MAMLConfig(colour_min_gain=2.0)
+    # nuclei only in the left half of the one support image: the right fold has no nuclei, nothing to check on,
+    # so the head keeps the features only
+    left = np.where(np.arange(96)[None, :] < 40, dense, 0).astype(np.uint8)
+    head = run(adapt(backbone, [tile.image], [left], ["background", "nucleus"], cfg=MAMLConfig(steps=2)))
+    assert head.provenance["colour_check_miou"] is None and not head.colour_sigmas_um
+
+
+def test_colour_inputs_are_for_cell_sized_objects(backbone):
+    lab = np.zeros((120, 120), np.uint8)
+    lab[10:20, 10:20] = 1  # two 10 x 10 px cells and one 100 x 4 px strip, at 0.5 µm/px: 25, 25 and 100 µm²
+    lab[40:50, 40:50] = 1
+    lab[100:104, 10:110] = 1
+    lab[60:70] = 255  # unknown pixels are not objects
+    assert support_object_um2([lab], 0.5) == pytest.approx(25.0)
+    assert support_object_um2([np.where(lab == 1, 0, lab)], 0.5) is None  # background only: no objects
+    cfg = MAMLConfig()
+    assert colour_sigmas(cfg, [lab], 0.5) == (SIGMAS_UM, pytest.approx(25.0))
+    gland = np.zeros((200, 200), np.uint8)
+    gland[20:120, 30:150] = 1  # 100 x 120 px = 3000 µm²: a gland
+    assert colour_sigmas(cfg, [gland], 0.5)[0] == ()
+    assert colour_sigmas(MAMLConfig(colour_features=False), [lab], 0.5)[0] == ()
+    assert colour_sigmas(MAMLConfig(adapt="decoder"), [lab], 0.5)[0] == ()
+    with pytest.raises(ValueError, match="colour_max_object_um2"):
+        MAMLConfig(colour_max_object_um2=0.0)
+    # adapt: a gland-sized support gets a features-only head, and its object size is recorded
+    tile = synthetic_tile((96, 96), seed=6, mpp=0.5)
+    big = np.zeros((96, 96), np.uint8)
+    big[10:80, 10:80] = 1
+    head = run(adapt(backbone, [tile.image], [big], ["background", "gland"], cfg=MAMLConfig(steps=2)))
+    assert not head.colour_sigmas_um and head.provenance["support_object_um2"] == pytest.approx(1225.0)
