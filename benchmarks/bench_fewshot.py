@@ -304,8 +304,9 @@ def adapt_cached(bb: Backbone, feats: list[torch.Tensor], labels: list[np.ndarra
     balance = support_balance(cfg, labels, n_cls)
     calibrating = calibrates(cfg, labels, n_cls)
     sig_um, _ = colour_sigmas(cfg, labels, bb.mpp)
+    stats = [image_colour_stats(s.image, cfg.colour_tissue_min_od) if sig_um else None for s in samples]
     parts = [support_part(bb, f, _model_image(bb, s) if sig_um else None, lab, i, len(feats), n_cls, cfg, balance,
-                          calibrating, image_colour_stats(s.image) if sig_um else None, sig_um)
+                          calibrating, stats[i], sig_um)
              for i, (f, lab, s) in enumerate(zip(feats, labels, samples, strict=True))]
     fast, threshold, smoothing, sig_um, check = run(fit_head(bb, parts, n_cls, initial_head(bb, n_cls, seed=cfg.seed),
                                                              cfg, [torch.device("cpu")], balance, calibrating, sig_um,
@@ -322,7 +323,8 @@ def predict_cached(model: torch.nn.Module, feats: torch.Tensor, s: Sample, bb: B
     smoothed over the whole image at once (``predict`` smooths each tile: equal away from tile borders)."""
     classes, threshold, smoothing_um = head.classes, head.threshold, head.smoothing_um
     with torch.inference_mode():
-        colour = head.colour_input(bb, image_colour_stats(s.image) if head.colour_sigmas_um else None)
+        colour = head.colour_input(bb, image_colour_stats(s.image, head.maml.colour_tissue_min_od)
+                                   if head.colour_sigmas_um else None)
         model_probs = model.heads[TASK](head_input(feats[None], to_tensor_image(_model_image(bb, s)),
                                                    colour))["seg"].softmax(1)
         probs = _resize_maps(model_probs[0].numpy(), s.shape)

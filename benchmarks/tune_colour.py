@@ -10,6 +10,11 @@ without the cross-check) and ``checked`` (the default: colour inputs kept if the
     .venv/bin/python benchmarks/tune_colour.py --tasks bm_graz_cells,monuseg,cpm15,glas --draws 3
 
 Writes ``benchmarks/results/tune_colour.{json,md}``.
+
+``--fewshot NEW[,NEW...] --baseline OLD[,OLD...]`` instead reads two sets of ``bench_fewshot.py`` results (the
+``maml`` records of the same units, new: with colour inputs and their cross-check recorded; old: features only) and
+tabulates, per task and setting, how often the colour inputs were kept and what they did to the query mIoU, by the
+cross-check's support gain (``--out`` names the table; no computation).
 """
 
 from __future__ import annotations
@@ -47,9 +52,59 @@ def evaluate_with(setting: str, task: str, ids: list[str], seed: int, backbone: 
         evaluation.method_settings = settings
 
 
+def fewshot_table(new: list[str], old: list[str]) -> tuple[list[dict], str]:
+    """Per unit of ``new``'s maml records: kept?, the cross-check's support gain, the query mIoU change against the
+    same unit in ``old``; and a table per task, setting and gain band."""
+    def maml(names):
+        out = {}
+        for n in names:
+            for r in (common.read_json(n) or {}).get("records", []):
+                if r["method"] == "maml":
+                    out[(r["task"], r["setting"], r["x"], r["draw"])] = r
+        return out
+    before, after = maml(old), maml(new)
+    units = []
+    for key, r in after.items():
+        if key not in before:
+            continue
+        c = r.get("colour_check")
+        units.append({"task": key[0], "setting": key[1], "x": key[2], "draw": key[3], "kept": r.get("colour_kept"),
+                      "check_gain": None if not c else round(c["colour"] - c["features"], 4),
+                      "query_gain": round(r["miou"] - before[key]["miou"], 4)})
+    bands = (("no check possible", lambda g: g is None), ("gain < 0", lambda g: g is not None and g < 0),
+             ("0 ≤ gain < 0.005", lambda g: g is not None and 0 <= g < 0.005),
+             ("0.005 ≤ gain < 0.02", lambda g: g is not None and 0.005 <= g < 0.02),
+             ("gain ≥ 0.02", lambda g: g is not None and g >= 0.02))
+    rows = []
+    for task in dict.fromkeys(u["task"] for u in units):
+        for k1 in (True, False):
+            for band, test in bands:
+                us = [u for u in units if u["task"] == task and (u["x"] == 1 or u["setting"] == "clicks") == k1
+                      and test(u["check_gain"])]
+                if not us:
+                    continue
+                kept = [u for u in us if u["kept"]]
+                rows.append([task, "1 image" if k1 else "≥ 2 images",
+                             band, len(us), len(kept),
+                             f"{np.mean([u['query_gain'] for u in kept]):+.3f}" if kept else "–",
+                             f"{min(u['query_gain'] for u in kept):+.3f} / {max(u['query_gain'] for u in kept):+.3f}"
+                             if kept else "–"])
+    table = common.md_table(["task", "support", "cross-check gain (colour − features, support mIoU)", "units",
+                             "colour kept", "query mIoU change when kept (mean)", "min / max"], rows)
+    return units, table
+
+
 def main() -> None:
     a = dev_args(__doc__, "bm_graz_cells,monuseg,cpm15,glas", 3, "tune_colour",
-                 lambda ap: ap.add_argument("--settings", default=",".join(SETTINGS)))
+                 lambda ap: [ap.add_argument("--settings", default=",".join(SETTINGS)),
+                             ap.add_argument("--fewshot", default=None), ap.add_argument("--baseline", default=None)])
+    if a.fewshot:
+        units, table = fewshot_table(a.fewshot.split(","), a.baseline.split(","))
+        note = (f"`maml` units of `{a.fewshot}` (colour inputs as they were then chosen) against the same units of "
+                f"`{a.baseline}` (features only); K = 1 and clicked-centroid units are one support image.")
+        common.write_sweep(a.out, {"units": units}, note, table)
+        print(table)
+        return
     settings = a.settings.split(",")
     records = []
     for task, d, _ds, sup, _ in dev_draws(a.tasks, a.draws):

@@ -93,6 +93,9 @@ class MAMLConfig:
     colour_features: bool = True
     colour_sigmas_um: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0)  # keep 3 sigma within the tile halo
     colour_lr_scale: float = 10.0
+    # the image statistics that standardise them skip background (glass) pixels: total RGB optical density below
+    # this (unitless; 0.3 = a uniform grey of about 231/255), so a slide with much glass and a tissue crop of it agree
+    colour_tissue_min_od: float = 0.3
     # ... for cell-sized objects only: the support's labelled objects (connected components of its non-background
     # classes) have a median area <= this (µm²; nuclei and cells, not glands: GlaS lost up to 0.08 mIoU with them)
     colour_max_object_um2: float = 250.0
@@ -116,6 +119,8 @@ class MAMLConfig:
         if not (isinstance(self.colour_check_pixels, int) and self.colour_check_pixels >= 2):
             raise ValueError("MAMLConfig.colour_check_pixels must be an integer >= 2, got "
                              f"{self.colour_check_pixels!r}")
+        if not self.colour_tissue_min_od >= 0:
+            raise ValueError(f"MAMLConfig.colour_tissue_min_od must be >= 0, got {self.colour_tissue_min_od!r}")
         if not self.colour_lr_scale > 0:
             raise ValueError(f"MAMLConfig.colour_lr_scale must be > 0, got {self.colour_lr_scale!r}")
         if not 0.0 <= self.smoothing_min_gain <= 1.0:

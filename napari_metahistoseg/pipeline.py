@@ -260,11 +260,13 @@ def colour_sigmas(cfg: MAMLConfig, labels: Sequence[np.ndarray], mpp: float, ini
     return (tuple(cfg.colour_sigmas_um) if area is not None and area <= cfg.colour_max_object_um2 else ()), area
 
 
-def image_colour_stats(image) -> torch.Tensor:
+def image_colour_stats(image, tissue_min_od: float = MAMLConfig.colour_tissue_min_od) -> torch.Tensor:
     """Means and standard deviations ``(2, 5)`` of the :func:`.models.colour_base` channels of an RGB uint8 image
-    ``(H, W, 3)`` — an array or a :class:`.slide.LazyImage` — at its own resolution: over every pixel up to
+    ``(H, W, 3)`` — an array or a :class:`.slide.LazyImage` — at its own resolution, over its tissue pixels (total
+    RGB optical density ≥ ``tissue_min_od``; all pixels if fewer than 1 % are tissue): over every pixel up to
     ``COLOUR_STATS_ALL_PX``, else over ``COLOUR_STATS_WINDOWS`` windows on a regular grid (a slide is never read
-    whole). The same rule for an array and the slide it came from, so streamed and in-memory predictions agree."""
+    whole). The same rule for an array and the slide it came from, so streamed and in-memory predictions agree;
+    skipping the glass makes a slide and a tissue crop of it agree too."""
     h, w = image.shape[:2]
     if h * w <= COLOUR_STATS_ALL_PX:
         parts = [np.asarray(image[:, :])]
@@ -275,6 +277,9 @@ def image_colour_stats(image) -> torch.Tensor:
         parts = [np.asarray(image[r:r + side, c:c + side]) for r in rows for c in cols]
     px = torch.from_numpy(np.concatenate([p.reshape(-1, 3) for p in parts]).astype(np.float32) / 255.0)
     base = colour_base(px.t().reshape(1, 3, -1, 1))[0, :, :, 0].double()
+    tissue = -torch.log(px.clamp_min(1 / 255)).sum(1) >= tissue_min_od
+    if int(tissue.sum()) >= max(2, 0.01 * len(tissue)):
+        base = base[:, tissue]
     return torch.stack([base.mean(1), base.std(1, correction=0).clamp_min(1e-3)]).float()  # 1 px: std 0, not NaN
 
 
@@ -363,7 +368,8 @@ def adapt(
         im2, lab2 = rescale(im, f, order=1), rescale(lab.astype(np.uint8), f, order=0)
         sup.append(_crop_to_labels(im2, lab2, CONTEXT_PX))
     sigmas_um, object_um2 = colour_sigmas(cfg, [lab for _, lab in sup], backbone.mpp, init)
-    stats = [image_colour_stats(im) for im in images] if sigmas_um else [None] * len(images)
+    stats = ([image_colour_stats(im, cfg.colour_tissue_min_od) for im in images] if sigmas_um
+             else [None] * len(images))
     start = init.state if init is not None else initial_head(backbone, len(classes), seed=cfg.seed)
     if init is not None and len(init.classes) != len(classes):
         raise ValueError(f"the starting head has {len(init.classes)} classes, the support names {len(classes)}")

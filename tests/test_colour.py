@@ -53,23 +53,32 @@ def test_statistics_standardise_the_image_and_agree_for_arrays_and_slides():
     tile = synthetic_tile((96, 128), seed=1, mpp=0.5)
     stats = image_colour_stats(tile.image)
     assert stats.shape == (2, 5)
-    z = colour_channels(to_tensor_image(tile.image), stats, [0.0])[0].reshape(5, -1).double()
+    every = image_colour_stats(tile.image, tissue_min_od=0.0)  # every pixel counts: the image is standardised
+    z = colour_channels(to_tensor_image(tile.image), every, [0.0])[0].reshape(5, -1).double()
     np.testing.assert_allclose(z.mean(1).numpy(), 0, atol=1e-4)
     np.testing.assert_allclose(z.std(1).numpy(), 1, atol=1e-3)
     # a stain shift (the image darker and bluer) cancels in the standardised channels
     shifted = np.clip(tile.image.astype(int) * [0.8, 0.85, 0.95], 0, 255).astype(np.uint8)
-    z2 = colour_channels(to_tensor_image(shifted), image_colour_stats(shifted), [0.0])[0].reshape(5, -1)
+    z2 = colour_channels(to_tensor_image(shifted), image_colour_stats(shifted, tissue_min_od=0.0), [0.0])[0]
+    z2 = z2.reshape(5, -1)
     assert np.corrcoef(z.numpy()[3], z2.numpy()[3])[0, 1] > 0.99
     # above COLOUR_STATS_ALL_PX a slide is sampled in windows; its array and its lazy view give the same numbers
     big = np.tile(tile.image, (22, 18, 1))  # 2112 x 2304 px = 4.9 MP
     assert big.shape[0] * big.shape[1] > 4_000_000
     torch.testing.assert_close(image_colour_stats(big), image_colour_stats(open_array(big, "big")))
+    # glass does not count: the tile on a slide that is mostly white background has the tile's statistics
+    slide = np.full((300, 400, 3), 240, np.uint8)
+    slide[100:196, 150:278] = tile.image
+    torch.testing.assert_close(image_colour_stats(slide), stats)
+    assert not torch.allclose(image_colour_stats(slide, tissue_min_od=0.0), stats)  # counted, it would shift them
     one = image_colour_stats(tile.image[:1, :1])  # a single pixel: finite (std floored), never NaN
     assert torch.isfinite(one).all() and (one[1] > 0).all()
     with pytest.raises(ValueError, match="colour_sigmas_um"):
         MAMLConfig(colour_sigmas_um=(-1.0,))
     with pytest.raises(ValueError, match="colour_lr_scale"):
         MAMLConfig(colour_lr_scale=0.0)
+    with pytest.raises(ValueError, match="colour_tissue_min_od"):
+        MAMLConfig(colour_tissue_min_od=-1.0)
 
 
 def test_support_pixels_and_windows_are_cut_from_the_whole_colour_map():
