@@ -29,6 +29,23 @@ def shared_data() -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def small_backbone(tmp_path_factory):
+    """A tiny random backbone (base 8, depth 3, the generic head, no HoVer types) saved and loaded as a checkpoint."""
+    import torch
+
+    from napari_metahistoseg.checkpoints import save_model
+    from napari_metahistoseg.config import ModelConfig
+    from napari_metahistoseg.models import MetaHistoSegNet
+    from napari_metahistoseg.pipeline import load_backbone
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("bb") / "bb"
+    save_model(MetaHistoSegNet(ModelConfig(base_channels=8, depth=3), {"generic": 2}, hover_types=0), path,
+               head_classes={"generic": ["background", "foreground"]})
+    return load_backbone(str(path))
+
+
 try:  # no deadlines: the test machines are small and shared, so timing-based failures would be noise
     from hypothesis import settings
 

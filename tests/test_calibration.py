@@ -7,13 +7,12 @@ import pytest
 import torch
 import zarr
 
-from napari_metahistoseg.checkpoints import save_model
-from napari_metahistoseg.config import MAMLConfig, ModelConfig, TilingConfig
+from napari_metahistoseg.config import MAMLConfig, TilingConfig
 from napari_metahistoseg.data.synthetic import synthetic_tile
 from napari_metahistoseg.data.task import IGNORE
 from napari_metahistoseg.inference import decide, predict, predict_large
 from napari_metahistoseg.maml import head_pixel_logits, run
-from napari_metahistoseg.models import MetaHistoSegNet, PixelHead
+from napari_metahistoseg.models import PixelHead
 from napari_metahistoseg.pipeline import (
     AdaptedHead,
     adapt,
@@ -22,7 +21,6 @@ from napari_metahistoseg.pipeline import (
     calibrates,
     calibration_window,
     gaussian_smooth,
-    load_backbone,
 )
 
 
@@ -83,12 +81,8 @@ def test_which_supports_calibrate():
 
 
 @pytest.fixture(scope="module")
-def backbone(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("bb") / "bb"
-    save_model(MetaHistoSegNet(ModelConfig(base_channels=8, depth=3), {"generic": 2}, hover_types=0), path,
-               head_classes={"generic": ["background", "foreground"]})
-    return load_backbone(str(path))
+def backbone(small_backbone):
+    return small_backbone
 
 
 def test_adapt_records_the_threshold_and_predictions_use_it(backbone, tmp_path):

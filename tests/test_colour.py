@@ -8,12 +8,11 @@ import torch
 import zarr
 from skimage.color import rgb2hed
 
-from napari_metahistoseg.checkpoints import save_model
-from napari_metahistoseg.config import MAMLConfig, ModelConfig, TilingConfig
+from napari_metahistoseg.config import MAMLConfig, TilingConfig
 from napari_metahistoseg.data.synthetic import synthetic_tile
 from napari_metahistoseg.inference import predict, predict_large
 from napari_metahistoseg.maml import pixel_support, run
-from napari_metahistoseg.models import MetaHistoSegNet, colour_base, colour_channels, to_tensor_image
+from napari_metahistoseg.models import colour_base, colour_channels, to_tensor_image
 from napari_metahistoseg.pipeline import (
     AdaptedHead,
     adapt,
@@ -23,7 +22,6 @@ from napari_metahistoseg.pipeline import (
     colour_window,
     image_colour_stats,
     initial_head,
-    load_backbone,
     support_object_um2,
 )
 from napari_metahistoseg.slide import open_array
@@ -32,12 +30,8 @@ SIGMAS_UM = MAMLConfig().colour_sigmas_um
 
 
 @pytest.fixture(scope="module")
-def backbone(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("bb") / "bb"
-    save_model(MetaHistoSegNet(ModelConfig(base_channels=8, depth=3), {"generic": 2}, hover_types=0), path,
-               head_classes={"generic": ["background", "foreground"]})
-    return load_backbone(str(path))
+def backbone(small_backbone):
+    return small_backbone
 
 
 def test_stain_channels_are_skimage_rgb2hed():
