@@ -164,9 +164,11 @@ class AdaptedHead:
         own = model.state_dict()
         for k, v in self.state.items():
             if k == f"heads.{TASK}.net.0.weight" and k in own and v.shape[1] != own[k].shape[1]:
-                raise ValueError(f"head tensor {k!r} takes {v.shape[1]} inputs and does not fit this backbone: its "
-                                 f"{model.backbone.out_channels} features and the {len(self.colour_sigmas_um)} "
-                                 f"colour sigmas of the head's provenance make {own[k].shape[1]}")
+                n_col = own[k].shape[1] - model.backbone.out_channels
+                col = f" + {n_col} colour channels of the {len(self.colour_sigmas_um)} sigmas in the head's provenance"
+                raise ValueError(f"head tensor {k!r} takes {v.shape[1]} inputs and does not fit this backbone, which "
+                                 f"gives {own[k].shape[1]} ({model.backbone.out_channels} features"
+                                 f"{col if n_col else ''})")
             if k not in own or own[k].shape != v.shape:
                 raise ValueError(f"head tensor {k!r} {tuple(v.shape)} does not fit this backbone "
                                  f"({tuple(own[k].shape) if k in own else 'no such tensor'})")

@@ -397,7 +397,7 @@ def test_nan_weights_refused(tmp_path: Path) -> None:
         (lambda d: d.update(colours=[1, 2]), "'colours' must be null or a list"),
         (lambda d: d["provenance"].update(colour_sigmas_um="abc"), "'provenance.colour_sigmas_um' must be null or"),
         (lambda d: d["provenance"].update(colour_sigmas_um=[-1]), "'provenance.colour_sigmas_um' must be null or"),
-        (lambda d: d["provenance"].update(colour_sigmas_um=[0.0]), "colour sigmas of the head's provenance make"),
+        (lambda d: d["provenance"].update(colour_sigmas_um=[0.0]), "colour channels of the 1 sigmas"),
     ],
 )
 def test_bad_head_description(tmp_path: Path, head_dir: Path, tiny_backbone, edit, problem: str) -> None:
