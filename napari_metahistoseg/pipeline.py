@@ -423,13 +423,19 @@ def colour_support(im: np.ndarray, lab: np.ndarray, stats: torch.Tensor, sigmas_
     """The colour inputs ``(P, 5 * len(sigmas_px))`` of the support pixels :func:`.maml.pixel_support` picks from
     ``lab`` with the same arguments (same pixels, same order), one sigma at a time (a large support region never
     holds all its colour channels at once)."""
+    idx = support_indices(lab, n_classes, max_pixels=max_pixels, seed=seed, stratified=stratified)
     x = to_tensor_image(im)
-    cols = []
-    for s in sigmas_px:
-        c, _ = pixel_support(colour_channels(x, stats, [s]), torch.from_numpy(lab)[None], n_classes,
-                             max_pixels=max_pixels, seed=seed, stratified=stratified)
-        cols.append(c)
-    return torch.cat(cols, 1)
+    return torch.cat([colour_channels(x, stats, [s])[0].reshape(len(COLOUR_BASE), -1)[:, idx].t()
+                      for s in sigmas_px], 1)
+
+
+def support_indices(lab: np.ndarray, n_classes: int, *, max_pixels: int, seed: int, stratified: bool
+                    ) -> torch.Tensor:
+    """Flat indices ``(P,)`` into ``lab (H, W)`` of the pixels :func:`.maml.pixel_support` picks with the same
+    arguments, in its order."""
+    flat = torch.arange(lab.size, dtype=torch.float64).reshape(1, 1, *lab.shape)
+    return pixel_support(flat, torch.from_numpy(lab)[None], n_classes, max_pixels=max_pixels, seed=seed,
+                         stratified=stratified)[0][:, 0].long()
 
 
 def colour_window(im: np.ndarray, stats: torch.Tensor, sigmas_px: Sequence[float], side: int) -> torch.Tensor:
@@ -474,8 +480,7 @@ def support_part(backbone: Backbone, feats: torch.Tensor, im: np.ndarray, lab: n
     if n_images > 1:
         fold = torch.full((len(y),), i % 2, dtype=torch.int64)
     else:  # the columns of the same sampled pixels (same labels and seed: same picks)
-        col = torch.arange(lab.shape[1], dtype=torch.float32).expand(1, 1, *lab.shape)
-        c = pixel_support(col, torch.from_numpy(lab)[None], n_classes, **sample)[0][:, 0]
+        c = (support_indices(lab, n_classes, **sample) % lab.shape[1]).float()
         fold = (c >= c.median()).long() if len(c) else torch.zeros(0, dtype=torch.int64)
     if sig:
         x = torch.cat([x, colour_support(im, lab, stats, sig, n_classes, **sample)], 1)
