@@ -269,8 +269,7 @@ class FeatureCache:
         key = (bb.sha256, task, s.sample_id)
         if key not in self.store:
             t0 = time.time()
-            im = rescale(s.image, (s.mpp or bb.mpp) / bb.mpp, order=1)
-            self.store[key] = run(_features(bb.model, im, torch.device("cpu"), TilingConfig()))
+            self.store[key] = run(_features(bb.model, _model_image(bb, s), torch.device("cpu"), TilingConfig()))
             self.seconds += time.time() - t0
         return self.store[key]
 
@@ -323,10 +322,9 @@ def predict_cached(model: torch.nn.Module, feats: torch.Tensor, s: Sample, bb: B
     smoothed over the whole image at once (``predict`` smooths each tile: equal away from tile borders)."""
     classes, threshold, smoothing_um = head.classes, head.threshold, head.smoothing_um
     with torch.inference_mode():
-        colour = head.colour_input(bb, image_colour_stats(s.image, head.maml.colour_tissue_min_od)
-                                   if head.colour_sigmas_um else None)
-        model_probs = model.heads[TASK](head_input(feats[None], to_tensor_image(_model_image(bb, s)),
-                                                   colour))["seg"].softmax(1)
+        colour = head.colour_input(bb, s.image)
+        tile = to_tensor_image(_model_image(bb, s)) if colour is not None else None  # only colour inputs need it
+        model_probs = model.heads[TASK](head_input(feats[None], tile, colour))["seg"].softmax(1)
         probs = _resize_maps(model_probs[0].numpy(), s.shape)
         dec = _resize_maps(gaussian_smooth(model_probs, smoothing_um / bb.mpp)[0].numpy(), s.shape) \
             if smoothing_um > 0 else probs

@@ -30,7 +30,7 @@ import torch
 from .config import HoVerPostConfig, ObjectPostConfig, PointsConfig, TilingConfig, to_dict
 from .data.io import to_rgb_uint8
 from .devices import resolve_devices
-from .pipeline import AdaptedHead, Backbone, _check_mpp, gaussian_smooth, image_colour_stats, rescale
+from .pipeline import AdaptedHead, Backbone, _check_mpp, gaussian_smooth, rescale
 from .postprocess import (
     OBJECT_COLUMNS,
     CoarseObjects,
@@ -177,11 +177,6 @@ def tta_forward(fwd: Callable[[torch.Tensor], dict[str, torch.Tensor]], variants
     return averaged
 
 
-def _colour_stats(head: AdaptedHead, image) -> torch.Tensor | None:
-    """The image statistics the head's colour inputs need (None for a head without them)."""
-    return image_colour_stats(image, head.maml.colour_tissue_min_od) if head.colour_sigmas_um else None
-
-
 def _decision_smoothing_px(head: AdaptedHead, backbone: Backbone, tiling: TilingConfig) -> float:
     """The class decision's smoothing sigma in model pixels (each tile is smoothed on its own: a kernel reaching
     beyond the tile halo may leave seams, which is logged)."""
@@ -223,7 +218,7 @@ def predict(
     small = rescale(image, f, order=1)
     model = _inference_model(backbone, head, tiling)
     reps = _replicas(model, devs)
-    colour = head.colour_input(backbone, _colour_stats(head, image))
+    colour = head.colour_input(backbone, image)
     n_cls = len(head.classes)
     smooth_px = _decision_smoothing_px(head, backbone, tiling)
     has_nc = instances and getattr(model.heads["hover"], "nc", None) is not None
@@ -565,7 +560,7 @@ def _predict_large(backbone, head, image, out, mpp, devs, tiling, instances, hov
     model = _inference_model(backbone, head, tiling)
     has_nc = instances and getattr(model.heads["hover"], "nc", None) is not None
     smooth_px = _decision_smoothing_px(head, backbone, tiling)
-    colour = head.colour_input(backbone, _colour_stats(head, image))
+    colour = head.colour_input(backbone, image)
     fwds = [tta_forward(_forward_for(m, instances, np_source, has_nc, smooth_px, colour), tiling.tta_variants)
             for m in _replicas(model, devs)]
     channels = {"seg": len(head.classes), **({"dec": len(head.classes)} if smooth_px > 0 else {})}

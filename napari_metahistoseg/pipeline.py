@@ -28,7 +28,8 @@ from .config import MAMLConfig, TilingConfig, from_dict, to_dict
 from .data.io import to_rgb_uint8
 from .data.task import IGNORE
 from .devices import resolve_devices
-from .maml import adapt_head_on_pixels, balanced_weights, head_pixel_logits, inner_loop, pixel_support, relay
+from .maml import adapt_head_on_pixels, balanced_weights, head_pixel_logits, inner_loop, pixel_support, relay, run
+from .metrics import ConfusionAccumulator
 from .models import (
     COLOUR_BASE,
     MetaHistoSegNet,
@@ -51,7 +52,6 @@ CONTEXT_PX = 48  # context kept around labelled pixels when cropping the support
 COLOUR_STATS_ALL_PX = 4_000_000  # images up to this size: colour statistics over every pixel
 COLOUR_STATS_WINDOWS = 64  # larger images (slides): over this many windows on a regular grid
 COLOUR_STATS_WINDOW_PX = 256
-__all__ = ["gaussian_smooth"]  # re-exported (it lives in models, next to the colour inputs that use it)
 _BACKBONES: dict[str, Backbone] = {}
 
 
@@ -129,13 +129,13 @@ class AdaptedHead:
         provenance, so exported heads keep it."""
         return tuple(float(v) for v in self.provenance.get("colour_sigmas_um") or ())
 
-    def colour_input(self, backbone: Backbone, stats: torch.Tensor | None):
-        """``x (B, 3, h, w) -> colour channels`` at the backbone's resolution for an image of colour ``stats``
-        (:func:`image_colour_stats`), or None when the head has no colour inputs."""
+    def colour_input(self, backbone: Backbone, image):
+        """``x (B, 3, h, w) -> colour channels`` at the backbone's resolution for tiles of ``image`` (RGB uint8
+        array or :class:`.slide.LazyImage` at its own resolution, whose :func:`image_colour_stats` standardise
+        them), or None when the head has no colour inputs."""
         if not self.colour_sigmas_um:
             return None
-        if stats is None:
-            raise ValueError("this head sees the image's colour: its statistics (image_colour_stats) are needed")
+        stats = image_colour_stats(image, self.maml.colour_tissue_min_od)
         sig = [v / backbone.mpp for v in self.colour_sigmas_um]
         return lambda x: colour_channels(x, stats, sig)
 
@@ -418,12 +418,11 @@ def _progress(p: dict, t0: float, stage: str) -> dict:
     return {**p, "stage": stage, "elapsed_s": el, "eta_s": el / max(p["step"], 1) * (p["steps"] - p["step"])}
 
 
-def colour_support(im: np.ndarray, lab: np.ndarray, stats: torch.Tensor, sigmas_px: Sequence[float], n_classes: int,
-                   *, max_pixels: int, seed: int, stratified: bool) -> torch.Tensor:
-    """The colour inputs ``(P, 5 * len(sigmas_px))`` of the support pixels :func:`.maml.pixel_support` picks from
-    ``lab`` with the same arguments (same pixels, same order), one sigma at a time (a large support region never
-    holds all its colour channels at once)."""
-    idx = support_indices(lab, n_classes, max_pixels=max_pixels, seed=seed, stratified=stratified)
+def colour_support(im: np.ndarray, idx: torch.Tensor, stats: torch.Tensor, sigmas_px: Sequence[float]
+                   ) -> torch.Tensor:
+    """The colour inputs ``(P, 5 * len(sigmas_px))`` of the support pixels at flat indices ``idx`` of ``im``
+    (:func:`support_indices`), one sigma at a time (a large support region never holds all its colour channels at
+    once)."""
     x = to_tensor_image(im)
     return torch.cat([colour_channels(x, stats, [s])[0].reshape(len(COLOUR_BASE), -1)[:, idx].t()
                       for s in sigmas_px], 1)
@@ -477,13 +476,13 @@ def support_part(backbone: Backbone, feats: torch.Tensor, im: np.ndarray, lab: n
     sig = [v / backbone.mpp for v in sigmas_um]
     sample = {"max_pixels": max(1, cfg.max_support_pixels // n_images), "seed": cfg.seed + i, "stratified": balance}
     x, y = pixel_support(feats[None], torch.from_numpy(lab)[None], n_classes, **sample)
-    if n_images > 1:
-        fold = torch.full((len(y),), i % 2, dtype=torch.int64)
-    else:  # the columns of the same sampled pixels (same labels and seed: same picks)
-        c = (support_indices(lab, n_classes, **sample) % lab.shape[1]).float()
-        fold = (c >= c.median()).long() if len(c) else torch.zeros(0, dtype=torch.int64)
+    fold = torch.full((len(y),), i % 2, dtype=torch.int64)
     if sig:
-        x = torch.cat([x, colour_support(im, lab, stats, sig, n_classes, **sample)], 1)
+        idx = support_indices(lab, n_classes, **sample)  # the same picks, as flat indices
+        x = torch.cat([x, colour_support(im, idx, stats, sig)], 1)
+        if n_images == 1 and len(idx):  # one image: its left and right halves (columns split at the median)
+            c = (idx % lab.shape[1]).float()
+            fold = (c >= c.median()).long()
     window = None
     if calibrating and cfg.calibrate_smoothing:
         f, wl = calibration_window(feats, lab, cfg.calibration_window_px)
@@ -559,7 +558,7 @@ def colour_check(backbone: Backbone, x: torch.Tensor, y: torch.Tensor, fold: tor
     present = [set(torch.unique(y[fold == f]).tolist()) for f in (0, 1)]
     if len(present[0]) < 2 or present[0] != present[1]:
         return None
-    counts = {"features": np.zeros((n_classes, 2)), "colour": np.zeros((n_classes, 2))}
+    accs = {"features": ConfusionAccumulator(n_classes), "colour": ConfusionAccumulator(n_classes)}
     gen = torch.Generator().manual_seed(cfg.seed)
     for f in (0, 1):
         fit, held = torch.nonzero(fold == f).flatten(), fold != f
@@ -568,29 +567,13 @@ def colour_check(backbone: Backbone, x: torch.Tensor, y: torch.Tensor, fold: tor
             fit = fit[torch.randperm(len(fit), generator=gen)[:cap].sort().values.to(fit.device)]
         for name, cols, ex in (("features", n_feat, 0), ("colour", n_feat + extra, extra)):
             template, start, lrs = _head_start(backbone, init, ex, n_classes, cfg)
-            fast = run_quiet(adapt_head_on_pixels(template, start, x[fit][:, :cols], y[fit], n_classes=n_classes,
-                                                  steps=cfg.steps, lr=cfg.inner_lr, first_order=True,
-                                                  balance=balance, lrs=lrs, devices=[x.device]))
+            fast = run(adapt_head_on_pixels(template, start, x[fit][:, :cols], y[fit], n_classes=n_classes,
+                                            steps=cfg.steps, lr=cfg.inner_lr, first_order=True, balance=balance,
+                                            lrs=lrs, devices=[x.device]))
             with torch.no_grad():
                 pred = head_pixel_logits(template, fast, x[held][:, :cols]).argmax(1)
-            truth = y[held]
-            for c in range(n_classes):
-                p, t = pred == c, truth == c
-                counts[name][c] += [float((p & t).sum()), float((p | t).sum())]
-    out = {}
-    for name, cnt in counts.items():
-        seen = cnt[:, 1] > 0
-        out[name] = round(float((cnt[seen, 0] / cnt[seen, 1]).mean()), 4)
-    return out
-
-
-def run_quiet(gen: Generator) -> object:
-    """Drive a generator to its return value, dropping its progress."""
-    try:
-        while True:
-            next(gen)
-    except StopIteration as stop:
-        return stop.value
+            accs[name].update(pred.cpu().numpy()[None], y[held].cpu().numpy()[None])
+    return {name: round(acc.miou(), 4) for name, acc in accs.items()}
 
 
 def calibrates(cfg: MAMLConfig, labels: Sequence[np.ndarray], n_classes: int) -> bool:

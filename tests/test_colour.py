@@ -22,6 +22,7 @@ from napari_metahistoseg.pipeline import (
     colour_window,
     image_colour_stats,
     initial_head,
+    support_indices,
     support_object_um2,
 )
 from napari_metahistoseg.slide import open_array
@@ -84,7 +85,7 @@ def test_support_pixels_and_windows_are_cut_from_the_whole_colour_map():
     full = colour_channels(to_tensor_image(tile.image), stats, sig)
     kw = {"max_pixels": 500, "seed": 3, "stratified": True}
     want, _ = pixel_support(full, torch.from_numpy(lab)[None], 2, **kw)
-    torch.testing.assert_close(colour_support(tile.image, lab, stats, sig, 2, **kw), want)
+    torch.testing.assert_close(colour_support(tile.image, support_indices(lab, 2, **kw), stats, sig), want)
     win = colour_window(tile.image, stats, sig, 48)  # the centre window, with 12 px of context
     torch.testing.assert_close(win.float(), full[0, :, 16:64, 26:74].half().float())
 
