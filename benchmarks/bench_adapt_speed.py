@@ -237,6 +237,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     p.add_argument("--decoder-repeats", type=int, default=3, help="runs of the decoder row (0 = skip it)")
     p.add_argument("--out", default="adapt_speed", help="results name under benchmarks/results/")
+    p.add_argument("--devices", default="auto",
+                   help="comma-separated devices to time, one after the other (auto: cpu, and cuda:0 if present)")
     p.add_argument("--decoder-blocks", default="0,2,1",
                    help="MAMLConfig.decoder_blocks of the decoder rows (0 = all blocks)")
     args = p.parse_args(argv)
@@ -247,7 +249,8 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     bb = load_backbone(common.resolve_checkpoint(args.backbone, "backbone"))
     result = {**common.provenance(), "backbone": {"name": bb.name, "sha256": bb.sha256}, "repeats": repeats}
-    devices = ["cpu"] + (["cuda:0"] if torch.cuda.is_available() else [])
+    devices = (["cpu"] + (["cuda:0"] if torch.cuda.is_available() else [])) if args.devices == "auto" \
+        else args.devices.split(",")
     rows = []
     for dev in devices:
         rows += measure(bb, dev, repeats, sizes, steps, args.decoder_repeats if not args.quick else 1,

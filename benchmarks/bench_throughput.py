@@ -92,6 +92,15 @@ def main() -> None:
     ap.add_argument("--workers", default="both",
                     help="CPU tile threads (TilingConfig.cpu_workers): 'both' = 1 and the thread count, or a number")
     ap.add_argument("--no-gpu", action="store_true")
+    ap.add_argument("--no-cpu", action="store_true", help="GPU rows only")
+    ap.add_argument("--gpu-size", type=int, default=4096,
+                    help="image side (px) for the GPU rows (a 1024² image is over in milliseconds there)")
+    ap.add_argument("--gpu-tiles", default="512,1024", help="tile sides for the GPU rows")
+    ap.add_argument("--gpu-batches", default="4,8,16", help="tiles per forward for the GPU rows")
+    ap.add_argument("--colour", action="store_true",
+                    help="also time a head with colour inputs (MAMLConfig.colour_features: 20 more head inputs, "
+                         "the image's colour statistics) at the best tile/batch of each device")
+    ap.add_argument("--name", default="throughput", help="results file stem under benchmarks/results/")
     ap.add_argument("--append", action="store_true",
                     help="keep the rows of an earlier throughput.json for device/thread settings not rerun")
     args = ap.parse_args()
@@ -103,51 +112,80 @@ def main() -> None:
 
     bb = load_backbone(common.resolve_checkpoint(args.backbone, "backbone"))
     head = AdaptedHead(["background", "foreground"], initial_head(bb, 2), bb.sha256, _maml(), bb.mpp)
-    img = image(args.size, bb.mpp)
-    img40 = image(args.size, bb.mpp / 2)
-    mp = args.size * args.size / 1e6
     rows: list[dict] = []
     kept = _earlier_rows(args)
-    # CPU: (threads, tile threads); a tile-thread count of 1 is one tile at a time on all threads
-    targets = [("cpu", int(t), w, False) for t in args.threads.split(",")
-               for w in sorted({1, int(t)} if args.workers == "both" else {int(args.workers or t)})]
-    if torch.cuda.is_available() and not args.no_gpu:
-        targets += [("cuda:0", 0, 1, False), ("cuda:0", 0, 1, True)]
+    # CPU: (threads, tile threads, bf16, host blending); a tile-thread count of 1 is one tile at a time on all threads
+    targets = [] if args.no_cpu else [
+        ("cpu", int(t), w, False, False) for t in args.threads.split(",")
+        for w in sorted({1, int(t)} if args.workers == "both" else {int(args.workers or t)})]
+    if torch.cuda.is_available() and not args.no_gpu:  # host blending: the path before device blending, to compare
+        targets += [("cuda:0", 0, 1, False, False), ("cuda:0", 0, 1, True, False), ("cuda:0", 0, 1, True, True)]
     info = machine()
-    for device, threads, workers, bf16 in targets:
+    colour_head = _colour_head(bb) if args.colour else None
+    for device, threads, workers, bf16, host_blend in targets:
         if device == "cpu":
             torch.set_num_threads(threads)
-        label = _label(device, threads, workers, bf16)
-        tiles = [int(t) for t in args.tiles.split(",")]
-        batches = [int(b) for b in args.batches.split(",")]
-        if device != "cpu":
-            tiles, batches = sorted(set(tiles) | {1024}), sorted(set(batches) | {8})
+        label = _label(device, threads, workers, bf16, host_blend)
+        size = args.size if device == "cpu" else args.gpu_size
+        img, img40, mp = image(size, bb.mpp), image(size, bb.mpp / 2), size * size / 1e6
+        tiles = [int(t) for t in (args.tiles if device == "cpu" else args.gpu_tiles).split(",")]
+        batches = [int(b) for b in (args.batches if device == "cpu" else args.gpu_batches).split(",")]
 
-        def tiling(tile: int, batch: int, workers: int = workers, bf16: bool = bf16) -> TilingConfig:
+        def tiling(tile: int, batch: int, workers: int = workers, bf16: bool = bf16,
+                   host_blend: bool = host_blend) -> TilingConfig:
             # batch = tiles per forward pass (per tile thread)
             return TilingConfig(tile_px=tile, halo_px=32, batch_size=batch * workers, cpu_batch_size=batch,
-                                cpu_workers=workers, autocast_bf16=bf16)
+                                cpu_workers=workers, autocast_bf16=bf16,
+                                **({"device_blend_max_mb": 0.0} if host_blend else {}))
 
         for tile in tiles:
             for batch in batches:
                 ts, cpu = time_predict(bb, head, img, bb.mpp, tiling(tile, batch), device, args.repeats)
-                rows.append(_row(label, tile, batch, args.size, bb.mpp, ts, cpu, mp))
+                rows.append(_row(label, tile, batch, size, bb.mpp, ts, cpu, mp))
                 _show(rows[-1])
                 _save(kept + rows, info, args, bb)  # a stopped run keeps what it measured
         best = max((r for r in rows if r["device"] == label),  # CPU: by CPU time (robust to other jobs)
                    key=lambda r: r["mp_per_cpu_s"] if device == "cpu" else r["mp_per_s"])
         ts, cpu = time_predict(bb, head, img40, bb.mpp / 2, tiling(best["tile"], best["batch"]), device,
                                args.repeats)
-        rows.append(_row(label, best["tile"], best["batch"], args.size, bb.mpp / 2, ts, cpu, mp))
+        rows.append(_row(label, best["tile"], best["batch"], size, bb.mpp / 2, ts, cpu, mp))
         _show(rows[-1])
+        if colour_head is not None:
+            ts, cpu = time_predict(bb, colour_head, img, bb.mpp, tiling(best["tile"], best["batch"]), device,
+                                   args.repeats)
+            rows.append(_row(f"{label}, colour head", best["tile"], best["batch"], size, bb.mpp, ts, cpu, mp))
+            _show(rows[-1])
         _save(kept + rows, info, args, bb)
     info["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
     _report(kept + rows, info, args, bb)
 
 
-def _label(device: str, threads: int, workers: int, bf16: bool) -> str:
+def _colour_head(bb):
+    """A two-class head with the default colour inputs (its colour weights random, as after adaptation; their cost
+    does not depend on their values)."""
+    from napari_metahistoseg.config import MAMLConfig
+    from napari_metahistoseg.models import COLOUR_BASE
+    from napari_metahistoseg.pipeline import TASK, AdaptedHead, _head_start, initial_head
+
+    cfg = MAMLConfig()
+    pre = f"heads.{TASK}."
+    init = {k[len(pre):]: v for k, v in initial_head(bb, 2).items()}
+    _, state, _ = _head_start(bb, init, len(COLOUR_BASE) * len(cfg.colour_sigmas_um), 2, cfg)
+    state["net.0.weight"] = state["net.0.weight"] + 0.01 * torch_randn_like(state["net.0.weight"])
+    state = {pre + k: v for k, v in state.items()}
+    return AdaptedHead(["background", "foreground"], state, bb.sha256, cfg, bb.mpp,
+                       {"colour_sigmas_um": list(cfg.colour_sigmas_um)})
+
+
+def torch_randn_like(t):
+    import torch
+
+    return torch.randn(t.shape, generator=torch.Generator().manual_seed(SEED), dtype=t.dtype)
+
+
+def _label(device: str, threads: int, workers: int, bf16: bool, host_blend: bool = False) -> str:
     if device != "cpu":
-        return f"{device}{' bf16' if bf16 else ''}"
+        return f"{device}{' bf16' if bf16 else ''}{', host blending' if host_blend else ''}"
     return f"cpu x{threads}" + (f", {workers} tile threads" if workers > 1 else "")
 
 
@@ -172,12 +210,12 @@ def _maml():
 
 def _earlier_rows(args) -> list[dict]:
     """Rows of an earlier run for devices/thread counts this run does not measure (``--append``)."""
-    path = RESULTS / "throughput.json"
+    path = RESULTS / f"{args.name}.json"
     if not (args.append and path.exists()):
         return []
     threads = {f"cpu x{t}" for t in args.threads.split(",")}
     return [r for r in json.loads(path.read_text())["rows"]
-            if r["device"].split(",")[0] not in threads and r["device"] not in {"cuda:0", "cuda:0 bf16"}]
+            if r["device"].split(",")[0] not in threads and not r["device"].startswith("cuda")]
 
 
 def _save(rows: list[dict], info: dict, args, bb) -> None:
@@ -189,7 +227,7 @@ def _save(rows: list[dict], info: dict, args, bb) -> None:
                    "the model processes a quarter of them); MP per CPU-s = per second of this process's CPU time, "
                    "less sensitive to other jobs sharing the cores (see load_avg); with several threads CPU time "
                    "also counts OpenMP spin-waiting"}
-    (RESULTS / "throughput.json").write_text(json.dumps(out, indent=1) + "\n")
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(out, indent=1) + "\n")
 
 
 def _report(rows: list[dict], info: dict, args, bb) -> None:
@@ -199,11 +237,11 @@ def _report(rows: list[dict], info: dict, args, bb) -> None:
         print(f"| {r['device']} | {r['tile']} | {r['batch']} | {r['mpp']} | {r['seconds']:.3f} | "
               f"{r['mp_per_s']:.3f} | {r['cpu_seconds']:.3f} | {r['mp_per_cpu_s']:.3f} |")
     _save(rows, info, args, bb)
-    _plot(rows)
-    print(f"\nwrote {RESULTS / 'throughput.json'} and {RESULTS / 'throughput.png'}")
+    _plot(rows, args.name)
+    print(f"\nwrote {RESULTS / (args.name + '.json')} and {RESULTS / (args.name + '.png')}")
 
 
-def _plot(rows: list[dict]) -> None:
+def _plot(rows: list[dict], name: str = "throughput") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -220,7 +258,7 @@ def _plot(rows: list[dict]) -> None:
         ax.axhline(1.0, color="grey", ls=":", lw=1)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(RESULTS / "throughput.png", dpi=110)
+    fig.savefig(RESULTS / f"{name}.png", dpi=110)
     plt.close(fig)
 
 

@@ -19,7 +19,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = (REPO / ".." / "shared" / "data").resolve()
+# the shared dev data: $METAHISTOSEG_DATA if set (as for the tests), else ../shared/data beside the checkout
+DATA = Path(os.environ.get("METAHISTOSEG_DATA") or REPO / ".." / "shared" / "data").expanduser().resolve()
 RESULTS = REPO / "benchmarks" / "results"
 BUNDLED = REPO / "napari_metahistoseg" / "weights"
 

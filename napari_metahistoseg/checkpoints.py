@@ -357,6 +357,7 @@ def restore_optimizer(opt: torch.optim.Optimizer, names: dict[int, str], flat: d
     by_name = {names[id(p)]: p for g in opt.param_groups for p in g["params"]}
     for key, v in flat.items():
         _, n, k = key.split("::")
-        if n in by_name:
-            opt.state[by_name[n]][k] = v
+        if n in by_name:  # moments next to their parameter (a run resumed on another device); Adam's step stays
+            p = by_name[n]
+            opt.state[p][k] = v if k == "step" else v.to(p.device)
 

@@ -200,6 +200,9 @@ class TrainConfig:
     checkpoint_every: int = 100  # steps
     seed: int = 0
     threads: int = 0  # torch intra-op threads (0 = torch default)
+    # "auto": under torchrun each rank takes cuda:LOCAL_RANK, else the first GPU; a CPU when there is none.
+    # "cpu", "cuda", "cuda:1", ...: that device (a missing one is an error, never a silent fallback)
+    device: str = "auto"
     out_dir: str = "runs/backbone"
 
     def __post_init__(self) -> None:
@@ -229,6 +232,10 @@ class TilingConfig:
     malloc_keep_mb: float = 256.0
     channels_last: bool = True  # NHWC tensors (faster convolutions on CPU and CUDA)
     autocast_bf16: bool = False  # bf16 autocast on CUDA
+    # in-memory prediction on a GPU: tiles are blended on the first device of the set (no per-tile copies to host
+    # memory, no host-side blending; the blended maps come back once) while its accumulators (float32 maps + blend
+    # weights) take at most this many MB of device memory; larger images, and CPU-first device sets, blend on the host
+    device_blend_max_mb: float = 4096.0
     # test-time augmentation: average the outputs of this many dihedral variants of every tile (1 = off; 2 = +
     # left-right flip; 4 = all flips; 8 = flips and transposes). HV maps are mapped back (signs, axes). Costs as
     # many forward passes
@@ -251,8 +258,9 @@ class TilingConfig:
             raise ValueError(f"TilingConfig.pyramid_min_px must be an integer >= 0, got {self.pyramid_min_px!r}")
         if not 0 <= 2 * self.halo_px < self.tile_px:
             raise ValueError("TilingConfig needs 0 <= 2*halo_px < tile_px")
-        if not self.malloc_keep_mb >= 0:
-            raise ValueError(f"TilingConfig.malloc_keep_mb must be >= 0, got {self.malloc_keep_mb!r}")
+        for name in ("malloc_keep_mb", "device_blend_max_mb"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"TilingConfig.{name} must be >= 0, got {getattr(self, name)!r}")
         if self.tta_variants not in (1, 2, 4, 8):
             raise ValueError(f"TilingConfig.tta_variants must be 1, 2, 4 or 8, got {self.tta_variants!r}")
         if not (isinstance(self.cpu_workers, int) and self.cpu_workers >= 0):

@@ -106,7 +106,9 @@ class TileRunner:
         if any(torch.device(d).type == "cpu" for d in self.devices):
             tune_cpu_allocator(cfg.malloc_keep_mb)
 
-    def __call__(self, crops: np.ndarray, model_hw: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
+    def __call__(self, crops: np.ndarray, model_hw: tuple[int, int] | None = None, *,
+                 on: torch.device | None = None) -> dict[str, np.ndarray] | dict[str, torch.Tensor]:
+        """``on``: return the outputs as tensors on that device (for blending there) instead of host arrays."""
         n, h, w = crops.shape[:3]
         if self.workers > 1 and n > 1:  # CPU only: parts of the batch side by side, one intra-op thread each
             parts = np.array_split(np.arange(n), min(n, self.workers))
@@ -119,6 +121,10 @@ class TileRunner:
             parts = np.array_split(np.arange(n), len(self.devices))
             pending = [(idx, self._launch(dev, fwd, crops[idx], model_hw))
                        for dev, fwd, idx in zip(self.devices, self.forwards, parts, strict=False) if len(idx)]
+        if on is not None:
+            if len(pending) == 1:
+                return {k: v.to(on) for k, v in pending[0][1].items()}
+            return {k: torch.cat([res[k].to(on) for _, res in pending]) for k in self.channels}
         outs = {k: np.empty((n, c, h, w), np.float32) for k, c in self.channels.items()}
         for idx, res in pending:
             for k in outs:
@@ -195,24 +201,47 @@ def predict_tiled(
     """
     h, w = image.shape[:2]
     tiles = tile_grid((h, w), cfg.tile_px, cfg.halo_px, cfg.tile_multiple_px)
-    acc = {k: np.zeros((c, h, w), np.float32) for k, c in channels.items()}
-    wsum = np.zeros((h, w), np.float32)
+    on = blend_device(cfg, devices, (h, w), sum(channels.values()))
+    if on is None:
+        acc = {k: np.zeros((c, h, w), np.float32) for k, c in channels.items()}
+        wsum = np.zeros((h, w), np.float32)
+    else:  # blended where the tiles were computed: no per-tile copies to host memory
+        acc = {k: torch.zeros((c, h, w), dtype=torch.float32, device=on) for k, c in channels.items()}
+        wsum = torch.zeros((h, w), dtype=torch.float32, device=on)
+    windows: dict[tuple, np.ndarray | torch.Tensor] = {}
     fwds = list(forwards) if forwards is not None else [forward] * len(devices)
     runner = TileRunner(fwds, devices, cfg, channels, activations, cpu_channels_last=cpu_channels_last)
     done = 0
     for batch in _batches(tiles, cfg.batch_for(devices) * len(devices)):
         for group in group_by_shape(batch):
-            out = runner(np.stack([np.asarray(image[r0:r1, c0:c1]) for r0, c0, r1, c1 in group]))
+            out = runner(np.stack([np.asarray(image[r0:r1, c0:c1]) for r0, c0, r1, c1 in group]), on=on)
             for j, (r0, c0, r1, c1) in enumerate(group):
-                win = blend_window(r1 - r0, c1 - c0, cfg.halo_px, (r0 == 0, r1 == h, c0 == 0, c1 == w))
+                key = (r1 - r0, c1 - c0, r0 == 0, r1 == h, c0 == 0, c1 == w)
+                if key not in windows:
+                    win = blend_window(key[0], key[1], cfg.halo_px, key[2:])
+                    windows[key] = win if on is None else torch.from_numpy(win).to(on)
+                win = windows[key]
                 for k in channels:
                     acc[k][:, r0:r1, c0:c1] += out[k][j] * win
                 wsum[r0:r1, c0:c1] += win
         done += len(batch)
         yield {"stage": "predict", "done": done, "total": len(tiles)}
+    if on is not None:
+        wsum = wsum.clamp_min_(_EPS)
+        return {k: (v / wsum).cpu().numpy() for k, v in acc.items()}
     for k in acc:
         acc[k] /= np.maximum(wsum, _EPS)
     return acc
+
+
+def blend_device(cfg: TilingConfig, devices: Sequence[torch.device], shape: tuple[int, int],
+                 channels: int) -> torch.device | None:
+    """The device that blends the tiles of an in-memory prediction: the first of ``devices`` when it is a GPU and
+    the float32 accumulators (``channels`` maps + the weights of ``shape``) fit ``cfg.device_blend_max_mb``; else
+    ``None`` (host memory)."""
+    dev = torch.device(devices[0])
+    need_mb = (channels + 1) * shape[0] * shape[1] * 4 / 2**20
+    return dev if dev.type != "cpu" and need_mb <= cfg.device_blend_max_mb else None
 
 
 class BandBlender:

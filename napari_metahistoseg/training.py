@@ -28,6 +28,7 @@ from .config import TrainConfig, save_json
 from .data.readers import open_dataset
 from .data.samplers import Batch, Episode, batch_loader, episode_loader, rescale_sample
 from .data.task import IGNORE, Sample
+from .devices import get_device
 from .losses import hover_loss, seg_loss
 from .maml import adapt_head_on_pixels, pixel_support, run
 from .models import MetaHistoSegNet, to_tensor_image
@@ -204,9 +205,7 @@ def train(cfg: TrainConfig, *, resume: bool = True) -> Generator[dict, None, Pat
     torch.manual_seed(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = torch.device("cpu")
-    if os.environ.get("LOCAL_RANK") and torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    device = training_device(cfg.device)
     log.info("training on %s (rank %d)", device, _rank())
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -220,8 +219,8 @@ def train(cfg: TrainConfig, *, resume: bool = True) -> Generator[dict, None, Pat
     params = list(model.parameters()) + list(lrs.values())
     opt = torch.optim.Adam(params, lr=cfg.outer_lr, weight_decay=cfg.weight_decay)
     names = {id(p): n for n, p in model.named_parameters()} | {id(v): f"lr.{k}" for k, v in lrs.items()}
-    step = _maybe_resume(out, model, opt, names, lrs) if resume else 0
     model.to(device)
+    step = _maybe_resume(out, model, opt, names, lrs) if resume else 0
     total_steps = cfg.supervised_steps + (cfg.meta_steps if cfg.method == "maml" else 0)
     seed = cfg.seed + 1000 * _rank() + step
     sup_iter = batch_loader(tasks, cfg.batch_size, cfg.augment, seed=seed)
@@ -245,7 +244,7 @@ def train(cfg: TrainConfig, *, resume: bool = True) -> Generator[dict, None, Pat
         torch.nn.utils.clip_grad_norm_(params, 5.0)
         opt.step()
         step += 1
-        rec = {"step": step, "phase": phase, "seconds": round(time.time() - t0, 1),
+        rec = {"step": step, "phase": phase, "seconds": round(time.time() - t0, 1), "device": str(device),
                **{k: round(float(v.detach()), 5) for k, v in terms.items()}}
         if _rank() == 0:
             logf.write(json.dumps(rec) + "\n")
@@ -257,6 +256,14 @@ def train(cfg: TrainConfig, *, resume: bool = True) -> Generator[dict, None, Pat
         yield {"step": step, "steps": total_steps, "loss": float(terms["total"].detach()), "phase": phase}
     logf.close()
     return stem_paths(out / "last")[0]
+
+
+def training_device(spec: str) -> torch.device:
+    """The device of a training process: ``spec`` (see ``TrainConfig.device``); ``"auto"`` under torchrun is the
+    rank's own GPU (``cuda:LOCAL_RANK``) when CUDA is available."""
+    if spec.strip().lower() == "auto" and os.environ.get("LOCAL_RANK") and torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return get_device(spec)
 
 
 def _recipe(cfg: TrainConfig, step: int) -> dict:

@@ -107,9 +107,9 @@ def test_streamed_resamples_to_model_mpp(backbone, head, tmp_path, monkeypatch):
     sizes = []
     orig = inference.TileRunner.__call__
 
-    def spy(self, crops, model_hw=None):
+    def spy(self, crops, model_hw=None, **kw):
         sizes.append((crops.shape[1:3], model_hw))
-        return orig(self, crops, model_hw)
+        return orig(self, crops, model_hw, **kw)
 
     monkeypatch.setattr(inference.TileRunner, "__call__", spy)
     res, _ = run(predict_large(backbone, head, img, out_dir=tmp_path / "r.zarr", mpp=0.25, tiling=TILING))

@@ -15,6 +15,7 @@ from napari_metahistoseg.tiling import (
     BandBlender,
     InstanceStitcher,
     TileRunner,
+    blend_device,
     blend_window,
     image_tiling,
     predict_tiled,
@@ -124,6 +125,38 @@ def test_predict_tiled_splits_batches_across_a_device_set():
     one = run(predict_tiled(lambda x: {"y": net(x)}, img, cfg=cfg, devices=CPU, channels={"y": 4}))
     assert {t for t, _ in seen} == {0, 1}
     np.testing.assert_allclose(out["y"], one["y"], atol=1e-6)
+
+
+def test_blending_on_the_device_equals_host_blending(monkeypatch):
+    """The GPU path (tiles blended in device tensors, maps fetched once) on the CPU: same maps as host blending,
+    also with a device set whose tiles are gathered onto the first device."""
+    import napari_metahistoseg.tiling as tiling_mod
+
+    net = _conv1x1()
+    img = (np.random.default_rng(2).random((170, 230, 3)) * 255).astype(np.uint8)
+    cfg = TilingConfig(tile_px=64, halo_px=12, batch_size=3, cpu_batch_size=3, channels_last=False)
+    acts = {"y": lambda t: t.softmax(1)}
+    host = run(predict_tiled(lambda x: {"y": net(x)}, img, cfg=cfg, devices=CPU, channels={"y": 4},
+                             activations=acts))["y"]
+    seen = []
+    monkeypatch.setattr(tiling_mod, "blend_device", lambda c, d, shape, ch: seen.append(shape) or torch.device("cpu"))
+    for devs in (CPU, CPU * 2):
+        dev = run(predict_tiled(lambda x: {"y": net(x)}, img, cfg=cfg, devices=devs, channels={"y": 4},
+                                activations=acts))["y"]
+        assert isinstance(dev, np.ndarray) and dev.dtype == np.float32
+        np.testing.assert_allclose(dev, host, atol=1e-6)
+    assert seen == [(170, 230)] * 2
+
+
+def test_blend_device_picks_a_gpu_only_when_its_accumulators_fit():
+    cfg = TilingConfig(device_blend_max_mb=64)
+    cuda = [torch.device("cuda", 0)]
+    assert blend_device(cfg, CPU, (4096, 4096), 2) is None  # never on a CPU-first set
+    assert blend_device(cfg, cuda + CPU, (1024, 1024), 3) == torch.device("cuda", 0)  # 16 MB
+    assert blend_device(cfg, cuda, (4096, 4096), 3) is None  # 256 MB > 64 MB: host memory
+    assert blend_device(TilingConfig(device_blend_max_mb=0), cuda, (64, 64), 1) is None
+    with pytest.raises(ValueError, match="device_blend_max_mb"):
+        TilingConfig(device_blend_max_mb=-1)
 
 
 def test_tile_runner_resamples_to_model_size_and_back():

@@ -15,7 +15,7 @@ from napari_metahistoseg.data.samplers import batch_loader, episode_loader
 from napari_metahistoseg.data.synthetic import synthetic_tile
 from napari_metahistoseg.data.task import save_unified
 from napari_metahistoseg.maml import run
-from napari_metahistoseg.training import _allreduce_grads, consep_mosaics, train
+from napari_metahistoseg.training import _allreduce_grads, consep_mosaics, train, training_device
 
 
 @pytest.fixture
@@ -44,6 +44,7 @@ def test_train_smoke_and_resume(task_dirs, tmp_path):
     log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["phase"] for r in log] == ["supervised"] * 2 + ["meta"] * 2
     assert all(np.isfinite(r["total"]) for r in log)
+    assert {r["device"] for r in log} == {"cuda:0" if torch.cuda.is_available() else "cpu"}  # device "auto"
     desc = json.loads((tmp_path / "run" / "last.json").read_text())
     assert desc["training"]["steps_done"] == 4 and len(desc["backbone_sha256"]) == 64
     # resume: extend the run by two meta steps, starting from step 4
@@ -53,6 +54,17 @@ def test_train_smoke_and_resume(task_dirs, tmp_path):
     for p in gen:
         steps.append(p["step"])
     assert steps == [5, 6]
+
+
+def test_training_device(monkeypatch):
+    assert training_device("cpu") == torch.device("cpu")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    if not torch.cuda.is_available():
+        assert training_device("auto") == torch.device("cpu")  # torchrun without GPUs: gloo on CPUs
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            training_device("cuda:0")
+    else:
+        assert training_device("auto") == torch.device("cuda", 1) and training_device("cpu").type == "cpu"
 
 
 def test_samplers_reproducible_and_shapes():

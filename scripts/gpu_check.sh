@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The checks that need a GPU, in one run (a lent GPU is scarce: one short script, every step time-boxed).
+#
+#   bash scripts/gpu_check.sh [OUT_DIR]
+#
+# 1. pytest: tests/test_gpu.py (CUDA against the CPU: prediction fp32/bf16 with tiles blended on the GPU, streamed
+#    slides, head/decoder adaptation on device sets mixing GPUs and the CPU, mitosis, training resumed on the GPU)
+#    and tests/test_training.py (device "auto" trains on the GPU there).
+# 2. benchmarks/bench_throughput.py --no-cpu: semantic prediction MP/s on cuda:0 (fp32, bf16, bf16 with host
+#    blending for comparison; a head with colour inputs) -> benchmarks/results/throughput_gpu.*
+# 3. benchmarks/bench_adapt_speed.py --devices cuda:0 -> adapt_speed_gpu.* (needs MoNuSeg: METAHISTOSEG_DATA)
+# 4. benchmarks/bench_train_speed.py --device cuda:0 -> train_speed_gpu.*
+#
+# Python packages missing on the GPU machine travel as wheels in .whl/ (zarr and its needs; see BENCHMARKS.md).
+# Everything lands in OUT_DIR (default $OUT, else /tmp/gpu_check) and in OUT_DIR/results.tar.gz.
+set -u
+OUT_DIR=${1:-${OUT:-/tmp/gpu_check}}
+mkdir -p "$OUT_DIR"
+export PYTHONUNBUFFERED=1
+PY=${PY:-python3}
+if compgen -G ".whl/*.whl" >/dev/null; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+LOG=$OUT_DIR/gpu_check.log
+step() { echo "=== $* ($(date -u +%T))" | tee -a "$LOG"; }
+
+step machine
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  $PY -c "import sys, torch; print(sys.version.split()[0], torch.__version__, torch.cuda.get_device_name(0))"
+  nproc; git rev-parse --short HEAD 2>/dev/null; } 2>&1 | tee -a "$LOG"
+
+step "pytest (gpu + training)"
+timeout 180 $PY -m pytest -q -p no:cacheprovider -o addopts="--import-mode=importlib" \
+    tests/test_gpu.py tests/test_training.py -m "gpu or not slow" 2>&1 | tail -25 | tee -a "$LOG"
+
+step throughput
+timeout 180 $PY benchmarks/bench_throughput.py --no-cpu --colour --repeats 3 --name throughput_gpu 2>&1 \
+    | tail -22 | tee -a "$LOG"
+
+step "adapt speed"
+timeout 150 $PY benchmarks/bench_adapt_speed.py --devices cuda:0 --repeats 3 --decoder-repeats 1 \
+    --out adapt_speed_gpu 2>&1 | tail -30 | tee -a "$LOG"
+
+step "train speed"
+timeout 120 $PY benchmarks/bench_train_speed.py --device cuda:0 --supervised 30 --meta 10 --out train_speed_gpu \
+    2>&1 | tail -8 | tee -a "$LOG"
+
+step done
+tar czf "$OUT_DIR/results.tar.gz" benchmarks/results/*gpu* 2>/dev/null
+ls -la "$OUT_DIR" | tee -a "$LOG"
