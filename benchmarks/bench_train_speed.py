@@ -9,6 +9,9 @@ one batch / one episode batch on the host (the part a GPU cannot speed up). Answ
 recipe take on this device.
 
     .venv/bin/python benchmarks/bench_train_speed.py [--device auto|cpu|cuda:0] [--supervised 20] [--meta 10]
+        [--workers 0,8]
+
+``--workers``: ``TrainConfig.loader_workers`` settings, one run each (0 = batches made in the training process).
 
 Writes ``benchmarks/results/<--out>.{json,md}`` (default ``train_speed``).
 """
@@ -46,6 +49,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--supervised", type=int, default=20, help="supervised steps timed (plus one warm-up)")
     ap.add_argument("--meta", type=int, default=10, help="meta steps timed (plus one warm-up)")
+    ap.add_argument("--workers", default="0", help="TrainConfig.loader_workers values to time, comma-separated")
     ap.add_argument("--out", default="train_speed")
     args = ap.parse_args(argv)
 
@@ -57,46 +61,52 @@ def main(argv=None) -> int:
 
     base = load_json(TrainConfig, args.config)
     device = training_device(args.device)
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         data = synthetic_tasks(Path(tmp) / "data", base.model.mpp)
-        cfg = dataclasses.replace(base, data=data, supervised_steps=args.supervised + 1, meta_steps=args.meta + 1,
-                                  checkpoint_every=10**9, out_dir=str(Path(tmp) / "run"), device=str(device))
-        t0 = time.perf_counter()
-        gen = train(cfg, resume=False)
-        for _ in gen:
-            pass
-        wall = time.perf_counter() - t0
-        log = [json.loads(x) for x in (Path(tmp) / "run" / "log.jsonl").read_text().splitlines()]
-        tasks = load_training_tasks(data, cfg.model.mpp)
-        sup, eps = batch_loader(tasks, cfg.batch_size, cfg.augment, seed=1), \
-            episode_loader(tasks, cfg.episodes, cfg.augment, seed=1)
+        tasks = load_training_tasks(data, base.model.mpp)
+        sup, eps = batch_loader(tasks, base.batch_size, base.augment, seed=1), \
+            episode_loader(tasks, base.episodes, base.augment, seed=1)
         next(sup), next(eps)
         host_sup = statistics.median(_timed(lambda: next(sup)) for _ in range(5))
         host_meta = statistics.median(_timed(lambda: next(eps)) for _ in range(5))
-    per = {}
-    for phase in ("supervised", "meta"):  # mean over the phase's steps after its first (the warm-up); log.jsonl's
-        secs = [r["seconds"] for r in log if r["phase"] == phase]  # cumulative seconds are rounded to 0.1 s
-        per[phase] = (secs[-1] - secs[0]) / (len(secs) - 1) if len(secs) > 1 else None
-    row = {"device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else
-           common.machine_info().get("cpu"),
-           "threads": torch.get_num_threads(),
-           "supervised_s_per_step": per["supervised"], "meta_s_per_step": per["meta"],
-           "host_batch_s": host_sup, "host_episode_batch_s": host_meta, "wall_s": wall,
-           "crop_px": cfg.augment.crop_px, "batch_size": cfg.batch_size,
-           "episodes": dataclasses.asdict(cfg.episodes), "model": dataclasses.asdict(cfg.model)}
-    # the bundled recipe's length at these rates (the seconds column of log.jsonl logs one step's whole time)
-    row["recipe_minutes"] = round((base.supervised_steps * (row["supervised_s_per_step"] or 0)
-                                   + base.meta_steps * (row["meta_s_per_step"] or 0)) / 60, 1)
-    result = {**common.provenance(), "rows": [row]}
+        for workers in (int(w) for w in args.workers.split(",")):
+            out = Path(tmp) / f"run{workers}"
+            cfg = dataclasses.replace(base, data=data, supervised_steps=args.supervised + 1,
+                                      meta_steps=args.meta + 1, checkpoint_every=10**9, out_dir=str(out),
+                                      device=str(device), loader_workers=workers)
+            t0 = time.perf_counter()
+            for _ in train(cfg, resume=False):
+                pass
+            wall = time.perf_counter() - t0
+            log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+            per = {}
+            for phase in ("supervised", "meta"):  # mean over the phase's steps after its first (the warm-up);
+                secs = [r["seconds"] for r in log if r["phase"] == phase]  # log.jsonl's seconds are rounded
+                per[phase] = (secs[-1] - secs[0]) / (len(secs) - 1) if len(secs) > 1 else None
+            row = {"device": str(device), "device_name": torch.cuda.get_device_name(device)
+                   if device.type == "cuda" else common.machine_info().get("cpu"),
+                   "threads": torch.get_num_threads(), "loader_workers": workers,
+                   "supervised_s_per_step": per["supervised"], "meta_s_per_step": per["meta"],
+                   "host_batch_s": host_sup, "host_episode_batch_s": host_meta, "wall_s": wall,
+                   "crop_px": cfg.augment.crop_px, "batch_size": cfg.batch_size,
+                   "episodes": dataclasses.asdict(cfg.episodes), "model": dataclasses.asdict(cfg.model)}
+            # the bundled recipe's length at these rates
+            row["recipe_minutes"] = round((base.supervised_steps * (row["supervised_s_per_step"] or 0)
+                                           + base.meta_steps * (row["meta_s_per_step"] or 0)) / 60, 1)
+            rows.append(row)
+            print(row, flush=True)
+    result = {**common.provenance(), "rows": rows}
     common.write_json(args.out, result)
     md = (f"Machine: {common.machine_line(result['machine'])}  \nCommit: `{result['commit']}`  \n"
           f"Command: `{result['command']}`\n\n"
-          + common.md_table(["device", "supervised s/step", "meta s/step", "sampler s/batch (host)",
-                             "sampler s/episode batch (host)", f"recipe ({base.supervised_steps}+{base.meta_steps} "
-                             "steps), min"],
-                            [[f"{row['device']} ({row['device_name']})", common.fmt(row["supervised_s_per_step"]),
-                              common.fmt(row["meta_s_per_step"]), common.fmt(row["host_batch_s"]),
-                              common.fmt(row["host_episode_batch_s"]), row["recipe_minutes"]]]))
+          + common.md_table(["device", "loader workers", "supervised s/step", "meta s/step",
+                             "sampler s/batch (host, 1 process)", "sampler s/episode batch (host, 1 process)",
+                             f"recipe ({base.supervised_steps}+{base.meta_steps} steps), min"],
+                            [[f"{r['device']} ({r['device_name']})", r["loader_workers"],
+                              common.fmt(r["supervised_s_per_step"]), common.fmt(r["meta_s_per_step"]),
+                              common.fmt(r["host_batch_s"]), common.fmt(r["host_episode_batch_s"]),
+                              r["recipe_minutes"]] for r in rows]))
     common.write_md(args.out, md)
     print(md)
     return 0

@@ -203,11 +203,17 @@ class TrainConfig:
     # "auto": under torchrun each rank takes cuda:LOCAL_RANK, else the first GPU; a CPU when there is none.
     # "cpu", "cuda", "cuda:1", ...: that device (a missing one is an error, never a silent fallback)
     device: str = "auto"
+    # processes that crop and augment batches/episodes ahead of the training steps (0 = in the training process,
+    # the bundled backbone's recipe). A GPU step outruns one process (BENCHMARKS.md); the batches then come from one
+    # seeded stream per worker, so a run is reproducible for a given count, not across counts
+    loader_workers: int = 0
     out_dir: str = "runs/backbone"
 
     def __post_init__(self) -> None:
         if self.method not in ("maml", "transfer"):
             raise ValueError(f"TrainConfig.method must be 'maml' or 'transfer', got {self.method!r}")
+        if not (isinstance(self.loader_workers, int) and self.loader_workers >= 0):
+            raise ValueError(f"TrainConfig.loader_workers must be an integer >= 0, got {self.loader_workers!r}")
 
 
 def _all_cpu(devices) -> bool:

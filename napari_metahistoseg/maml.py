@@ -57,10 +57,11 @@ def inner_loop(
     ``loss_fns[d]`` computes the (sum-normalised) loss of shard ``d`` from a full parameter dict living on
     ``devices[d]``; the total loss is the sum over shards. With ``first_order`` the gradients are detached
     (FOMAML); otherwise the graph is kept for a second-order outer update. Yields progress per step and
-    returns the fast-weight dict (the input ``params`` is left untouched). ``concurrent=True`` computes the
-    shards in one thread each (torch releases the GIL; each ``loss_fns[d]`` must use its own module replica);
-    the gradients are still summed in shard order, so the result does not depend on it. ``shard_threads``: torch
-    intra-op threads of each concurrent shard (e.g. 1 for CPU shards side by side; None = inherited).
+    returns the fast-weight dict on ``devices[0]`` (the input ``params`` is left untouched). ``concurrent=True``
+    computes the shards in one thread each (torch releases the GIL; each ``loss_fns[d]`` must use its own module
+    replica); the gradients are still summed in shard order, so the result does not depend on it.
+    ``shard_threads``: torch intra-op threads of each concurrent shard (e.g. 1 for CPU shards side by side; None =
+    inherited).
     """
     if not loss_fns:
         raise ValueError("inner_loop needs at least one loss function (support shard)")
@@ -70,7 +71,11 @@ def inner_loop(
     missing = [n for n in names if n not in params]
     if missing:
         raise ValueError(f"parameters to adapt not found: {missing[:3]}")
-    fast = dict(params)
+    # the fast weights (and per-tensor step sizes) live on the first device, where the shards' gradients are summed;
+    # .to() is differentiable (second order) and a no-op for tensors already there
+    fast = {k: v.to(devs[0]) for k, v in params.items()}
+    if lrs is not None:
+        lrs = {k: v.to(devs[0]) if isinstance(v, Tensor) else v for k, v in lrs.items()}
     pool = ThreadPoolExecutor(len(devs), thread_name_prefix="inner-shard") if concurrent and len(devs) > 1 else None
     try:
         for step in range(steps):

@@ -131,7 +131,7 @@ class AdaptedHead:
 
     def colour_input(self, backbone: Backbone, image):
         """``x (B, 3, h, w) -> colour channels`` at the backbone's resolution for tiles of ``image`` (RGB uint8
-        array or :class:`.slide.LazyImage` at its own resolution, whose :func:`image_colour_stats` standardise
+        array, tensor or :class:`.slide.LazyImage` at its own resolution, whose :func:`image_colour_stats` standardise
         them), or None when the head has no colour inputs."""
         if not self.colour_sigmas_um:
             return None
@@ -264,20 +264,25 @@ def colour_sigmas(cfg: MAMLConfig, labels: Sequence[np.ndarray], mpp: float, ini
 
 def image_colour_stats(image, tissue_min_od: float = MAMLConfig.colour_tissue_min_od) -> torch.Tensor:
     """Means and standard deviations ``(2, 5)`` of the :func:`.models.colour_base` channels of an RGB uint8 image
-    ``(H, W, 3)`` — an array or a :class:`.slide.LazyImage` — at its own resolution, over its tissue pixels (total
-    RGB optical density ≥ ``tissue_min_od``; all pixels if fewer than 1 % are tissue): over every pixel up to
+    ``(H, W, 3)`` — an array, a :class:`.slide.LazyImage` or a tensor (on its device) — at its own resolution,
+    over its tissue pixels (total RGB optical density ≥ ``tissue_min_od``; all pixels if fewer than 1 % are
+    tissue): over every pixel up to
     ``COLOUR_STATS_ALL_PX``, else over ``COLOUR_STATS_WINDOWS`` windows on a regular grid (a slide is never read
     whole). The same rule for an array and the slide it came from, so streamed and in-memory predictions agree;
     skipping the glass makes a slide and a tissue crop of it agree too."""
     h, w = image.shape[:2]
     if h * w <= COLOUR_STATS_ALL_PX:
-        parts = [np.asarray(image[:, :])]
+        parts = [image[:, :]]
     else:
         n, side = math.ceil(math.sqrt(COLOUR_STATS_WINDOWS)), COLOUR_STATS_WINDOW_PX
         rows = np.linspace(0, max(0, h - side), n).astype(int)
         cols = np.linspace(0, max(0, w - side), n).astype(int)
-        parts = [np.asarray(image[r:r + side, c:c + side]) for r in rows for c in cols]
-    px = torch.from_numpy(np.concatenate([p.reshape(-1, 3) for p in parts]).astype(np.float32) / 255.0)
+        parts = [image[r:r + side, c:c + side] for r in rows for c in cols]
+    if isinstance(image, torch.Tensor):  # a uint8 image tensor on a GPU (prediction there): computed there
+        px = torch.cat([p.reshape(-1, 3) for p in parts]).float().div_(255.0)
+    else:
+        px = np.concatenate([np.asarray(p).reshape(-1, 3) for p in parts])
+        px = torch.from_numpy(px.astype(np.float32) / 255.0)
     base = colour_base(px.t().reshape(1, 3, -1, 1))[0, :, :, 0].double()
     tissue = -torch.log(px.clamp_min(1 / 255)).sum(1) >= tissue_min_od
     if int(tissue.sum()) >= max(2, 0.01 * len(tissue)):

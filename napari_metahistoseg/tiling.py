@@ -134,7 +134,8 @@ class TileRunner:
     def _launch(self, dev: torch.device, fwd: Forward, crops: np.ndarray,
                 model_hw: tuple[int, int] | None) -> dict[str, torch.Tensor]:
         h, w = crops.shape[1:3]
-        x = torch.from_numpy(np.ascontiguousarray(crops)).to(dev, non_blocking=True).permute(0, 3, 1, 2)
+        x = crops if isinstance(crops, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(crops))
+        x = x.to(dev, non_blocking=True).permute(0, 3, 1, 2)
         x = x.float().div_(255.0)
         resize = model_hw is not None and tuple(model_hw) != (h, w)
         if resize:
@@ -190,18 +191,24 @@ def predict_tiled(
     activations: dict[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
     forwards: Sequence[Forward] | None = None,
     cpu_channels_last: bool = False,
-) -> Generator[dict, None, dict[str, np.ndarray]]:
-    """Run ``forward`` over ``image (H,W,3) uint8`` (or any array-like readable by slicing) tile by tile.
+    as_tensors: bool = False,
+) -> Generator[dict, None, dict[str, np.ndarray] | dict[str, torch.Tensor]]:
+    """Run ``forward`` over ``image (H,W,3) uint8`` (or any array-like readable by slicing, or a uint8 tensor on
+    a device) tile by tile.
 
     ``channels`` names the outputs to keep and their channel counts; ``activations`` maps output names to a
     function applied on the device before blending (e.g. softmax). ``forwards[d]`` is the forward on
     ``devices[d]`` (default: ``forward`` for every device; tiles of a batch are split across devices).
-    ``cpu_channels_last``: see :class:`TileRunner`. Yields ``{"stage": "predict", "done", "total"}`` per batch;
-    returns ``{name: (C, H, W) float32}``.
+    ``cpu_channels_last``: see :class:`TileRunner`. Tiles are blended on the first device when it is a GPU
+    (:func:`blend_device`). Yields ``{"stage": "predict", "done", "total"}`` per batch; returns
+    ``{name: (C, H, W) float32}`` arrays, or with ``as_tensors`` tensors where they were blended.
     """
     h, w = image.shape[:2]
     tiles = tile_grid((h, w), cfg.tile_px, cfg.halo_px, cfg.tile_multiple_px)
     on = blend_device(cfg, devices, (h, w), sum(channels.values()))
+    if on is not None and not isinstance(image, torch.Tensor) and isinstance(image, np.ndarray):
+        image = torch.from_numpy(np.ascontiguousarray(image)).to(on)  # up once; tiles are cut on the device
+    stack = torch.stack if isinstance(image, torch.Tensor) else lambda crops: np.stack([np.asarray(c) for c in crops])
     if on is None:
         acc = {k: np.zeros((c, h, w), np.float32) for k, c in channels.items()}
         wsum = np.zeros((h, w), np.float32)
@@ -214,7 +221,7 @@ def predict_tiled(
     done = 0
     for batch in _batches(tiles, cfg.batch_for(devices) * len(devices)):
         for group in group_by_shape(batch):
-            out = runner(np.stack([np.asarray(image[r0:r1, c0:c1]) for r0, c0, r1, c1 in group]), on=on)
+            out = runner(stack([image[r0:r1, c0:c1] for r0, c0, r1, c1 in group]), on=on)
             for j, (r0, c0, r1, c1) in enumerate(group):
                 key = (r1 - r0, c1 - c0, r0 == 0, r1 == h, c0 == 0, c1 == w)
                 if key not in windows:
@@ -228,10 +235,10 @@ def predict_tiled(
         yield {"stage": "predict", "done": done, "total": len(tiles)}
     if on is not None:
         wsum = wsum.clamp_min_(_EPS)
-        return {k: (v / wsum).cpu().numpy() for k, v in acc.items()}
+        return {k: v.div_(wsum) if as_tensors else (v / wsum).cpu().numpy() for k, v in acc.items()}
     for k in acc:
         acc[k] /= np.maximum(wsum, _EPS)
-    return acc
+    return {k: torch.from_numpy(v) for k, v in acc.items()} if as_tensors else acc
 
 
 def blend_device(cfg: TilingConfig, devices: Sequence[torch.device], shape: tuple[int, int],

@@ -10,6 +10,7 @@ episodes and the gradients are all-reduced (averaged) before every outer update.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -26,7 +27,7 @@ from torch.func import functional_call
 from .checkpoints import flatten_optimizer, load_model, restore_optimizer, save_model, stem_paths
 from .config import TrainConfig, save_json
 from .data.readers import open_dataset
-from .data.samplers import Batch, Episode, batch_loader, episode_loader, rescale_sample
+from .data.samplers import Batch, Episode, batch_loader, episode_loader, prefetched, rescale_sample
 from .data.task import IGNORE, Sample
 from .devices import get_device
 from .losses import hover_loss, seg_loss
@@ -223,39 +224,77 @@ def train(cfg: TrainConfig, *, resume: bool = True) -> Generator[dict, None, Pat
     step = _maybe_resume(out, model, opt, names, lrs) if resume else 0
     total_steps = cfg.supervised_steps + (cfg.meta_steps if cfg.method == "maml" else 0)
     seed = cfg.seed + 1000 * _rank() + step
-    sup_iter = batch_loader(tasks, cfg.batch_size, cfg.augment, seed=seed)
-    ep_iter = episode_loader(tasks, cfg.episodes, cfg.augment, seed=seed)
+    sup_iter, ep_iter = _loaders(tasks, cfg, seed, step)
     rng = np.random.default_rng(seed)
     logf = open(out / "log.jsonl", "a")
     t0 = time.time()
-    while step < total_steps:
-        phase = "supervised" if step < cfg.supervised_steps else "meta"
-        for g in opt.param_groups:
-            g["lr"] = cfg.outer_lr * 0.5 * (1 + math.cos(math.pi * step / total_steps))
-        model.train()
-        if phase == "supervised":
-            terms = supervised_loss(model, next(sup_iter), device, cfg.hv_loss_weight)
-        else:
-            exp_lrs = {k: v.exp() for k, v in lrs.items()}
-            terms = meta_loss(model, next(ep_iter), cfg, exp_lrs, rng, device)
-        opt.zero_grad(set_to_none=True)
-        terms["total"].backward()
-        _allreduce_grads(model, list(lrs.values()))
-        torch.nn.utils.clip_grad_norm_(params, 5.0)
-        opt.step()
-        step += 1
-        rec = {"step": step, "phase": phase, "seconds": round(time.time() - t0, 1), "device": str(device),
-               **{k: round(float(v.detach()), 5) for k, v in terms.items()}}
-        if _rank() == 0:
-            logf.write(json.dumps(rec) + "\n")
-            logf.flush()
-            if step % cfg.checkpoint_every == 0 or step == total_steps:
-                _save(out, model, opt, names, lrs, classes, cfg, step)
-                if step == cfg.supervised_steps:
-                    save_model(model, out / "transfer", head_classes=classes, extra={"training": _recipe(cfg, step)})
-        yield {"step": step, "steps": total_steps, "loss": float(terms["total"].detach()), "phase": phase}
-    logf.close()
+    try:
+        while step < total_steps:
+            phase = "supervised" if step < cfg.supervised_steps else "meta"
+            for g in opt.param_groups:
+                g["lr"] = cfg.outer_lr * 0.5 * (1 + math.cos(math.pi * step / total_steps))
+            model.train()
+            if phase == "supervised":
+                terms = supervised_loss(model, next(sup_iter), device, cfg.hv_loss_weight)
+            else:
+                exp_lrs = {k: v.exp() for k, v in lrs.items()}
+                terms = meta_loss(model, next(ep_iter), cfg, exp_lrs, rng, device)
+            opt.zero_grad(set_to_none=True)
+            terms["total"].backward()
+            _allreduce_grads(model, list(lrs.values()))
+            torch.nn.utils.clip_grad_norm_(params, 5.0)
+            opt.step()
+            step += 1
+            rec = {"step": step, "phase": phase, "seconds": round(time.time() - t0, 1), "device": str(device),
+                   **{k: round(float(v.detach()), 5) for k, v in terms.items()}}
+            if _rank() == 0:
+                logf.write(json.dumps(rec) + "\n")
+                logf.flush()
+                if step % cfg.checkpoint_every == 0 or step == total_steps:
+                    _save(out, model, opt, names, lrs, classes, cfg, step)
+                    if step == cfg.supervised_steps:
+                        save_model(model, out / "transfer", head_classes=classes,
+                                   extra={"training": _recipe(cfg, step)})
+            yield {"step": step, "steps": total_steps, "loss": float(terms["total"].detach()), "phase": phase}
+    finally:  # also when the caller stops the run (a cancelled job): the log is closed, loader processes stop
+        logf.close()
+        for it in (sup_iter, ep_iter):
+            getattr(it, "close", lambda: None)()
     return stem_paths(out / "last")[0]
+
+
+def _loaders(tasks: dict[str, list[Sample]], cfg: TrainConfig, seed: int, step: int):
+    """The supervised batches and the episode batches, in this process or (``cfg.loader_workers``) prefetched by
+    worker processes, each worker with its own seed; the episode workers start when the meta phase does."""
+    if not cfg.loader_workers:
+        return (batch_loader(tasks, cfg.batch_size, cfg.augment, seed=seed),
+                episode_loader(tasks, cfg.episodes, cfg.augment, seed=seed))
+    n = cfg.loader_workers
+    sup = prefetched(functools.partial(_worker_batches, tasks, cfg, seed), n) \
+        if step < cfg.supervised_steps else iter(())
+    eps = _deferred(lambda: prefetched(functools.partial(_worker_episodes, tasks, cfg, seed), n))
+    return sup, eps
+
+
+def _worker_batches(tasks, cfg: TrainConfig, seed: int, w: int):
+    return batch_loader(tasks, cfg.batch_size, cfg.augment, seed=seed + 7919 * (w + 1))
+
+
+def _worker_episodes(tasks, cfg: TrainConfig, seed: int, w: int):
+    return episode_loader(tasks, cfg.episodes, cfg.augment, seed=seed + 7919 * (w + 1))
+
+
+def _deferred(make):
+    """An iterator that calls ``make()`` at its first ``next`` (loader processes only when they are needed)."""
+    it = None
+    try:
+        while True:
+            if it is None:
+                it = make()
+            yield next(it)
+    finally:
+        if it is not None:
+            it.close()
 
 
 def training_device(spec: str) -> torch.device:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The checks that need a GPU, in one run (a lent GPU is scarce: one short script, every step time-boxed).
 #
-#   bash scripts/gpu_check.sh [OUT_DIR]
+#   bash scripts/gpu_check.sh [OUT_DIR]          (STEPS="tests throughput adapt train" by default)
 #
 # 1. pytest: tests/test_gpu.py (CUDA against the CPU: prediction fp32/bf16 with tiles blended on the GPU, streamed
 #    slides, head/decoder adaptation on device sets mixing GPUs and the CPU, mitosis, training resumed on the GPU)
@@ -9,7 +9,7 @@
 # 2. benchmarks/bench_throughput.py --no-cpu: semantic prediction MP/s on cuda:0 (fp32, bf16, bf16 with host
 #    blending for comparison; a head with colour inputs) -> benchmarks/results/throughput_gpu.*
 # 3. benchmarks/bench_adapt_speed.py --devices cuda:0 -> adapt_speed_gpu.* (needs MoNuSeg: METAHISTOSEG_DATA)
-# 4. benchmarks/bench_train_speed.py --device cuda:0 -> train_speed_gpu.*
+# 4. benchmarks/bench_train_speed.py --device cuda:0 --workers 0,4,8,12 -> train_speed_gpu.*
 #
 # Python packages missing on the GPU machine travel as wheels in .whl/ (zarr and its needs; see BENCHMARKS.md).
 # Everything lands in OUT_DIR (default $OUT, else /tmp/gpu_check) and in OUT_DIR/results.tar.gz.
@@ -24,6 +24,8 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 LOG=$OUT_DIR/gpu_check.log
+STEPS=${STEPS:-tests throughput adapt train}
+want() { [[ " $STEPS " == *" $1 "* ]]; }
 step() { echo "=== $* ($(date -u +%T))" | tee -a "$LOG"; }
 
 step machine
@@ -31,20 +33,17 @@ step machine
   $PY -c "import sys, torch; print(sys.version.split()[0], torch.__version__, torch.cuda.get_device_name(0))"
   nproc; git rev-parse --short HEAD 2>/dev/null; } 2>&1 | tee -a "$LOG"
 
-step "pytest (gpu + training)"
-timeout 180 $PY -m pytest -q -p no:cacheprovider -o addopts="--import-mode=importlib" \
+want tests && step "pytest (gpu + training)" && timeout 180 $PY -m pytest -q -p no:cacheprovider -o addopts="--import-mode=importlib" \
     tests/test_gpu.py tests/test_training.py -m "gpu or not slow" 2>&1 | tail -25 | tee -a "$LOG"
 
-step throughput
-timeout 180 $PY benchmarks/bench_throughput.py --no-cpu --colour --repeats 3 --name throughput_gpu 2>&1 \
+want throughput && step throughput && timeout 180 $PY benchmarks/bench_throughput.py --no-cpu --colour --repeats 3 --name throughput_gpu 2>&1 \
     | tail -22 | tee -a "$LOG"
 
-step "adapt speed"
-timeout 150 $PY benchmarks/bench_adapt_speed.py --devices cuda:0 --repeats 3 --decoder-repeats 1 \
+want adapt && step "adapt speed" && timeout 150 $PY benchmarks/bench_adapt_speed.py --devices cuda:0 --repeats 3 --decoder-repeats 1 \
     --out adapt_speed_gpu 2>&1 | tail -30 | tee -a "$LOG"
 
-step "train speed"
-timeout 120 $PY benchmarks/bench_train_speed.py --device cuda:0 --supervised 30 --meta 10 --out train_speed_gpu \
+want train && step "train speed" && timeout 150 $PY benchmarks/bench_train_speed.py --device cuda:0 --supervised 30 \
+    --meta 10 --workers 0,4,8,12 --out train_speed_gpu \
     2>&1 | tail -8 | tee -a "$LOG"
 
 step done

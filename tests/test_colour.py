@@ -61,6 +61,7 @@ def test_statistics_standardise_the_image_and_agree_for_arrays_and_slides():
     big = np.tile(tile.image, (22, 18, 1))  # 2112 x 2304 px = 4.9 MP
     assert big.shape[0] * big.shape[1] > 4_000_000
     torch.testing.assert_close(image_colour_stats(big), image_colour_stats(open_array(big, "big")))
+    torch.testing.assert_close(image_colour_stats(torch.from_numpy(big)), image_colour_stats(big))  # a GPU's way
     # glass does not count: the tile on a slide that is mostly white background has the tile's statistics
     slide = np.full((300, 400, 3), 240, np.uint8)
     slide[100:196, 150:278] = tile.image

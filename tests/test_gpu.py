@@ -162,3 +162,23 @@ def test_training_resumed_on_the_gpu(tmp_path):
     log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["device"] for r in log] == ["cpu"] * 3 + ["cuda:0"] * 2
     assert all(np.isfinite(r["total"]) for r in log)
+
+
+def test_colour_heads_and_40x_images_on_the_gpu(bundled, tile):
+    from napari_metahistoseg.models import COLOUR_BASE
+    from napari_metahistoseg.pipeline import TASK, _head_start
+
+    cfg = MAMLConfig()
+    pre = f"heads.{TASK}."
+    init = {k[len(pre):]: v for k, v in initial_head(bundled, 2).items()}
+    _, state, _ = _head_start(bundled, init, len(COLOUR_BASE) * len(cfg.colour_sigmas_um), 2, cfg)
+    g = torch.Generator().manual_seed(0)
+    state["net.0.weight"] = state["net.0.weight"] + 0.05 * torch.randn(state["net.0.weight"].shape, generator=g)
+    head = AdaptedHead(["background", "nucleus"], {pre + k: v for k, v in state.items()}, bundled.sha256, cfg,
+                       bundled.mpp, {"colour_sigmas_um": list(cfg.colour_sigmas_um)})
+    for mpp in (0.5, 0.25):
+        cpu = _run(predict(bundled, head, tile.image, mpp=mpp, devices="cpu", tiling=TILING))
+        gpu = _run(predict(bundled, head, tile.image, mpp=mpp, devices="cuda:0", tiling=TILING))
+        # 0.25 µm/px: resampled on the GPU with torch's antialiased filter, on the CPU with skimage's
+        assert np.abs(gpu.probs - cpu.probs).mean() < (1e-3 if mpp == 0.5 else 0.01)
+        assert (gpu.semantic == cpu.semantic).mean() > (0.999 if mpp == 0.5 else 0.98)

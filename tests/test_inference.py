@@ -102,6 +102,35 @@ def test_streamed_labels_get_multiscale_levels(backbone, head, image, tmp_path):
     assert [e["done"] for e in events if e["stage"] == "pyramid"] == [0, 1, 2, 3]
 
 
+@pytest.mark.parametrize("mpp", [0.5, 0.25])
+def test_gpu_style_prediction_equals_host_path(backbone, head, image, monkeypatch, mpp):
+    """predict's GPU path (image up once, resampled, tiled, blended and decided as device tensors) run on the CPU
+    gives the host path's result: the same at the model's resolution; at 40x (0.25 µm/px) the image is resampled
+    with torch's antialiased bilinear filter, as the streamed path's tiles are, instead of skimage's Gaussian."""
+    from napari_metahistoseg import tiling as tiling_mod
+
+    host = run(predict(backbone, head, image, mpp=mpp, tiling=TILING, instances=True))[0]
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(inference, "blend_device", lambda *a: cpu)
+    monkeypatch.setattr(tiling_mod, "blend_device", lambda *a: cpu)
+    dev = run(predict(backbone, head, image, mpp=mpp, tiling=TILING, instances=True))[0]
+    assert dev.semantic.dtype == np.uint8 and dev.probs.dtype == np.float32 and dev.hv.shape == host.hv.shape
+    if mpp == 0.5:
+        np.testing.assert_allclose(dev.probs, host.probs, atol=1e-5)
+        np.testing.assert_array_equal(dev.semantic, host.semantic)
+    else:
+        assert np.abs(dev.probs - host.probs).mean() < 0.01 and (dev.semantic == host.semantic).mean() > 0.98
+
+
+def test_decide_is_the_first_arg_max():
+    rng = np.random.default_rng(0)
+    p = rng.random((4, 50, 60)).astype(np.float32)
+    p[2, :5] = p[1, :5] = p.max(0)[:5] + 1  # ties: the first class wins, as with argmax
+    np.testing.assert_array_equal(inference.decide(p), p.argmax(0))
+    np.testing.assert_array_equal(inference.decide(torch.from_numpy(p)).numpy(), p.argmax(0))
+    assert inference.decide(torch.from_numpy(p[:2]), 0.5).dtype == torch.uint8
+
+
 def test_streamed_resamples_to_model_mpp(backbone, head, tmp_path, monkeypatch):
     img = synthetic_tile((300, 260), seed=5, mpp=0.25).image  # 0.25 µm/px: the model sees it at half size
     sizes = []

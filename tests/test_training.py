@@ -120,3 +120,51 @@ def test_gloo_allreduce_two_processes_equals_one(tmp_path):
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, dist_state[k], atol=1e-6, rtol=1e-5)
     assert os.path.exists(tmp_path / "res.pt")
+
+
+def _counting(start: int, w: int):
+    i = start + 100 * w
+    while True:
+        yield i
+        i += 1
+
+
+def test_prefetched_interleaves_worker_streams_in_a_fixed_order():
+    import functools
+
+    from napari_metahistoseg.data.samplers import prefetched
+
+    it = prefetched(functools.partial(_counting, 0), 3)
+    got = [next(it) for _ in range(7)]
+    it.close()
+    assert got == [0, 100, 200, 1, 101, 201, 2]
+    with pytest.raises(ValueError, match="at least one worker"):
+        next(prefetched(functools.partial(_counting, 0), 0))
+
+
+def _failing(w: int):
+    yield w
+    raise OSError("disk gone")
+
+
+def test_prefetched_reports_a_failing_worker():
+    from napari_metahistoseg.data.samplers import prefetched
+
+    it = prefetched(_failing, 1)
+    assert next(it) == 0
+    with pytest.raises(RuntimeError, match="loader process 0 failed: OSError: disk gone"):
+        next(it)
+
+
+def test_training_with_loader_workers(task_dirs, tmp_path):
+    cfg = dataclasses.replace(_cfg(task_dirs, tmp_path / "w"), loader_workers=2)
+    path = run(train(cfg))
+    log = [json.loads(x) for x in (tmp_path / "w" / "log.jsonl").read_text().splitlines()]
+    assert path.exists() and [r["phase"] for r in log] == ["supervised"] * 2 + ["meta"] * 2
+    assert all(np.isfinite(r["total"]) for r in log)
+    again = dataclasses.replace(cfg, out_dir=str(tmp_path / "w2"))
+    run(train(again))  # reproducible for a given worker count
+    log2 = [json.loads(x) for x in (tmp_path / "w2" / "log.jsonl").read_text().splitlines()]
+    assert [r["total"] for r in log2] == [r["total"] for r in log]
+    with pytest.raises(ValueError, match="loader_workers"):
+        dataclasses.replace(cfg, loader_workers=-1)

@@ -14,6 +14,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="output folder (overrides the config's out_dir)")
     p.add_argument("--no-resume", action="store_true", help="start from scratch even if a checkpoint exists")
     p.add_argument("--data-root", help="prefix for relative data folders in the config")
+    p.add_argument("--loader-workers", type=int, help="processes preparing batches ahead of the steps (overrides "
+                                                       "the config's loader_workers; for GPUs)")
     p.add_argument("--device", help="training device: auto (a GPU when there is one; under torchrun the rank's "
                                     "own), cpu, cuda, cuda:1 ... (overrides the config's device)")
     p.set_defaults(func=run)
@@ -32,6 +34,8 @@ def run(args: argparse.Namespace) -> int:
         cfg = dataclasses.replace(cfg, out_dir=args.out)
     if args.device:
         cfg = dataclasses.replace(cfg, device=args.device)
+    if args.loader_workers is not None:
+        cfg = dataclasses.replace(cfg, loader_workers=args.loader_workers)
     if args.data_root:
         cfg = dataclasses.replace(cfg, data={k: str(Path(args.data_root) / v) for k, v in cfg.data.items()})
     else:

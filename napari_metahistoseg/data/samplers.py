@@ -10,7 +10,9 @@ Both yield :class:`Batch` objects of augmented random crops and are reproducible
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import multiprocessing as mp
+import queue
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -155,3 +157,53 @@ def batch_loader(
             items = [pool[j] for j in order[start:start + batch_size]]
             crops = [augment_crop(tasks[t][i], rng, aug, centre=_labelled_centre(tasks[t][i], rng)) for t, i in items]
             yield _stack(crops, [t for t, _ in items])
+
+
+# ------------------------------------------------------------------------------------------ worker processes
+
+
+def prefetched(make: Callable[[int], Iterator], workers: int, *, depth: int = 2) -> Iterator:
+    """Items of ``workers`` independent iterators ``make(0)``, ..., ``make(workers - 1)``, interleaved round-robin
+    (item ``i`` comes from iterator ``i % workers``), each run in its own process up to ``depth`` items ahead.
+
+    For a GPU, whose training steps outrun one process's cropping and augmentation. The sequence depends on
+    ``workers`` (each iterator has its own seed) but not on timing: a run is reproducible for a given count.
+    Processes are forked where the platform can (no data is copied), else spawned (``make`` must then be
+    picklable, e.g. a :func:`functools.partial` of a module-level function). They stop when the iterator is closed
+    or garbage-collected, and die with the parent."""
+    if workers < 1:
+        raise ValueError(f"prefetched needs at least one worker, got {workers}")
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    queues = [ctx.Queue(maxsize=max(1, depth)) for _ in range(workers)]
+    procs = [ctx.Process(target=_produce, args=(make, w, q), daemon=True, name=f"loader-{w}")
+             for w, q in enumerate(queues)]
+    for p in procs:
+        p.start()
+    try:
+        i = 0
+        while True:
+            w = i % workers
+            while True:
+                try:
+                    kind, item = queues[w].get(timeout=5.0)
+                    break
+                except queue.Empty:
+                    if not procs[w].is_alive():
+                        raise RuntimeError(f"data loader process {w} died (exit code {procs[w].exitcode})") from None
+            if kind == "error":
+                raise RuntimeError(f"data loader process {w} failed: {item}")
+            yield item
+            i += 1
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.join(timeout=5)
+
+
+def _produce(make: Callable[[int], Iterator], w: int, q) -> None:
+    try:
+        for item in make(w):
+            q.put(("item", item))
+    except Exception as e:  # noqa: BLE001 - reported to the consumer, which raises it with the worker's number
+        q.put(("error", f"{type(e).__name__}: {e}"))
