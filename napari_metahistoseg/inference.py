@@ -53,6 +53,7 @@ from .tiling import (
     image_tiling,
     predict_tiled,
     tile_grid,
+    to_host,
 )
 
 log = logging.getLogger(__name__)
@@ -260,7 +261,7 @@ def predict(
                                 cpu_channels_last=t.channels_last, as_tensors=True), tiling)
     probs_t = resize_maps_t(maps["seg"], (h, w))
     dec = resize_maps_t(maps["dec"], (h, w)) if "dec" in maps else probs_t
-    probs = probs_t.cpu().numpy()
+    probs = _host(probs_t)
     pred = Prediction(_host(decide(dec if on is not None else _host(dec), head.threshold)), probs,
                       list(head.classes))
     if instances:
@@ -303,7 +304,7 @@ def decide(probs: np.ndarray | torch.Tensor, threshold: float | None = None) -> 
 
 
 def _host(a: np.ndarray | torch.Tensor) -> np.ndarray:
-    return a.cpu().numpy() if isinstance(a, torch.Tensor) else a
+    return to_host(a) if isinstance(a, torch.Tensor) else a
 
 
 def detect_points(

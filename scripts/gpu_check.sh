@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # The checks that need a GPU, in one run (a lent GPU is scarce: one short script, every step time-boxed).
 #
-#   bash scripts/gpu_check.sh [OUT_DIR]          (STEPS="tests throughput adapt train" by default)
+#   bash scripts/gpu_check.sh [OUT_DIR]          (STEPS="tests throughput profile adapt train" by default)
 #
 # 1. pytest: tests/test_gpu.py (CUDA against the CPU: prediction fp32/bf16 with tiles blended on the GPU, streamed
 #    slides, head/decoder adaptation on device sets mixing GPUs and the CPU, mitosis, training resumed on the GPU)
 #    and tests/test_training.py (device "auto" trains on the GPU there).
 # 2. benchmarks/bench_throughput.py --no-cpu: semantic prediction MP/s on cuda:0 (fp32, bf16, bf16 with host
 #    blending for comparison; a head with colour inputs) -> benchmarks/results/throughput_gpu.*
-# 3. benchmarks/bench_adapt_speed.py --devices cuda:0 -> adapt_speed_gpu.* (needs MoNuSeg: METAHISTOSEG_DATA)
+# 3. benchmarks/profile_gpu_predict.py: a GPU prediction against its parts -> gpu_profile.txt
+#    benchmarks/bench_adapt_speed.py --devices cuda:0 -> adapt_speed_gpu.* (needs MoNuSeg: METAHISTOSEG_DATA)
 # 4. benchmarks/bench_train_speed.py --device cuda:0 --workers 0,4,8,12 -> train_speed_gpu.*
 #
 # Python packages missing on the GPU machine travel as wheels in .whl/ (zarr and its needs; see BENCHMARKS.md).
@@ -24,7 +25,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 LOG=$OUT_DIR/gpu_check.log
-STEPS=${STEPS:-tests throughput adapt train}
+STEPS=${STEPS:-tests throughput profile adapt train}
 want() { [[ " $STEPS " == *" $1 "* ]]; }
 step() { echo "=== $* ($(date -u +%T))" | tee -a "$LOG"; }
 
@@ -39,6 +40,9 @@ want tests && step "pytest (gpu + training)" && timeout 180 $PY -m pytest -q -p 
 want throughput && step throughput && timeout 180 $PY benchmarks/bench_throughput.py --no-cpu --colour --repeats 3 --name throughput_gpu 2>&1 \
     | tail -22 | tee -a "$LOG"
 
+want profile && step profile && timeout 120 $PY benchmarks/profile_gpu_predict.py --out gpu_profile 2>&1 \
+    | grep -v "^ " | head -16 | tee -a "$LOG"
+
 want adapt && step "adapt speed" && timeout 150 $PY benchmarks/bench_adapt_speed.py --devices cuda:0 --repeats 3 --decoder-repeats 1 \
     --out adapt_speed_gpu 2>&1 | tail -30 | tee -a "$LOG"
 
@@ -48,4 +52,5 @@ want train && step "train speed" && timeout 150 $PY benchmarks/bench_train_speed
 
 step done
 tar czf "$OUT_DIR/results.tar.gz" benchmarks/results/*gpu* 2>/dev/null
+cp benchmarks/results/*gpu* "$OUT_DIR"/ 2>/dev/null
 ls -la "$OUT_DIR" | tee -a "$LOG"
