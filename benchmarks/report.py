@@ -1,7 +1,8 @@
 """Render the results JSON of the speed/memory/mitosis benchmarks as markdown and copy every generated block
 into BENCHMARKS.md, so that no number there is typed by hand.
 
-* ``throughput.json``      → ``throughput.md``
+* ``throughput.json``      → ``throughput.md`` (and ``throughput_gpu.json`` → ``throughput_gpu.md``)
+* ``gpu_profile.txt``      → ``gpu_profile.md`` (its header and table of parts, without the profiler tables)
 * ``postprocess.json``     → ``postprocess.md``
 * ``large_image_*.json``   → ``large_image.md`` (one row per image size)
 * ``mitosis_fewshot.json`` → ``mitosis_fewshot.md``
@@ -113,9 +114,13 @@ def mitosis_md(d: dict) -> str:
 
 def render() -> list[str]:
     written = []
-    if (d := _load("throughput")) is not None:
-        common.write_md("throughput", throughput_md(d))
-        written.append("throughput")
+    for name in ("throughput", "throughput_gpu"):
+        if (d := _load(name)) is not None:
+            common.write_md(name, throughput_md(d))
+            written.append(name)
+    if (p := RESULTS / "gpu_profile.txt").exists():
+        common.write_md("gpu_profile", p.read_text().split("\n\nHost time")[0])
+        written.append("gpu_profile")
     if (d := _load("postprocess")) is not None:
         common.write_md("postprocess", postprocess_md(d))
         written.append("postprocess")
