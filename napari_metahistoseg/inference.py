@@ -54,6 +54,7 @@ from .tiling import (
     predict_tiled,
     tile_grid,
     to_host,
+    upload,
 )
 
 log = logging.getLogger(__name__)
@@ -249,7 +250,7 @@ def predict(
         small = rescale(image, f, order=1)
         colour = head.colour_input(backbone, image)
     else:  # a GPU does it all: the image goes up once, is resampled, tiled, blended and decided there
-        up = torch.from_numpy(np.ascontiguousarray(image)).to(on)
+        up = upload(image, on)
         small, colour = resize_image_t(up, f), head.colour_input(backbone, up)
         del up
     # the streamed path's forward (probabilities, TTA variants averaged as probabilities): one forward for both

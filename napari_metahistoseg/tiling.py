@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import threading
+import warnings
 from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -207,7 +208,7 @@ def predict_tiled(
     tiles = tile_grid((h, w), cfg.tile_px, cfg.halo_px, cfg.tile_multiple_px)
     on = blend_device(cfg, devices, (h, w), sum(channels.values()))
     if on is not None and not isinstance(image, torch.Tensor) and isinstance(image, np.ndarray):
-        image = torch.from_numpy(np.ascontiguousarray(image)).to(on)  # up once; tiles are cut on the device
+        image = upload(image, on)  # up once; tiles are cut on the device
     stack = torch.stack if isinstance(image, torch.Tensor) else lambda crops: np.stack([np.asarray(c) for c in crops])
     if on is None:
         acc = {k: np.zeros((c, h, w), np.float32) for k, c in channels.items()}
@@ -239,6 +240,15 @@ def predict_tiled(
     for k in acc:
         acc[k] /= np.maximum(wsum, _EPS)
     return {k: torch.from_numpy(v) for k, v in acc.items()} if as_tensors else acc
+
+
+def upload(image: np.ndarray, device: torch.device) -> torch.Tensor:
+    """``image`` as a tensor on ``device`` (one copy). A read-only array (a memory-mapped file, a napari layer's
+    data) is uploaded as it is: the tensor over it is only read, so torch's warning about it does not apply."""
+    a = np.ascontiguousarray(image)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(a).to(device)
 
 
 def to_host(t: torch.Tensor) -> np.ndarray:

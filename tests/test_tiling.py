@@ -20,6 +20,7 @@ from napari_metahistoseg.tiling import (
     image_tiling,
     predict_tiled,
     tile_grid,
+    upload,
 )
 
 CPU = [torch.device("cpu")]
@@ -316,3 +317,14 @@ def test_cpu_batch_size_applies_only_to_cpu_device_sets():
     assert TilingConfig(batch_size=2, cpu_batch_size=8).batch_for(["cpu"]) == 2  # the OOM fallback caps it
     with pytest.raises(ValueError):
         TilingConfig(cpu_batch_size=0)
+
+
+def test_upload_takes_read_only_arrays_without_a_warning():
+    import warnings
+
+    a = np.arange(24, dtype=np.uint8).reshape(2, 4, 3)
+    a.setflags(write=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        t = upload(a, torch.device("cpu"))
+    assert t.dtype == torch.uint8 and t.tolist() == a.tolist()
