@@ -1,0 +1,74 @@
+"""Benchmark: the `metahistoseg evaluate` command end to end on each dev data set (wall time, peak memory, scores).
+
+The issue's budget: about 60 s on 2 CPU cores for 1 support tile and 3–4 query tiles of 1000². Each data set is
+evaluated with its first image(s) as the support (GlaS: 4, the goal's setting; else 1) and every other image as
+the queries, with the defaults (exactly what the GUI's Adapt button does), in a fresh process timed with
+``/usr/bin/time -v`` where available (else wall time only).
+
+    .venv/bin/python benchmarks/bench_evaluate_cli.py [--sets monuseg,cpm15,glas,bm_graz_cells]
+
+Writes ``benchmarks/results/evaluate_cli.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+SUPPORT = {"glas": 4}  # support images per data set (default 1)
+SCORES = ("miou", "aji", "pq", "det_f1", "balanced_accuracy")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sets", default="monuseg,cpm15,glas,bm_graz_cells")
+    ap.add_argument("--out", default="evaluate_cli")
+    args = ap.parse_args(argv)
+
+    from napari_metahistoseg.data import open_dataset
+
+    exe = Path(sys.executable).with_name("metahistoseg")
+    timer = shutil.which("time") or ("/usr/bin/time" if Path("/usr/bin/time").exists() else None)
+    rows = []
+    for name in args.sets.split(","):
+        root = common.DATA / name
+        ids = open_dataset(root).ids[:SUPPORT.get(name, 1)]
+        cmd = [str(exe), "evaluate", str(root), "--support", ",".join(ids)]
+        t0 = time.perf_counter()
+        res = subprocess.run(([timer, "-v"] if timer else []) + cmd, capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        if res.returncode != 0:
+            raise SystemExit(f"{name}: evaluate failed ({res.returncode}): {res.stderr[-2000:]}")
+        out = json.loads(res.stdout.strip().splitlines()[-1])
+        rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", res.stderr)
+        row = {"set": name, "support": ids, "n_query": out["n_query"], "wall_s": round(wall, 1),
+               "adapt_s": out["adapt_seconds"], "predict_s": out["predict_seconds"],
+               "peak_rss_mb": round(int(rss.group(1)) / 1024) if rss else None,
+               **{k: out[k] for k in SCORES if k in out}}
+        rows.append(row)
+        print(row, flush=True)
+    result = {**common.provenance(), "rows": rows}
+    common.write_json(args.out, result)
+    md = (f"Machine: {common.machine_line(result['machine'])}  \nCommit: `{result['commit']}`  \n"
+          f"Command: `{result['command']}` (each row: `metahistoseg evaluate DATA_DIR --support IDS`)\n\n"
+          + common.md_table(["data set", "support", "queries", "wall s (whole command)", "adapt s", "predict s",
+                             "peak RSS MB", "mIoU", "AJI", "PQ", "detection F1"],
+                            [[r["set"], len(r["support"]), r["n_query"], r["wall_s"], r["adapt_s"], r["predict_s"],
+                              r["peak_rss_mb"], r.get("miou"), r.get("aji"), r.get("pq"), r.get("det_f1")]
+                             for r in rows]))
+    common.write_md(args.out, md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
