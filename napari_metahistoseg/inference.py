@@ -245,7 +245,9 @@ def predict(
     if instances:
         channels.update({"np": 1, "hv": 2, **({"nc": model.heads["hover"].nc[-1].out_channels} if has_nc else {})})
     small_hw = (h, w) if abs(f - 1) < 0.02 else (max(1, round(h * f)), max(1, round(w * f)))
-    on = blend_device(tiling, devs, small_hw, sum(channels.values()) + n_cls)
+    # on a GPU also the uint8 image and, when it is resampled, its float copy (3 + 12 bytes per image pixel)
+    on = blend_device(tiling, devs, small_hw, sum(channels.values()) + n_cls,
+                      extra_mb=h * w * (3 + (12 if small_hw != (h, w) else 0)) / 2**20)
     if on is None:
         small = rescale(image, f, order=1)
         colour = head.colour_input(backbone, image)

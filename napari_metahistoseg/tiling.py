@@ -262,13 +262,25 @@ def to_host(t: torch.Tensor) -> np.ndarray:
 
 
 def blend_device(cfg: TilingConfig, devices: Sequence[torch.device], shape: tuple[int, int],
-                 channels: int) -> torch.device | None:
+                 channels: int, extra_mb: float = 0.0) -> torch.device | None:
     """The device that blends the tiles of an in-memory prediction: the first of ``devices`` when it is a GPU and
-    the float32 accumulators (``channels`` maps + the weights of ``shape``) fit ``cfg.device_blend_max_mb``; else
-    ``None`` (host memory)."""
+    the float32 accumulators (``channels`` maps + the weights of ``shape``) and ``extra_mb`` (e.g. the image) fit
+    both ``cfg.device_blend_max_mb`` and half of the memory the device has free; else ``None`` (host memory)."""
     dev = torch.device(devices[0])
-    need_mb = (channels + 1) * shape[0] * shape[1] * 4 / 2**20
-    return dev if dev.type != "cpu" and need_mb <= cfg.device_blend_max_mb else None
+    if dev.type == "cpu":
+        return None
+    need_mb = (channels + 1) * shape[0] * shape[1] * 4 / 2**20 + extra_mb
+    return dev if need_mb <= min(cfg.device_blend_max_mb, _free_mb(dev) / 2) else None
+
+
+def _free_mb(dev: torch.device) -> float:
+    """Free memory of a CUDA device in MB (inf where it cannot be asked)."""
+    if dev.type != "cuda":
+        return math.inf
+    try:
+        return torch.cuda.mem_get_info(dev)[0] / 2**20
+    except (RuntimeError, AssertionError):
+        return math.inf
 
 
 class BandBlender:

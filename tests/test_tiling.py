@@ -149,6 +149,16 @@ def test_blending_on_the_device_equals_host_blending(monkeypatch):
     assert seen == [(170, 230)] * 2
 
 
+def test_blend_device_leaves_half_of_the_free_gpu_memory(monkeypatch):
+    import napari_metahistoseg.tiling as tiling_mod
+
+    cuda, cfg = [torch.device("cuda", 0)], TilingConfig(device_blend_max_mb=64)
+    monkeypatch.setattr(tiling_mod, "_free_mb", lambda dev: 40.0)
+    assert blend_device(cfg, cuda, (1024, 1024), 3) == cuda[0]  # 16 MB <= 20
+    monkeypatch.setattr(tiling_mod, "_free_mb", lambda dev: 20.0)
+    assert blend_device(cfg, cuda, (1024, 1024), 3) is None  # 16 MB > 10
+
+
 def test_blend_device_picks_a_gpu_only_when_its_accumulators_fit():
     cfg = TilingConfig(device_blend_max_mb=64)
     cuda = [torch.device("cuda", 0)]
@@ -156,6 +166,7 @@ def test_blend_device_picks_a_gpu_only_when_its_accumulators_fit():
     assert blend_device(cfg, cuda + CPU, (1024, 1024), 3) == torch.device("cuda", 0)  # 16 MB
     assert blend_device(cfg, cuda, (4096, 4096), 3) is None  # 256 MB > 64 MB: host memory
     assert blend_device(TilingConfig(device_blend_max_mb=0), cuda, (64, 64), 1) is None
+    assert blend_device(cfg, cuda, (1024, 1024), 3, extra_mb=60) is None  # 16 + 60 MB > 64 MB
     with pytest.raises(ValueError, match="device_blend_max_mb"):
         TilingConfig(device_blend_max_mb=-1)
 
