@@ -60,7 +60,7 @@ def test_prediction_on_the_gpu_equals_the_cpu(bundled, head, tile):
     cpu = _run(predict(bundled, head, tile.image, devices="cpu", tiling=TILING))
     seen = []
     real = tiling_mod.blend_device
-    tiling_mod.blend_device = lambda *a: seen.append(real(*a)) or seen[-1]
+    tiling_mod.blend_device = lambda *a, **k: seen.append(real(*a, **k)) or seen[-1]
     try:
         gpu = _run(predict(bundled, head, tile.image, devices="cuda:0", tiling=TILING))
     finally:

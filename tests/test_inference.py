@@ -111,8 +111,8 @@ def test_gpu_style_prediction_equals_host_path(backbone, head, image, monkeypatc
 
     host = run(predict(backbone, head, image, mpp=mpp, tiling=TILING, instances=True))[0]
     cpu = torch.device("cpu")
-    monkeypatch.setattr(inference, "blend_device", lambda *a: cpu)
-    monkeypatch.setattr(tiling_mod, "blend_device", lambda *a: cpu)
+    monkeypatch.setattr(inference, "blend_device", lambda *a, **k: cpu)
+    monkeypatch.setattr(tiling_mod, "blend_device", lambda *a, **k: cpu)
     dev = run(predict(backbone, head, image, mpp=mpp, tiling=TILING, instances=True))[0]
     assert dev.semantic.dtype == np.uint8 and dev.probs.dtype == np.float32 and dev.hv.shape == host.hv.shape
     if mpp == 0.5:
