@@ -129,7 +129,7 @@ class TileRunner:
         outs = {k: np.empty((n, c, h, w), np.float32) for k, c in self.channels.items()}
         for idx, res in pending:
             for k in outs:
-                outs[k][idx] = res[k].cpu().numpy()
+                outs[k][idx] = to_host(res[k])  # from a GPU through page-locked memory (streamed slides)
         return outs
 
     def _launch(self, dev: torch.device, fwd: Forward, crops: np.ndarray,
