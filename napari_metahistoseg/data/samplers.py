@@ -202,6 +202,9 @@ def prefetched(make: Callable[[int], Iterator], workers: int, *, depth: int = 2)
 
 
 def _produce(make: Callable[[int], Iterator], w: int, q) -> None:
+    import torch
+
+    torch.set_num_threads(1)  # as torch's DataLoader workers: no OpenMP pool shared with (forked from) the parent
     try:
         for item in make(w):
             q.put(("item", item))
