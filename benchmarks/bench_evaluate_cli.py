@@ -56,17 +56,13 @@ def main(argv=None) -> int:
                **{k: out[k] for k in SCORES if k in out}}
         rows.append(row)
         print(row, flush=True)
-    result = {**common.provenance(), "rows": rows}
-    common.write_json(args.out, result)
-    md = (f"Machine: {common.machine_line(result['machine'])}  \nCommit: `{result['commit']}`  \n"
-          f"Command: `{result['command']}` (each row: `metahistoseg evaluate DATA_DIR --support IDS`)\n\n"
-          + common.md_table(["data set", "support", "queries", "wall s (whole command)", "adapt s", "predict s",
+    table = common.md_table(["data set", "support", "queries", "wall s (whole command)", "adapt s", "predict s",
                              "peak RSS MB", "mIoU", "AJI", "PQ", "detection F1"],
                             [[r["set"], len(r["support"]), r["n_query"], r["wall_s"], r["adapt_s"], r["predict_s"],
                               r["peak_rss_mb"], r.get("miou"), r.get("aji"), r.get("pq"), r.get("det_f1")]
-                             for r in rows]))
-    common.write_md(args.out, md)
-    print(md)
+                             for r in rows])
+    common.write_sweep(args.out, {"rows": rows}, "Each row: `metahistoseg evaluate DATA_DIR --support IDS`.", table)
+    print(table)
     return 0
 
 

@@ -96,18 +96,14 @@ def main(argv=None) -> int:
                                            + base.meta_steps * (row["meta_s_per_step"] or 0)) / 60, 1)
             rows.append(row)
             print(row, flush=True)
-    result = {**common.provenance(), "rows": rows}
-    common.write_json(args.out, result)
-    md = (f"Machine: {common.machine_line(result['machine'])}  \nCommit: `{result['commit']}`  \n"
-          f"Command: `{result['command']}`\n\n"
-          + common.md_table(["device", "loader workers", "supervised s/step", "meta s/step",
-                             "sampler s/batch (host, 1 process)", "sampler s/episode batch (host, 1 process)",
-                             f"recipe ({base.supervised_steps}+{base.meta_steps} steps), min"],
-                            [[f"{r['device']} ({r['device_name']})", r["loader_workers"],
-                              common.fmt(r["supervised_s_per_step"]), common.fmt(r["meta_s_per_step"]),
-                              common.fmt(r["host_batch_s"]), common.fmt(r["host_episode_batch_s"]),
-                              r["recipe_minutes"]] for r in rows]))
-    common.write_md(args.out, md)
+    md = common.md_table(["device", "loader workers", "supervised s/step", "meta s/step",
+                          "sampler s/batch (host, 1 process)", "sampler s/episode batch (host, 1 process)",
+                          f"recipe ({base.supervised_steps}+{base.meta_steps} steps), min"],
+                         [[f"{r['device']} ({r['device_name']})", r["loader_workers"],
+                           common.fmt(r["supervised_s_per_step"]), common.fmt(r["meta_s_per_step"]),
+                           common.fmt(r["host_batch_s"]), common.fmt(r["host_episode_batch_s"]),
+                           r["recipe_minutes"]] for r in rows])
+    common.write_sweep(args.out, {"rows": rows}, "Synthetic tasks; mean s/step after each phase's first step.", md)
     print(md)
     return 0
 
