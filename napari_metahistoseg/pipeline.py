@@ -267,8 +267,8 @@ def image_colour_stats(image, tissue_min_od: float = MAMLConfig.colour_tissue_mi
     ``(H, W, 3)`` — an array, a :class:`.slide.LazyImage` or a tensor (on its device) — at its own resolution,
     over its tissue pixels (total RGB optical density ≥ ``tissue_min_od``; all pixels if fewer than 1 % are
     tissue): over every pixel up to ``COLOUR_STATS_ALL_PX``, else over ``COLOUR_STATS_WINDOWS`` windows on a
-    regular grid (a slide is never read whole). The same rule for an array and the slide it came from, so streamed and in-memory predictions agree;
-    skipping the glass makes a slide and a tissue crop of it agree too."""
+    regular grid (a slide is never read whole). The same rule for an array and the slide it came from, so streamed
+    and in-memory predictions agree; skipping the glass makes a slide and a tissue crop of it agree too."""
     h, w = image.shape[:2]
     if h * w <= COLOUR_STATS_ALL_PX:
         parts = [image[:, :]]
