@@ -43,6 +43,11 @@ want throughput && step throughput && timeout 180 $PY benchmarks/bench_throughpu
 want profile && step profile && timeout 120 $PY benchmarks/profile_gpu_predict.py --out gpu_profile 2>&1 \
     | grep -v "^ " | head -16 | tee -a "$LOG"
 
+DATA_DIR=${METAHISTOSEG_DATA:-../shared/data}
+if want adapt && [ ! -d "$DATA_DIR/monuseg" ]; then
+    step "adapt speed skipped: no MoNuSeg dev data at $DATA_DIR (set METAHISTOSEG_DATA)"
+    STEPS=${STEPS/adapt/}
+fi
 want adapt && step "adapt speed" && timeout 150 $PY benchmarks/bench_adapt_speed.py --devices cuda:0 --repeats 3 --decoder-repeats 1 \
     --out adapt_speed_gpu 2>&1 | tail -30 | tee -a "$LOG"
 
