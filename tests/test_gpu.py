@@ -182,3 +182,12 @@ def test_colour_heads_and_40x_images_on_the_gpu(bundled, tile):
         # 0.25 µm/px: resampled on the GPU with torch's antialiased filter, on the CPU with skimage's
         assert np.abs(gpu.probs - cpu.probs).mean() < (1e-3 if mpp == 0.5 else 0.01)
         assert (gpu.semantic == cpu.semantic).mean() > (0.999 if mpp == 0.5 else 0.98)
+
+
+def test_prediction_on_a_mixed_device_set(bundled, head, tile):
+    """Tiles split over a GPU and the CPU, blended on the GPU (the first device), and over the CPU first (blended on
+    the host): the same maps as one GPU."""
+    one = _run(predict(bundled, head, tile.image, devices="cuda:0", tiling=TILING))
+    for devs in ("cuda:0,cpu", "cpu,cuda:0"):
+        mixed = _run(predict(bundled, head, tile.image, devices=devs, tiling=TILING))
+        np.testing.assert_allclose(mixed.probs, one.probs, atol=2e-3)
