@@ -255,7 +255,7 @@ def to_host(t: torch.Tensor) -> np.ndarray:
     """A host array of a tensor; from a GPU through page-locked memory (torch's caching host allocator reuses it
     from call to call): 2.5 ms instead of 107 ms for two 16 MP float32 maps on an H200 (BENCHMARKS.md)."""
     if t.device.type != "cuda":
-        return t.detach().numpy()
+        return t.detach().cpu().numpy()  # (a no-op copy for CPU tensors; MPS tensors need it)
     host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
     host.copy_(t)
     return host.numpy()
@@ -263,11 +263,11 @@ def to_host(t: torch.Tensor) -> np.ndarray:
 
 def blend_device(cfg: TilingConfig, devices: Sequence[torch.device], shape: tuple[int, int],
                  channels: int, extra_mb: float = 0.0) -> torch.device | None:
-    """The device that blends the tiles of an in-memory prediction: the first of ``devices`` when it is a GPU and
+    """The device that blends the tiles of an in-memory prediction: the first of ``devices`` when it is a CUDA GPU and
     the float32 accumulators (``channels`` maps + the weights of ``shape``) and ``extra_mb`` (e.g. the image) fit
     both ``cfg.device_blend_max_mb`` and half of the memory the device has free; else ``None`` (host memory)."""
     dev = torch.device(devices[0])
-    if dev.type == "cpu":
+    if dev.type != "cuda":  # CPUs blend in host memory anyway; MPS keeps the host path (tested on CUDA only)
         return None
     need_mb = (channels + 1) * shape[0] * shape[1] * 4 / 2**20 + extra_mb
     return dev if need_mb <= min(cfg.device_blend_max_mb, _free_mb(dev) / 2) else None

@@ -163,6 +163,7 @@ def test_blend_device_picks_a_gpu_only_when_its_accumulators_fit():
     cfg = TilingConfig(device_blend_max_mb=64)
     cuda = [torch.device("cuda", 0)]
     assert blend_device(cfg, CPU, (4096, 4096), 2) is None  # never on a CPU-first set
+    assert blend_device(cfg, [torch.device("mps")], (64, 64), 2) is None  # MPS keeps the host path
     assert blend_device(cfg, cuda + CPU, (1024, 1024), 3) == torch.device("cuda", 0)  # 16 MB
     assert blend_device(cfg, cuda, (4096, 4096), 3) is None  # 256 MB > 64 MB: host memory
     assert blend_device(TilingConfig(device_blend_max_mb=0), cuda, (64, 64), 1) is None
