@@ -53,7 +53,9 @@ class AdaptSettings(QWidget):
                                         "eosin, standardised per image) next to the backbone's features; helps "
                                         "where the backbone never saw the kind of object")
         self.mode_combo.currentTextChanged.connect(lambda t: self.colour.setEnabled(MODES[t] == "head"))
-        self.device_boxes = {d: QCheckBox(device_label(d), checked=(d == "cpu")) for d in available_devices()}
+        found = available_devices()
+        first = next((d for d in found if d.startswith("cuda")), "cpu")  # a CUDA GPU when there is one
+        self.device_boxes = {d: QCheckBox(device_label(d), checked=(d == first)) for d in found}
         self.instances = QCheckBox("nuclei instances (HoVer)", checked=True)
         self.objects = QCheckBox("gland / object instances", checked=False,
                                  toolTip="instances of large objects (glands) of the predicted foreground: holes "

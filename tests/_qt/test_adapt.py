@@ -274,7 +274,19 @@ def test_device_checkboxes_list_available_devices(adapt):
     from napari_metahistoseg.devices import available_devices
 
     assert list(adapt.settings.device_boxes) == available_devices()
-    assert adapt.settings.devices() == ["cpu"]
+    gpus = [d for d in available_devices() if d.startswith("cuda")]
+    assert adapt.settings.devices() == (gpus[:1] or ["cpu"])  # the first CUDA GPU is ticked when there is one
+
+
+def test_the_first_gpu_is_ticked_by_default(qtbot, monkeypatch):
+    from napari_metahistoseg._qt import adapt_settings
+
+    monkeypatch.setattr(adapt_settings, "available_devices", lambda: ["cpu", "cuda:0", "cuda:1"])
+    monkeypatch.setattr(adapt_settings, "device_label", lambda d: d)
+    settings = adapt_settings.AdaptSettings("default")
+    qtbot.addWidget(settings)
+    assert settings.devices() == ["cuda:0"]
+    assert not settings.device_boxes["cpu"].isChecked() and not settings.device_boxes["cuda:1"].isChecked()
 
 
 def test_mitosis_candidates_with_threshold(viewer, qtbot, adapt, tmp_path, errors, monkeypatch):
