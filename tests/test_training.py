@@ -102,6 +102,9 @@ def _worker(rank, world, init_file, shards, result_file):
     opt.step()
     if rank == 0:
         torch.save({k: v for k, v in model.state_dict().items()}, result_file)
+    # both ranks leave together: a rank that tears its connections down while the other still uses them can make
+    # gloo abort the other ("terminate called without an active exception", seen once in CI on a loaded machine)
+    dist.barrier()
     dist.destroy_process_group()
 
 
