@@ -115,28 +115,32 @@ def main() -> None:
     rows: list[dict] = []
     kept = _earlier_rows(args)
     # CPU: (threads, tile threads, bf16, host blending); a tile-thread count of 1 is one tile at a time on all threads
+    # variant: "host" = the path before device blending (to compare); "nchw" = device blending with
+    # TilingConfig.channels_last=False (GroupNorm's CUDA kernel wants contiguous NCHW input: no layout conversions)
     targets = [] if args.no_cpu else [
-        ("cpu", int(t), w, False, False) for t in args.threads.split(",")
+        ("cpu", int(t), w, False, "") for t in args.threads.split(",")
         for w in sorted({1, int(t)} if args.workers == "both" else {int(args.workers or t)})]
     if torch.cuda.is_available() and not args.no_gpu:  # host blending: the path before device blending, to compare
-        targets += [("cuda:0", 0, 1, False, False), ("cuda:0", 0, 1, True, False), ("cuda:0", 0, 1, True, True)]
+        targets += [("cuda:0", 0, 1, False, ""), ("cuda:0", 0, 1, True, ""), ("cuda:0", 0, 1, True, "host"),
+                    ("cuda:0", 0, 1, False, "nchw"), ("cuda:0", 0, 1, True, "nchw")]
     info = machine()
     colour_head = _colour_head(bb) if args.colour else None
-    for device, threads, workers, bf16, host_blend in targets:
+    for device, threads, workers, bf16, variant in targets:
         if device == "cpu":
             torch.set_num_threads(threads)
-        label = _label(device, threads, workers, bf16, host_blend)
+        label = _label(device, threads, workers, bf16, variant)
         size = args.size if device == "cpu" else args.gpu_size
         img, img40, mp = image(size, bb.mpp), image(size, bb.mpp / 2), size * size / 1e6
         tiles = [int(t) for t in (args.tiles if device == "cpu" else args.gpu_tiles).split(",")]
         batches = [int(b) for b in (args.batches if device == "cpu" else args.gpu_batches).split(",")]
 
         def tiling(tile: int, batch: int, workers: int = workers, bf16: bool = bf16,
-                   host_blend: bool = host_blend) -> TilingConfig:
+                   variant: str = variant) -> TilingConfig:
             # batch = tiles per forward pass (per tile thread)
             return TilingConfig(tile_px=tile, halo_px=32, batch_size=batch * workers, cpu_batch_size=batch,
                                 cpu_workers=workers, autocast_bf16=bf16,
-                                **({"device_blend_max_mb": 0.0} if host_blend else {}))
+                                **({"device_blend_max_mb": 0.0} if variant == "host" else {}),
+                                **({"channels_last": False} if variant == "nchw" else {}))
 
         for tile in tiles:
             for batch in batches:
@@ -183,9 +187,10 @@ def torch_randn_like(t):
     return torch.randn(t.shape, generator=torch.Generator().manual_seed(SEED), dtype=t.dtype)
 
 
-def _label(device: str, threads: int, workers: int, bf16: bool, host_blend: bool = False) -> str:
+def _label(device: str, threads: int, workers: int, bf16: bool, variant: str = "") -> str:
     if device != "cpu":
-        return f"{device}{' bf16' if bf16 else ''}{', host blending' if host_blend else ''}"
+        extra = {"host": ", host blending", "nchw": ", NCHW"}.get(variant, "")
+        return f"{device}{' bf16' if bf16 else ''}{extra}"
     return f"cpu x{threads}" + (f", {workers} tile threads" if workers > 1 else "")
 
 

@@ -7,7 +7,8 @@
 #    slides, head/decoder adaptation on device sets mixing GPUs and the CPU, mitosis, training resumed on the GPU)
 #    and tests/test_training.py (device "auto" trains on the GPU there).
 # 2. benchmarks/bench_throughput.py --no-cpu: semantic prediction MP/s on cuda:0 (fp32, bf16, bf16 with host
-#    blending for comparison; a head with colour inputs) -> benchmarks/results/throughput_gpu.*
+#    blending for comparison, fp32/bf16 with channels_last off; a head with colour inputs)
+#    -> benchmarks/results/throughput_gpu.*
 # 3. benchmarks/profile_gpu_predict.py: a GPU prediction against its parts -> gpu_profile.txt
 #    benchmarks/bench_adapt_speed.py --devices cuda:0 -> adapt_speed_gpu.* (needs MoNuSeg: METAHISTOSEG_DATA)
 # 4. benchmarks/bench_train_speed.py --device cuda:0 --workers 0,4,8,12 -> train_speed_gpu.*
