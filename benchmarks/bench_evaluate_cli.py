@@ -5,7 +5,7 @@ evaluated with its first image(s) as the support (GlaS: 4, the goal's setting; p
 of each class; else 1) and every other image as the queries, with the defaults (exactly what the GUI's Adapt
 button does), in a fresh process timed with ``/usr/bin/time -v`` where available (else wall time only).
 
-    .venv/bin/python benchmarks/bench_evaluate_cli.py [--sets monuseg,cpm15,consep_tiles,glas,bm_graz_cells,amibr_mitosis]
+    .venv/bin/python benchmarks/bench_evaluate_cli.py [--sets monuseg,cpm15,consep_tiles,glas,bm_graz_cells,...]
 
 Writes ``benchmarks/results/evaluate_cli.{json,md}``.
 """
