@@ -165,26 +165,12 @@ def main() -> None:
 
 
 def _colour_head(bb):
-    """A two-class head with the default colour inputs (its colour weights random, as after adaptation; their cost
-    does not depend on their values)."""
-    from napari_metahistoseg.config import MAMLConfig
-    from napari_metahistoseg.models import COLOUR_BASE
-    from napari_metahistoseg.pipeline import TASK, AdaptedHead, _head_start, initial_head
+    """A two-class head with the default colour inputs (random colour weights, as after adaptation; their cost does
+    not depend on their values)."""
+    from napari_metahistoseg.pipeline import colour_head
 
-    cfg = MAMLConfig()
-    pre = f"heads.{TASK}."
-    init = {k[len(pre):]: v for k, v in initial_head(bb, 2).items()}
-    _, state, _ = _head_start(bb, init, len(COLOUR_BASE) * len(cfg.colour_sigmas_um), 2, cfg)
-    state["net.0.weight"] = state["net.0.weight"] + 0.01 * torch_randn_like(state["net.0.weight"])
-    state = {pre + k: v for k, v in state.items()}
-    return AdaptedHead(["background", "foreground"], state, bb.sha256, cfg, bb.mpp,
-                       {"colour_sigmas_um": list(cfg.colour_sigmas_um)})
+    return colour_head(bb, ["background", "foreground"], noise=0.01, seed=SEED)
 
-
-def torch_randn_like(t):
-    import torch
-
-    return torch.randn(t.shape, generator=torch.Generator().manual_seed(SEED), dtype=t.dtype)
 
 
 def _label(device: str, threads: int, workers: int, bf16: bool, variant: str = "") -> str:

@@ -265,6 +265,8 @@ def predict(
     probs_t = resize_maps_t(maps["seg"], (h, w))
     dec = resize_maps_t(maps["dec"], (h, w)) if "dec" in maps else probs_t
     probs = _host(probs_t)
+    # decided where the maps are: on a GPU as tensors, on the CPU in numpy (torch's CPU arg-max over the class
+    # axis took 2.6 s on (2, 4096, 4096) against 0.15 s for decide's numpy path)
     pred = Prediction(_host(decide(dec if on is not None else _host(dec), head.threshold)), probs,
                       list(head.classes))
     if instances:

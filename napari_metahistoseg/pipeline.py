@@ -531,6 +531,21 @@ def fit_head(backbone: Backbone, parts: Sequence[tuple], n_classes: int, start: 
     return {prefix + k: v for k, v in fast.items()}, threshold, smoothing, tuple(sigmas_um), scores
 
 
+def colour_head(backbone: Backbone, classes: Sequence[str], cfg: MAMLConfig | None = None, *, noise: float = 0.0,
+                seed: int = 0) -> AdaptedHead:
+    """An unadapted head with ``cfg``'s colour inputs (``MAMLConfig().colour_sigmas_um`` by default): the
+    meta-learned head with zero colour weights, plus ``noise`` × N(0, 1) (seeded) on its first layer so that the
+    colour inputs count — for timings and tests of colour heads; :func:`adapt` builds its own."""
+    cfg = cfg or MAMLConfig()
+    pre = f"heads.{TASK}."
+    init = {k[len(pre):]: v for k, v in initial_head(backbone, len(classes), seed=seed).items()}
+    _, state, _ = _head_start(backbone, init, len(COLOUR_BASE) * len(cfg.colour_sigmas_um), len(classes), cfg)
+    w = state["net.0.weight"]
+    state["net.0.weight"] = w + noise * torch.randn(w.shape, generator=torch.Generator().manual_seed(seed))
+    return AdaptedHead(list(classes), {pre + k: v for k, v in state.items()}, backbone.sha256, cfg, backbone.mpp,
+                       {"colour_sigmas_um": list(cfg.colour_sigmas_um)})
+
+
 def _head_start(backbone: Backbone, init: dict[str, torch.Tensor], extra: int, n_classes: int, cfg: MAMLConfig):
     """``(template, initial parameters, step sizes)`` of a head with ``extra`` colour inputs: a head that has none
     gets zero weights for them; they take ``cfg.colour_lr_scale`` x the head's first-layer step size."""

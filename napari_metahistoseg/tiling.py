@@ -275,8 +275,6 @@ def blend_device(cfg: TilingConfig, devices: Sequence[torch.device], shape: tupl
 
 def _free_mb(dev: torch.device) -> float:
     """Free memory of a CUDA device in MB (inf where it cannot be asked)."""
-    if dev.type != "cuda":
-        return math.inf
     try:
         return torch.cuda.mem_get_info(dev)[0] / 2**20
     except (RuntimeError, AssertionError):

@@ -208,3 +208,18 @@ def test_colour_inputs_are_for_cell_sized_objects(backbone):
     big[10:80, 10:80] = 1
     head = run(adapt(backbone, [tile.image], [big], ["background", "gland"], cfg=MAMLConfig(steps=2)))
     assert not head.colour_sigmas_um and head.provenance["support_object_um2"] == pytest.approx(1225.0)
+
+
+def test_colour_head_builds_an_unadapted_head_with_colour_inputs(backbone):
+    from napari_metahistoseg.pipeline import colour_head
+
+    n_feat = backbone.model.backbone.out_channels
+    plain = colour_head(backbone, ["a", "b", "c"])
+    first = plain.state["heads.user.net.0.weight"]
+    assert plain.colour_sigmas_um == MAMLConfig().colour_sigmas_um and first.shape[1] == n_feat + 5 * 4
+    assert torch.count_nonzero(first[:, n_feat:]) == 0  # without noise: the meta-learned head itself
+    noisy = colour_head(backbone, ["a", "b", "c"], noise=0.05)
+    assert torch.count_nonzero(noisy.state["heads.user.net.0.weight"][:, n_feat:]) > 0
+    img = synthetic_tile((64, 80), seed=0).image
+    pred = run(predict(backbone, noisy, img, tiling=TilingConfig(tile_px=64, halo_px=8)))
+    assert pred.probs.shape == (3, 64, 80)

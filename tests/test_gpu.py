@@ -56,15 +56,13 @@ def _run(gen):
         return stop.value
 
 
-def test_prediction_on_the_gpu_equals_the_cpu(bundled, head, tile):
+def test_prediction_on_the_gpu_equals_the_cpu(bundled, head, tile, monkeypatch):
     cpu = _run(predict(bundled, head, tile.image, devices="cpu", tiling=TILING))
     seen = []
     real = tiling_mod.blend_device
-    tiling_mod.blend_device = lambda *a, **k: seen.append(real(*a, **k)) or seen[-1]
-    try:
-        gpu = _run(predict(bundled, head, tile.image, devices="cuda:0", tiling=TILING))
-    finally:
-        tiling_mod.blend_device = real
+    monkeypatch.setattr(tiling_mod, "blend_device", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    gpu = _run(predict(bundled, head, tile.image, devices="cuda:0", tiling=TILING))
+    monkeypatch.undo()
     assert seen == [torch.device("cuda", 0)]  # blended on the GPU
     np.testing.assert_allclose(gpu.probs, cpu.probs, atol=2e-3)
     assert (gpu.semantic == cpu.semantic).mean() > 0.999
@@ -165,17 +163,9 @@ def test_training_resumed_on_the_gpu(tmp_path):
 
 
 def test_colour_heads_and_40x_images_on_the_gpu(bundled, tile):
-    from napari_metahistoseg.models import COLOUR_BASE
-    from napari_metahistoseg.pipeline import TASK, _head_start
+    from napari_metahistoseg.pipeline import colour_head
 
-    cfg = MAMLConfig()
-    pre = f"heads.{TASK}."
-    init = {k[len(pre):]: v for k, v in initial_head(bundled, 2).items()}
-    _, state, _ = _head_start(bundled, init, len(COLOUR_BASE) * len(cfg.colour_sigmas_um), 2, cfg)
-    g = torch.Generator().manual_seed(0)
-    state["net.0.weight"] = state["net.0.weight"] + 0.05 * torch.randn(state["net.0.weight"].shape, generator=g)
-    head = AdaptedHead(["background", "nucleus"], {pre + k: v for k, v in state.items()}, bundled.sha256, cfg,
-                       bundled.mpp, {"colour_sigmas_um": list(cfg.colour_sigmas_um)})
+    head = colour_head(bundled, ["background", "nucleus"], noise=0.05)
     for mpp in (0.5, 0.25):
         cpu = _run(predict(bundled, head, tile.image, mpp=mpp, devices="cpu", tiling=TILING))
         gpu = _run(predict(bundled, head, tile.image, mpp=mpp, devices="cuda:0", tiling=TILING))

@@ -20,7 +20,6 @@ from napari_metahistoseg.tiling import (
     image_tiling,
     predict_tiled,
     tile_grid,
-    upload,
 )
 
 CPU = [torch.device("cpu")]
@@ -332,11 +331,16 @@ def test_cpu_batch_size_applies_only_to_cpu_device_sets():
 
 
 def test_upload_takes_read_only_arrays_without_a_warning():
-    import warnings
+    """In fresh interpreters with warnings as errors: torch warns about non-writable arrays only once per process,
+    so an earlier test could have used the warning up. The control (a plain ``torch.from_numpy``) must fail."""
+    import subprocess
+    import sys
 
-    a = np.arange(24, dtype=np.uint8).reshape(2, 4, 3)
-    a.setflags(write=False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        t = upload(a, torch.device("cpu"))
-    assert t.dtype == torch.uint8 and t.tolist() == a.tolist()
+    setup = ("import numpy as np, torch\nfrom napari_metahistoseg.tiling import upload\n"
+             "a = np.arange(24, dtype=np.uint8).reshape(2, 4, 3); a.setflags(write=False)\n")
+    ours = setup + "t = upload(a, torch.device('cpu'))\nassert t.dtype == torch.uint8 and t.tolist() == a.tolist()\n"
+    control = setup + "torch.from_numpy(a)\n"
+    run = [sys.executable, "-W", "error::UserWarning", "-c"]
+    assert subprocess.run(run + [ours], capture_output=True, text=True).returncode == 0
+    res = subprocess.run(run + [control], capture_output=True, text=True)
+    assert res.returncode != 0 and "not writable" in res.stderr
