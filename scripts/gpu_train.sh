@@ -4,19 +4,20 @@
 #   .venv/bin/python scripts/pack_training_data.py --config configs/backbone.json --out .gpu/data   # here, ~48 MB
 #   (device) bash scripts/gpu_train.sh [OUT_DIR]        with .gpu carried (git-ignored: never commit the pack)
 #
-# 1. benchmarks/bench_throughput.py --no-cpu (channels-last against NCHW rows) and benchmarks/probe_compile.py
-#    (torch.compile of the forward), time-boxed.
-# 2. configs/backbone_gpu.json and configs/loto_monuseg_gpu.json side by side (each with its loader processes),
+# 1. configs/backbone_gpu.json and configs/loto_monuseg_gpu.json side by side (each with its loader processes),
 #    reading the packed tasks (data folders rewritten to .gpu/data/<name>); time-boxed by TRAIN_S: a run stopped
 #    early still leaves its last checkpoint (every 200 steps).
-# 3. Into OUT_DIR: the fp32 checkpoints (last, transfer) and one tar.gz of logs, configs and benchmark results.
+# 2. benchmarks/bench_throughput.py --no-cpu (channels-last against NCHW rows) and benchmarks/probe_compile.py
+#    (torch.compile of the forward), time-boxed.
+# 3. Into OUT_DIR: the fp32 checkpoints (last, transfer) and tar.gz files of the runs' logs/configs and of the
+#    benchmark results (the checkpoints are copied before the benchmarks start).
 # DRY=1: a few CPU steps of each, to test this script without a GPU.
 set -u
 OUT_DIR=${1:-${OUT:-/tmp/gpu_train}}
 mkdir -p "$OUT_DIR"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 PY=${PY:-python3}
-TRAIN_S=${TRAIN_S:-360}
+TRAIN_S=${TRAIN_S:-350}
 DATA=${DATA:-.gpu/data}
 LOG=$OUT_DIR/gpu_train.log
 step() { echo "=== $* ($(date -u +%T))" | tee -a "$LOG"; }
@@ -24,14 +25,6 @@ step machine
 { nvidia-smi --query-gpu=name,memory.total --format=csv 2>/dev/null; nproc
   $PY -c "import torch; print(torch.__version__, torch.cuda.is_available())"; git rev-parse --short HEAD 2>/dev/null; } \
   2>&1 | tee -a "$LOG"
-
-if [ -z "${DRY:-}" ]; then
-    step throughput
-    timeout 100 $PY benchmarks/bench_throughput.py --no-cpu --gpu-tiles 1024 --gpu-batches 8,16 --repeats 3 \
-        --name throughput_gpu 2>&1 | tail -14 | tee -a "$LOG"
-    step "compile probe"
-    timeout 120 $PY benchmarks/probe_compile.py --modes eager,default 2>&1 | tail -10 | tee -a "$LOG"
-fi
 
 step train
 mkdir -p .gpu/cfg .gpu/runs
@@ -55,11 +48,20 @@ for name in backbone_gpu loto_monuseg_gpu; do
     tail -3 "$OUT_DIR/$name.out" | tee -a "$LOG"
     cp .gpu/cfg/$name.json .gpu/runs/$name/run_config.json 2>/dev/null
 done
-
-step collect
 cp .gpu/runs/backbone_gpu/last.safetensors "$OUT_DIR/full_last.safetensors" 2>/dev/null
 cp .gpu/runs/backbone_gpu/transfer.safetensors "$OUT_DIR/full_transfer.safetensors" 2>/dev/null
 cp .gpu/runs/loto_monuseg_gpu/last.safetensors "$OUT_DIR/loto_last.safetensors" 2>/dev/null
-tar czf "$OUT_DIR/meta.tar.gz" --exclude='*.safetensors' .gpu/runs benchmarks/results/*gpu* "$OUT_DIR"/*.out 2>/dev/null
+tar czf "$OUT_DIR/runs.tar.gz" --exclude='*.safetensors' .gpu/runs "$OUT_DIR"/*.out 2>/dev/null
+
+if [ -z "${DRY:-}" ]; then
+    step throughput
+    timeout 100 $PY benchmarks/bench_throughput.py --no-cpu --gpu-tiles 1024 --gpu-batches 8,16 --repeats 3 \
+        --name throughput_gpu 2>&1 | tail -14 | tee -a "$LOG"
+    step "compile probe"
+    timeout 100 $PY benchmarks/probe_compile.py --modes eager,default 2>&1 | tail -10 | tee -a "$LOG"
+fi
+
+step collect
+tar czf "$OUT_DIR/bench.tar.gz" benchmarks/results/*gpu* 2>/dev/null
 rm -f "$OUT_DIR"/*.out
 ls -la "$OUT_DIR" | tee -a "$LOG"
