@@ -11,7 +11,8 @@
 #    (torch.compile of the forward), time-boxed.
 # 3. Into OUT_DIR: the fp32 checkpoints (last, transfer) and tar.gz files of the runs' logs/configs and of the
 #    benchmark results (the checkpoints are copied before the benchmarks start).
-# DRY=1: a few CPU steps of each, to test this script without a GPU.
+# RUNS="loto_monuseg_gpu@300+100 loto_monuseg_gpu@800+200": other runs/lengths; WORKERS=N loader processes per run;
+# BENCH=0: no benchmarks. DRY=1: a few CPU steps of each, to test this script without a GPU.
 set -u
 OUT_DIR=${1:-${OUT:-/tmp/gpu_train}}
 mkdir -p "$OUT_DIR"
@@ -19,6 +20,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 PY=${PY:-python3}
 TRAIN_S=${TRAIN_S:-350}
 DATA=${DATA:-.gpu/data}
+RUNS=${RUNS:-backbone_gpu loto_monuseg_gpu}  # CONFIG or CONFIG@SUP+META (configs/CONFIG.json at another length)
 LOG=$OUT_DIR/gpu_train.log
 step() { echo "=== $* ($(date -u +%T))" | tee -a "$LOG"; }
 step machine
@@ -28,15 +30,21 @@ step machine
 
 step train
 mkdir -p .gpu/cfg .gpu/runs
-for name in backbone_gpu loto_monuseg_gpu; do
-    $PY - "$name" "$DATA" <<'PYEOF'
-import json, sys
+for spec in $RUNS; do
+    name=${spec//[@+]/_}
+    $PY - "$spec" "$DATA" <<'PYEOF'
+import json, os, sys
 from pathlib import Path
-name, data = sys.argv[1], sys.argv[2]
-cfg = json.loads(Path(f"configs/{name}.json").read_text())
+spec, data = sys.argv[1], sys.argv[2]
+base, _, steps = spec.partition("@")
+name = spec.replace("@", "_").replace("+", "_")
+cfg = json.loads(Path(f"configs/{base}.json").read_text())
+if steps:  # CONFIG@SUP+META: the same recipe at another length (the cosine schedule spans the new total)
+    cfg["supervised_steps"], cfg["meta_steps"] = (int(x) for x in steps.split("+"))
+if os.environ.get("WORKERS"):
+    cfg["loader_workers"] = int(os.environ["WORKERS"])
 cfg["data"] = {k: str(Path(data).resolve() / Path(v).name) for k, v in cfg["data"].items()}
 cfg["out_dir"] = f".gpu/runs/{name}"
-import os
 if os.environ.get("DRY"):
     cfg.update(supervised_steps=4, meta_steps=2, checkpoint_every=2, loader_workers=1, device="cpu")
 Path(f".gpu/cfg/{name}.json").write_text(json.dumps(cfg, indent=1))
@@ -44,16 +52,19 @@ PYEOF
     timeout "$TRAIN_S" $PY -m napari_metahistoseg meta-train --config ".gpu/cfg/$name.json" > "$OUT_DIR/$name.out" 2>&1 &
 done
 wait
-for name in backbone_gpu loto_monuseg_gpu; do
+for spec in $RUNS; do
+    name=${spec//[@+]/_}
     tail -3 "$OUT_DIR/$name.out" | tee -a "$LOG"
     cp .gpu/cfg/$name.json .gpu/runs/$name/run_config.json 2>/dev/null
 done
-cp .gpu/runs/backbone_gpu/last.safetensors "$OUT_DIR/full_last.safetensors" 2>/dev/null
-cp .gpu/runs/backbone_gpu/transfer.safetensors "$OUT_DIR/full_transfer.safetensors" 2>/dev/null
-cp .gpu/runs/loto_monuseg_gpu/last.safetensors "$OUT_DIR/loto_last.safetensors" 2>/dev/null
+for spec in $RUNS; do
+    name=${spec//[@+]/_}
+    cp .gpu/runs/$name/last.safetensors "$OUT_DIR/${name}_last.safetensors" 2>/dev/null
+    [[ $name == backbone* ]] && cp .gpu/runs/$name/transfer.safetensors "$OUT_DIR/${name}_transfer.safetensors" 2>/dev/null
+done
 tar czf "$OUT_DIR/runs.tar.gz" --exclude='*.safetensors' .gpu/runs "$OUT_DIR"/*.out 2>/dev/null
 
-if [ -z "${DRY:-}" ]; then
+if [ -z "${DRY:-}" ] && [ "${BENCH:-1}" = 1 ]; then
     step throughput
     timeout 100 $PY benchmarks/bench_throughput.py --no-cpu --gpu-tiles 1024 --gpu-batches 8,16 --repeats 3 \
         --name throughput_gpu 2>&1 | tail -14 | tee -a "$LOG"
