@@ -484,7 +484,8 @@ def plan(args, td: TaskData) -> list[Unit]:
         if spec.sparse and td.name in args.sparse_tasks:
             for k in [k for k in ks if k <= 2]:
                 units += [Unit(td.name, "sparse", k, d, m) for m in args.methods if m != "scratch"]
-        for n in (args.clicks if args.clicks is not None else spec.clicks):
+        # --clicks overrides the counts of the tasks that have a clicks setting (point truth), never adds one
+        for n in (args.clicks if args.clicks is not None and spec.clicks else spec.clicks):
             units += [Unit(td.name, "clicks", n, d, m) for m in args.methods if m != "scratch"]
     return units
 

@@ -7,7 +7,7 @@ Each task is read with its own reader (CoNSeP tiles grouped into the 2x2 mosaics
 Images finer than the model's mpp are downsampled to it (what ``load_training_tasks`` does at the start of every
 run, so training on the pack sees the same pixels); coarser ones (GlaS, 0.62 µm/px) stay at their own mpp, which
 ``load_training_tasks`` upsamples, because upsampling first would only make the pack bigger. Lossless: PNG images,
-zlib TIFF instances. The dev data of ../shared/data pack to about 45 MB; never commit a pack (licences: the
+zlib TIFF instances. The dev data of ../shared/data pack to 48 MB; never commit a pack (licences: the
 sources' SOURCE.md).
 """
 
