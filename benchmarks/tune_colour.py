@@ -19,7 +19,6 @@ cross-check's support gain (``--out`` names the table; no computation).
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -39,17 +38,8 @@ METRICS = ("miou", "aji", "pq", "det_f1")
 
 def evaluate_with(setting: str, task: str, ids: list[str], seed: int, backbone: str) -> dict:
     """``evaluation.evaluate`` with the Adapt button's ``MAMLConfig`` changed by ``SETTINGS[setting]``."""
-    settings = evaluation.method_settings
-
-    def patched(method, steps, s):
-        name, cfg = settings(method, steps, s)
-        return name, dataclasses.replace(cfg, **SETTINGS[setting])
-    evaluation.method_settings = patched
-    try:
-        return run(evaluation.evaluate(DATA / task, ids, seed=seed,
-                                       backbone=None if backbone == "default" else backbone))
-    finally:
-        evaluation.method_settings = settings
+    return run(evaluation.evaluate(DATA / task, ids, seed=seed, adapt_overrides=SETTINGS[setting],
+                                   backbone=None if backbone == "default" else backbone))
 
 
 def fewshot_table(new: list[str], old: list[str]) -> tuple[list[dict], str]:

@@ -13,7 +13,7 @@ import csv
 import dataclasses
 import logging
 import time
-from collections.abc import Generator, Sequence
+from collections.abc import Generator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +44,15 @@ def method_settings(method: str, steps: int | None, seed: int) -> tuple[str, MAM
         cfg = dataclasses.replace(cfg, steps=steps)
     cfg = dataclasses.replace(cfg, seed=seed)
     return {"maml": "default", "transfer": "transfer", "scratch": "scratch"}[method], cfg
+
+
+def with_overrides(cfg: MAMLConfig, overrides: Mapping[str, object]) -> MAMLConfig:
+    """``cfg`` with some fields replaced; an unknown field name is a clear error (not a silent no-op)."""
+    known = {f.name for f in dataclasses.fields(cfg)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown MAMLConfig field(s) {unknown}; fields are {', '.join(sorted(known))}")
+    return dataclasses.replace(cfg, **overrides)
 
 
 def split_ids(ds: TaskDataset, support: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -82,9 +91,12 @@ def evaluate(
     out: str | Path | None = None,
     points_cfg: PointsConfig | None = None,
     tiling: TilingConfig | None = None,
+    adapt_overrides: Mapping[str, object] | None = None,
 ) -> Generator[dict, None, dict]:
     """Run one few-shot evaluation; yields progress, returns the metrics dict (the CLI's JSON line). ``tiling``:
-    the prediction's tiling and test-time augmentation (default ``TilingConfig()``, as the GUI)."""
+    the prediction's tiling and test-time augmentation (default ``TilingConfig()``, as the GUI).
+    ``adapt_overrides``: ``MAMLConfig`` fields changed from the method's settings (benchmarks comparing adaptation
+    settings through this same path, e.g. ``{"colour_features": False}``; segmentation data only)."""
     ds = open_dataset(data_dir)
     sup_ids, qry_ids = split_ids(ds, support)
     if ds.kind == "patches":
@@ -93,6 +105,8 @@ def evaluate(
         return (yield from evaluate_patches(ds, sup_ids, qry_ids, method=method, steps=steps, seed=seed,
                                             devices=devices, out=out))
     bb_name, cfg = method_settings(method, steps, seed)
+    if adapt_overrides:
+        cfg = with_overrides(cfg, adapt_overrides)
     bb = load_backbone(backbone if backbone not in (None, "default") else bb_name)
     sup = [ds.load(i) for i in sup_ids]
     t0 = time.time()

@@ -47,3 +47,24 @@ def test_evaluate_glands_json_line_and_outputs(tmp_path: Path, capsys: pytest.Ca
         assert sem.dtype == np.uint8 and inst.dtype == np.uint32 and sem.shape == inst.shape == (192, 192)
         # non-nuclear instance truth is scored against the large-object instances of the semantic foreground
         assert np.array_equal(inst, object_instances(sem > 0, ObjectPostConfig(), 0.5))
+
+
+def test_evaluate_adapt_overrides_reach_the_adaptation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from napari_metahistoseg import evaluation
+    from napari_metahistoseg.maml import run
+
+    seen = []
+    real = evaluation.adapt
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["cfg"])
+        return (yield from real(*args, **kwargs))
+
+    monkeypatch.setattr(evaluation, "adapt", spy)
+    folder = save_unified([_glands(s, size=96) for s in range(2)], tmp_path / "glands")
+    run(evaluation.evaluate(folder, ["g0"], adapt_overrides={"colour_features": False, "steps": 3}))
+    run(evaluation.evaluate(folder, ["g0"]))
+    assert (seen[0].colour_features, seen[0].steps) == (False, 3)
+    assert (seen[1].colour_features, seen[1].steps) != (False, 3)  # the defaults otherwise
+    with pytest.raises(ValueError, match="unknown MAMLConfig field.*'colour'"):
+        run(evaluation.evaluate(folder, ["g0"], adapt_overrides={"colour": False}))
