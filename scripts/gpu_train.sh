@@ -13,6 +13,13 @@
 #    benchmark results (the checkpoints are copied before the benchmarks start).
 # RUNS="loto_monuseg_gpu@300+100 loto_monuseg_gpu@800+200": other runs/lengths; WORKERS=N loader processes per run;
 # BENCH=0: no benchmarks. DRY=1: a few CPU steps of each, to test this script without a GPU.
+#
+# Selecting the recipe's length on unseen images of the training sources (the next GPU session's plan; BENCHMARKS.md
+# "GPU training of the backbone"): pack with --holdout (scripts/pack_training_data.py), e.g.
+#   --holdout 'monuseg:TCGA-21-*' --holdout 'monuseg:TCGA-NH-*' --holdout 'glas:testB_*' --holdout 'consep:train_2*'
+#   --holdout-out runs/holdout
+# then RUNS="backbone_gpu@300+100 backbone_gpu@800+200 backbone_gpu@1700+450 backbone_gpu@4000+800" BENCH=0, and
+# evaluate each checkpoint here with `metahistoseg evaluate runs/holdout/<task> --support ... --backbone ...`.
 set -u
 OUT_DIR=${1:-${OUT:-/tmp/gpu_train}}
 mkdir -p "$OUT_DIR"

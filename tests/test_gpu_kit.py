@@ -71,3 +71,24 @@ def test_pack_training_data_trains_on_the_same_pixels(tmp_path):
             np.testing.assert_array_equal(a.image, b.image)
             np.testing.assert_array_equal(a.semantic, b.semantic)
             np.testing.assert_array_equal(a.instances, b.instances)
+
+
+def test_pack_holdout_keeps_images_out_and_writes_them_apart(tmp_path, capsys):
+    src = tmp_path / "src"
+    save_unified([synthetic_tile((64, 64), seed=i).with_(task="nuc", sample_id=f"slide{i // 2}_{i}", mpp=0.5)
+                  for i in range(4)], src / "nuc")
+    config = tmp_path / "cfg.json"
+    config.write_text(json.dumps({"data": {"nuc": "src/nuc"}}))
+    mod = _pack_module()
+    out, held = tmp_path / "pack", tmp_path / "held"
+    assert mod.main(["--config", str(config), "--out", str(out), "--holdout", "nuc:slide1_*",
+                     "--holdout-out", str(held)]) == 0
+    ids = lambda d: sorted(e["id"] for e in json.loads((d / "task.json").read_text())["samples"])  # noqa: E731
+    assert ids(out / "nuc") == ["slide0_0", "slide0_1"]
+    assert ids(held / "nuc") == ["slide1_2", "slide1_3"]
+    assert json.loads((out / "holdout.json").read_text()) == {"nuc": ["slide1_2", "slide1_3"]}
+    for bad, msg in ((["nuc:nothing*"], "match no sample"), (["nuc:*"], "every sample"), (["other:x"], "no task"),
+                     (["nuc"], "TASK:PATTERN")):
+        assert mod.main(["--config", str(config), "--out", str(tmp_path / "p2")]
+                        + [a for b in bad for a in ("--holdout", b)]) == 2
+        assert msg in capsys.readouterr().err
