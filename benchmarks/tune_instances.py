@@ -33,8 +33,8 @@ TASKS = (("monuseg", (0, 2), 4), ("cpm15", (0, 5), 4), ("consep_tiles", (0,), 8)
 _MAPS: list = []
 
 
-def cache_maps() -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray, float]]:
-    bb = load_backbone()
+def cache_maps(backbone: str = "default") -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray, float]]:
+    bb = load_backbone(backbone)
     out = []
     for task, sups, nq in TASKS:
         ds = open_dataset(common.DATA / task)
@@ -76,11 +76,15 @@ def main() -> None:
     ap.add_argument("--min-object", default="2.5,5,8,11", help="min_object_area_um2 values")
     ap.add_argument("--min-marker", default="0.6,2,3,4.5", help="min_marker_area_um2 values")
     ap.add_argument("--marker-threshold", default="0.55,0.65,0.75")
+    ap.add_argument("--sobel", default="8", help="sobel_kernel_um values")
+    ap.add_argument("--backbone", default="default", help="'default' (bundled) or a checkpoint path")
+    ap.add_argument("--out", default="tune_instances", help="results name under benchmarks/results/")
     ap.add_argument("--top", type=int, default=12)
     args = ap.parse_args()
-    maps = cache_maps()
-    grid = [dict(min_object_area_um2=a, min_marker_area_um2=b, marker_threshold=c) for a, b, c in itertools.product(
-        common.floats(args.min_object), common.floats(args.min_marker), common.floats(args.marker_threshold))]
+    maps = cache_maps(args.backbone)
+    grid = [dict(min_object_area_um2=a, min_marker_area_um2=b, marker_threshold=c, sobel_kernel_um=k)
+            for a, b, c, k in itertools.product(common.floats(args.min_object), common.floats(args.min_marker),
+                                                common.floats(args.marker_threshold), common.floats(args.sobel))]
     with ProcessPoolExecutor(2, initializer=_init, initargs=(maps,)) as ex:
         results = list(ex.map(score, grid))
     d = HoVerPostConfig()
@@ -93,14 +97,15 @@ def main() -> None:
     tasks = [t for t, _, _ in TASKS]
     shown = rows[:args.top] + [x for x in rows[args.top:] if x["default"]]
     table = common.md_table(
-        ["min object µm²", "min marker µm²", "marker threshold", "mean AJI", "mean PQ",
+        ["min object µm²", "min marker µm²", "marker threshold", "Sobel µm", "mean AJI", "mean PQ",
          *[f"{t} AJI / PQ / DQ / n ratio" for t in tasks], "default"],
-        [[x["min_object_area_um2"], x["min_marker_area_um2"], x["marker_threshold"], common.fmt(x["mean_aji"]),
+        [[x["min_object_area_um2"], x["min_marker_area_um2"], x["marker_threshold"], x["sobel_kernel_um"],
+          common.fmt(x["mean_aji"]),
           common.fmt(x["mean_pq"]), *[" / ".join(common.fmt(v, 2 if i == 3 else 3) for i, v in
                                                  enumerate(x["per_task"][t])) for t in tasks],
           "yes" if x["default"] else ""] for x in shown])
     print(table)
-    common.write_sweep("tune_instances", {"rows": rows},
+    common.write_sweep(args.out, {"rows": rows},
                        f"Best {args.top} settings by mean PQ over the three tasks, and the default", table)
 
 

@@ -272,11 +272,13 @@ def predict(
     if instances:
         yield {"stage": "instances", "done": 0, "total": 1}
         np_prob = probs[1:].sum(0) if np_source == "adapted" else _host(resize_maps_t(maps["np"], (h, w)))[0]
+        # a sum of class probabilities or a resampled map can leave [0, 1] by a rounding error: the stored map is
+        # clipped too, so that it can be post-processed again (HoVerPostProcessor checks its range)
+        np_prob = np.clip(np_prob, 0, 1).astype(np.float32)
         hv = np.clip(_host(resize_maps_t(maps["hv"], (h, w))), -1, 1)
         nc = np.clip(_host(resize_maps_t(maps["nc"], (h, w))), 0, 1) if has_nc else None
         post = HoVerPostProcessor(hover or HoVerPostConfig())
-        pred.instances, pred.table = post(np.clip(np_prob, 0, 1).astype(np.float32), hv.astype(np.float32),
-                                          mpp or backbone.mpp, nc)
+        pred.instances, pred.table = post(np_prob, hv.astype(np.float32), mpp or backbone.mpp, nc)
         pred.np_prob, pred.hv = np_prob, hv
         yield {"stage": "instances", "done": 1, "total": 1}
     if objects:

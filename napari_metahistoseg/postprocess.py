@@ -55,14 +55,19 @@ def _check_2d(a: np.ndarray, name: str, shape: tuple[int, ...] | None = None) ->
     return a
 
 
+# probabilities this close outside [0, 1] are rounding errors (a sum of softmax outputs, a resampled map): clipped
+ROUNDING_SLACK = 1e-4
+
+
 def _check_float(a: np.ndarray, name: str, lo: float = -np.inf, hi: float = np.inf) -> np.ndarray:
     if not np.issubdtype(a.dtype, np.floating):
         raise ValueError(f"{name} must be a float array, got dtype {a.dtype}")
     a = a.astype(np.float32, copy=False)
     amin, amax = float(a.min()), float(a.max())  # nan propagates and fails the comparison
-    if not (lo <= amin and amax <= hi and math.isfinite(amin) and math.isfinite(amax)):
+    if not (lo - ROUNDING_SLACK <= amin and amax <= hi + ROUNDING_SLACK and math.isfinite(amin)
+            and math.isfinite(amax)):
         raise ValueError(f"{name} must be finite and within [{lo}, {hi}], got range [{amin}, {amax}]")
-    return a
+    return np.clip(a, lo, hi) if amin < lo or amax > hi else a
 
 
 def _check_hv(hv: np.ndarray, shape: tuple[int, ...] | None = None) -> np.ndarray:

@@ -14,12 +14,19 @@ import zarr
 
 from napari_metahistoseg import inference
 from napari_metahistoseg.checkpoints import save_model
-from napari_metahistoseg.config import MAMLConfig, ModelConfig, ObjectPostConfig, PointsConfig, TilingConfig
+from napari_metahistoseg.config import (
+    HoVerPostConfig,
+    MAMLConfig,
+    ModelConfig,
+    ObjectPostConfig,
+    PointsConfig,
+    TilingConfig,
+)
 from napari_metahistoseg.data.synthetic import synthetic_tile
 from napari_metahistoseg.inference import NUCLEI_COLUMNS, detect_points, predict, predict_large
 from napari_metahistoseg.models import MetaHistoSegNet
 from napari_metahistoseg.pipeline import AdaptedHead, initial_head, load_backbone
-from napari_metahistoseg.postprocess import OBJECT_COLUMNS, object_instances
+from napari_metahistoseg.postprocess import OBJECT_COLUMNS, HoVerPostProcessor, object_instances
 
 HOVER_TYPES = ["background", "other", "inflammatory", "epithelial", "spindle"]
 TILING = TilingConfig(tile_px=128, halo_px=32, batch_size=2, cpu_batch_size=2, instance_window_px=96,
@@ -72,6 +79,10 @@ def test_predict_in_memory(backbone, head, image):
     assert pred.instances.shape == image.shape[:2] and pred.instances.dtype == np.uint32
     assert len(pred.table["id"]) == len(np.unique(pred.instances)) - 1
     assert events[-1]["stage"] == "instances"
+    # the stored maps can be post-processed again: a probability map within [0, 1], the same instances
+    assert pred.np_prob.dtype == np.float32 and 0 <= pred.np_prob.min() and pred.np_prob.max() <= 1
+    again, _ = HoVerPostProcessor(HoVerPostConfig())(pred.np_prob, pred.hv, 0.5)
+    np.testing.assert_array_equal(again, pred.instances)
 
 
 def test_streamed_semantic_equals_in_memory(backbone, head, image, tmp_path):

@@ -542,3 +542,20 @@ def test_object_markers_on_a_coarser_grid():
     assert aji(full, sub) > 0.98
     with pytest.raises(ValueError, match="marker_mpp_um"):
         ObjectPostConfig(marker_mpp_um=-1)
+
+
+def test_probabilities_a_rounding_error_outside_0_1_are_clipped_not_refused():
+    inst = discs((64, 64), [(32, 24), (32, 40)], 9)
+    np_prob, hv = maps(inst)
+    np_prob = np_prob.astype(np.float32)
+    pp = HoVerPostProcessor(CFG)
+    ref, _ = pp(np_prob, hv, MPP)
+    # what a sum of softmax outputs or a resampled map gives: 1 + 1 ulp-ish, and a tiny negative
+    off = np_prob.copy()
+    off[np_prob >= 1] = np.float32(1.0000001)
+    off[np_prob <= 0] = np.float32(-1e-7)
+    assert off.max() > 1 and off.min() < 0
+    got, _ = pp(off, hv, MPP)
+    np.testing.assert_array_equal(got, ref)
+    with pytest.raises(ValueError, match="within"):  # a real excursion is still an error
+        pp(np.where(np_prob >= 1, np.float32(1.01), np_prob), hv, MPP)
