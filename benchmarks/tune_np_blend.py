@@ -32,8 +32,13 @@ def main(argv=None) -> int:
     ap.add_argument("--set", default="monuseg")
     ap.add_argument("--draws", type=int, default=5)
     ap.add_argument("--weights", default="0,0.25,0.5,0.75,1")
+    ap.add_argument("--gate-um", default="",
+                    help="comma list of gate radii (µm): the HoVer NP is capped by the adapted foreground probability "
+                         "max-filtered over this radius (keeps the user's task: nuclei the head rejects stay out)")
     ap.add_argument("--out", default="tune_np_blend")
     args = ap.parse_args(argv)
+
+    from scipy import ndimage as ndi
 
     from napari_metahistoseg.config import HoVerPostConfig, MAMLConfig
     from napari_metahistoseg.data import open_dataset
@@ -44,31 +49,39 @@ def main(argv=None) -> int:
     from napari_metahistoseg.postprocess import HoVerPostProcessor
 
     weights = common.floats(args.weights)
+    gates = [None] + common.floats(args.gate_um) if args.gate_um else [None]
+    variants = [(w, g) for w in weights for g in gates if not (g is not None and w == 0)]
     ds = open_dataset(common.DATA / args.set)
     post = HoVerPostProcessor(HoVerPostConfig())
     rows = []
     for name in args.backbones.split(","):
         bb = load_backbone(name if name == "default" else str(common.REPO / name))
-        scores = {w: {"aji": [], "pq": []} for w in weights}
+        scores = {v: {"aji": [], "pq": []} for v in variants}
         for d in range(args.draws):
             sid = ds.ids[d % len(ds.ids)]
             s = ds.load(sid)
-            head = run(adapt(bb, [s.image], [s.semantic], ["background", "nucleus"], mpp=s.mpp, cfg=MAMLConfig()))
+            head = run(adapt(bb, [s.image], [s.semantic], list(ds.class_names), mpp=s.mpp, cfg=MAMLConfig()))
             for qid in [i for i in ds.ids if i != sid][:4]:
                 q = ds.load(qid)
                 pred = run(predict(bb, head, q.image, mpp=q.mpp, instances=True, np_source="hover"))
                 adapted = pred.probs[1:].sum(0)
-                for w in weights:
-                    npm = np.clip(w * pred.np_prob + (1 - w) * adapted, 0, 1).astype(np.float32)
+                for w, g in variants:
+                    hov = pred.np_prob
+                    if g is not None:
+                        size = 2 * int(round(g / (q.mpp or bb.mpp))) + 1
+                        hov = np.minimum(hov, ndi.maximum_filter(adapted, size=size))
+                    npm = np.clip(w * hov + (1 - w) * adapted, 0, 1).astype(np.float32)
                     inst = post.instances(npm, pred.hv.astype(np.float32), q.mpp)
-                    scores[w]["aji"].append(aji(q.instances, inst))
-                    scores[w]["pq"].append(panoptic_quality(q.instances, inst)["pq"])
-        for w in weights:
-            rows.append({"backbone": name, "weight": w, "aji": float(np.mean(scores[w]["aji"])),
-                         "pq": float(np.mean(scores[w]["pq"])), "n_queries": len(scores[w]["aji"])})
+                    scores[(w, g)]["aji"].append(aji(q.instances, inst))
+                    scores[(w, g)]["pq"].append(panoptic_quality(q.instances, inst)["pq"])
+        for w, g in variants:
+            sc = scores[(w, g)]
+            rows.append({"backbone": name, "weight": w, "gate_um": g, "aji": float(np.mean(sc["aji"])),
+                         "pq": float(np.mean(sc["pq"])), "n_queries": len(sc["aji"])})
             print(rows[-1], flush=True)
-    table = common.md_table(["backbone", "w (HoVer NP)", "AJI", "PQ", "query images (all draws)"],
-                            [[r["backbone"], r["weight"], r["aji"], r["pq"], r["n_queries"]] for r in rows])
+    table = common.md_table(["backbone", "w (HoVer NP)", "gate µm", "AJI", "PQ", "query images (all draws)"],
+                            [[r["backbone"], r["weight"], "–" if r["gate_um"] is None else r["gate_um"], r["aji"],
+                              r["pq"], r["n_queries"]] for r in rows])
     common.write_sweep(args.out, {"rows": rows, "set": args.set, "draws": args.draws},
                        f"Task `{args.set}`, {args.draws} draws of 1 support image (full labels), up to 4 queries "
                        f"each; default adaptation and post-processing; mean over query images.", table)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .config import HoVerPostConfig, ObjectPostConfig, PointsConfig, TilingConfig, to_dict
 from .data.io import to_rgb_uint8
@@ -219,16 +220,17 @@ def predict(
     tiling: TilingConfig | None = None,
     instances: bool = False,
     hover: HoVerPostConfig | None = None,
-    np_source: str = "adapted",
+    np_source: str = "blend",
     objects: bool = False,
     object_cfg: ObjectPostConfig | None = None,
 ) -> Generator[dict, None, Prediction]:
     """Predict ``image (H,W,3)`` (``mpp`` µm/px; ``None`` = the backbone's). ``np_source`` picks the nuclear-pixel
-    map for instances: ``"adapted"`` (foreground probability of the adapted head; binary tasks) or ``"hover"``
-    (the pretrained HoVer NP branch). ``objects``: also instances of large objects (glands) of the semantic
-    foreground (every non-background class), with ``object_cfg`` (default ``ObjectPostConfig()``)."""
-    if np_source not in ("adapted", "hover"):
-        raise ValueError(f"np_source must be 'adapted' or 'hover', got {np_source!r}")
+    map for instances: ``"blend"`` (default: the HoVer NP branch gated by and blended with the adapted foreground,
+    ``HoVerPostConfig.np_hover_weight`` / ``np_gate_um``; :func:`blend_np`), ``"adapted"`` (foreground probability
+    of the adapted head alone) or ``"hover"`` (the pretrained HoVer NP branch alone). ``objects``: also instances of
+    large objects (glands) of the semantic foreground (every non-background class), with ``object_cfg`` (default
+    ``ObjectPostConfig()``)."""
+    _check_np_source(np_source)
     t0 = time.time()
     tiling = tiling or TilingConfig()
     devs = resolve_devices(devices)
@@ -256,8 +258,8 @@ def predict(
         small, colour = resize_image_t(up, f), head.colour_input(backbone, up)
         del up
     # the streamed path's forward (probabilities, TTA variants averaged as probabilities): one forward for both
-    fwds = [tta_forward(_forward_for(r, instances, np_source, has_nc, smooth_px, colour), tiling.tta_variants)
-            for r in reps]
+    fwds = [tta_forward(_forward_for(r, instances, np_source, has_nc, smooth_px, colour, hover, backbone.mpp),
+                        tiling.tta_variants) for r in reps]
     # an out-of-memory error (a large tile batch on a small GPU) restarts with a smaller batch, then smaller tiles
     maps = yield from oom_fallback_gen(
         lambda t: predict_tiled(fwds[0], small, cfg=t, devices=devs, channels=channels, forwards=fwds,
@@ -271,6 +273,7 @@ def predict(
                       list(head.classes))
     if instances:
         yield {"stage": "instances", "done": 0, "total": 1}
+        # "adapted" from the class probabilities at the image's resolution; the others as the forward made them
         np_prob = probs[1:].sum(0) if np_source == "adapted" else _host(resize_maps_t(maps["np"], (h, w)))[0]
         # a sum of class probabilities or a resampled map can leave [0, 1] by a rounding error: the stored map is
         # clipped too, so that it can be post-processed again (HoVerPostProcessor checks its range)
@@ -413,8 +416,29 @@ def head_input(feats: torch.Tensor, x: torch.Tensor, colour: Callable | None) ->
     return feats if colour is None else torch.cat([feats, colour(x).to(feats.dtype)], 1)
 
 
+NP_SOURCES = ("blend", "adapted", "hover")
+
+
+def _check_np_source(np_source: str) -> None:
+    if np_source not in NP_SOURCES:
+        raise ValueError(f"np_source must be one of {', '.join(map(repr, NP_SOURCES))}, got {np_source!r}")
+
+
+def blend_np(fg: torch.Tensor, hover_np: torch.Tensor, weight: float, gate_px: int) -> torch.Tensor:
+    """Nuclear-pixel map ``weight * min(hover_np, maxfilter(fg)) + (1 - weight) * fg`` for ``(N, 1, h, w)`` maps:
+    the HoVer NP branch's sharper nuclei, capped by the adapted foreground ``fg`` max-filtered over ``gate_px``
+    pixels (a square of side ``2 * gate_px + 1``), so that nuclei the adapted head rejects stay out."""
+    if gate_px > 0:
+        hover_np = torch.minimum(hover_np, F.max_pool2d(fg, 2 * gate_px + 1, stride=1, padding=gate_px))
+    return weight * hover_np + (1 - weight) * fg
+
+
 def _forward_for(m: torch.nn.Module, instances: bool, np_source: str, nc: bool, smooth_px: float = 0.0,
-                 colour: Callable | None = None) -> Callable:
+                 colour: Callable | None = None, hover_cfg: HoVerPostConfig | None = None,
+                 model_mpp: float = 0.5) -> Callable:
+    hc = hover_cfg or HoVerPostConfig()
+    gate_px = int(round(hc.np_gate_um / model_mpp))
+
     def fwd(x: torch.Tensor) -> dict[str, torch.Tensor]:
         feats = m.features(x)
         seg = m.heads["user"](head_input(feats, x, colour))["seg"].float().softmax(1)
@@ -423,7 +447,12 @@ def _forward_for(m: torch.nn.Module, instances: bool, np_source: str, nc: bool, 
             out["dec"] = gaussian_smooth(seg, smooth_px)
         if instances:
             hov = m.heads["hover"](feats)
-            out["np"] = 1 - seg[:, :1] if np_source == "adapted" else hov["np"].float().softmax(1)[:, 1:]
+            if np_source == "adapted":
+                out["np"] = 1 - seg[:, :1]
+            elif np_source == "hover":
+                out["np"] = hov["np"].float().softmax(1)[:, 1:]
+            else:
+                out["np"] = blend_np(1 - seg[:, :1], hov["np"].float().softmax(1)[:, 1:], hc.np_hover_weight, gate_px)
             # unclamped: the maps are clipped to [-1, 1] after blending and resizing (at the write of a streamed
             # prediction); clamping before resizing a 0.5 µm/px map to a 40x image flattens the HV gradients at the
             # nucleus borders that the marker watershed needs (MoNuSeg AJI -0.016, BENCHMARKS.md)
@@ -556,7 +585,7 @@ def predict_large(
     hover: HoVerPostConfig | None = None,
     roi: Sequence[int] | None = None,
     roi_only: bool = False,
-    np_source: str = "adapted",
+    np_source: str = "blend",
     nuclei_csv: str | os.PathLike | None = None,
     objects: bool = False,
     object_cfg: ObjectPostConfig | None = None,
@@ -572,10 +601,10 @@ def predict_large(
     of the semantic foreground after the full pass (not for ``roi_only``), found on a grid of about
     ``object_cfg.large_work_mpp_um`` and painted back in row strips, table in ``objects_csv`` (default
     ``<out_dir without .zarr>.objects.csv``). Progress: ``{"stage": "predict" | "instances" | "objects", "done",
-    "total"}`` per tile / per instance window / per strip. Close the generator to cancel.
+    "total"}`` per tile / per instance window / per strip. Close the generator to cancel. ``np_source``: as for
+    :func:`predict`.
     """
-    if np_source not in ("adapted", "hover"):
-        raise ValueError(f"np_source must be 'adapted' or 'hover', got {np_source!r}")
+    _check_np_source(np_source)
     t0 = time.time()
     tiling = tiling or TilingConfig()
     devs = resolve_devices(devices)
@@ -612,8 +641,8 @@ def _predict_large(backbone, head, image, out, mpp, devs, tiling, instances, hov
     has_nc = instances and getattr(model.heads["hover"], "nc", None) is not None
     smooth_px = _decision_smoothing_px(head, backbone, tiling)
     colour = head.colour_input(backbone, image)
-    fwds = [tta_forward(_forward_for(m, instances, np_source, has_nc, smooth_px, colour), tiling.tta_variants)
-            for m in _replicas(model, devs)]
+    fwds = [tta_forward(_forward_for(m, instances, np_source, has_nc, smooth_px, colour, hover, backbone.mpp),
+                        tiling.tta_variants) for m in _replicas(model, devs)]
     channels = {"seg": len(head.classes), **({"dec": len(head.classes)} if smooth_px > 0 else {})}
     arrays = {"semantic": ((), "uint8")}
     if instances:

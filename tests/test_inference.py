@@ -517,3 +517,38 @@ def test_tta_prediction_in_memory_and_streamed(backbone, head, image, tmp_path):
     run(predict_large(backbone, smooth, image, out_dir=tmp_path / "ts.zarr", mpp=0.5, tiling=tiling))
     assert (zarr.open_group(str(tmp_path / "ts.zarr"), mode="r")["semantic"][:] == sm.semantic).mean() > 0.999
     np.testing.assert_allclose(sm.probs, mem.probs, atol=1e-6)  # the probabilities are not smoothed
+
+
+def test_blend_np_gates_the_hover_branch_by_the_adapted_foreground():
+    fg = torch.zeros(1, 1, 20, 20)
+    fg[..., 2:8, 2:8] = 0.8  # the adapted head's nucleus
+    hover = torch.zeros(1, 1, 20, 20)
+    hover[..., 3:9, 3:9] = 1.0  # the branch sees it, sharper and shifted by a pixel...
+    hover[..., 14:18, 14:18] = 1.0  # ...and a nucleus the adapted head rejects (another class, say)
+    out = inference.blend_np(fg, hover, 0.75, gate_px=1)
+    assert float(out[..., 14:18, 14:18].max()) == 0.0  # gated out: far from any adapted foreground
+    # inside, the branch is capped by the adapted foreground's local maximum (0.8): it cannot outvote the head
+    assert torch.allclose(out[..., 4:7, 4:7], torch.tensor(0.75 * 0.8 + 0.25 * 0.8))
+    # a pixel the branch sees and the head misses, within the gate of the head's nucleus: the branch counts
+    assert float(out[..., 8, 8]) == pytest.approx(0.75 * 0.8)
+    ungated = inference.blend_np(fg, hover, 0.75, gate_px=0)
+    assert float(ungated[..., 15, 15]) == pytest.approx(0.75)
+    assert torch.equal(inference.blend_np(fg, hover, 0.0, gate_px=1), fg)
+
+
+def test_np_sources_blend_between_adapted_and_hover(backbone, head, image):
+    def np_map(source, weight=0.75, gate=2.0):
+        cfg = dataclasses.replace(HoVerPostConfig(), np_hover_weight=weight, np_gate_um=gate)
+        return run(predict(backbone, head, image, mpp=0.5, tiling=TILING, instances=True, hover=cfg,
+                           np_source=source))[0].np_prob
+
+    adapted, hover, blend = np_map("adapted"), np_map("hover"), np_map("blend")
+    np.testing.assert_allclose(np_map("blend", weight=0.0), adapted, atol=1e-5)
+    np.testing.assert_allclose(np_map("blend", weight=1.0, gate=0.0), hover, atol=1e-5)
+    assert not np.allclose(blend, adapted, atol=1e-3) and not np.allclose(blend, hover, atol=1e-3)
+    with pytest.raises(ValueError, match="np_source"):
+        run(predict(backbone, head, image, instances=True, np_source="nope"))
+    with pytest.raises(ValueError, match="np_hover_weight"):
+        HoVerPostConfig(np_hover_weight=1.5)
+    with pytest.raises(ValueError, match="np_gate_um"):
+        HoVerPostConfig(np_gate_um=-1.0)

@@ -129,7 +129,7 @@ def read_features(path: str | Path | None) -> Any:
 def _predict_region(backbone: Backbone, head: AdaptedHead, image: np.ndarray, s: PredictSettings,
                     ) -> Generator[dict, None, Prediction]:
     return (yield from predict(backbone, head, image, mpp=s.mpp, devices=list(s.devices), tiling=s.tiling,
-                               instances=s.instances, hover=s.hover, np_source="adapted", objects=s.objects,
+                               instances=s.instances, hover=s.hover, np_source="blend", objects=s.objects,
                                object_cfg=s.object_cfg))
 
 
@@ -157,7 +157,7 @@ def _predict_streamed(bb: Backbone, head: AdaptedHead, image: Any, s: PredictSet
     lazy = image if hasattr(image, "read") else open_array(image, s.name)
     roi = (s.region[0], s.region[2], s.region[1], s.region[3]) if s.region is not None else None
     gen = predict_large(bb, head, lazy, out_dir=store, mpp=s.mpp or bb.mpp, devices=list(s.devices),
-                        tiling=s.tiling, instances=s.instances, hover=s.hover, roi=roi, np_source="adapted",
+                        tiling=s.tiling, instances=s.instances, hover=s.hover, roi=roi, np_source="blend",
                         objects=s.objects, object_cfg=s.object_cfg, roi_only=s.roi_only and roi is not None)
 
     def preview(p: dict) -> dict:  # the visible field is in the store: show it as the preview

@@ -47,8 +47,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--backbone", default=None,
                    help="backbone the head was adapted on (default: the one recorded in the head, else 'default')")
     p.add_argument("--instances", action="store_true", help="also nuclei instances and the per-nucleus table")
-    p.add_argument("--np-source", choices=["adapted", "hover"], default="adapted",
-                   help="nuclear-pixel map for instances: the adapted head's foreground or the HoVer NP branch")
+    p.add_argument("--np-source", choices=["blend", "adapted", "hover"], default="blend",
+                   help="nuclear-pixel map for instances: the HoVer NP branch gated by and blended with the adapted "
+                        "head's foreground (default; HoVerPostConfig.np_hover_weight, np_gate_um), the adapted "
+                        "head's foreground alone, or the HoVer NP branch alone")
     p.add_argument("--objects", action="store_true",
                    help="also large-object (gland) instances of the foreground and the per-object table")
     p.add_argument("--mitosis", action="store_true", help="classify every nucleus as mitotic or not")
