@@ -65,6 +65,7 @@ from napari_metahistoseg.evaluation import SCRATCH, _is_nuclear, evaluate  # noq
 from napari_metahistoseg.inference import (  # noqa: E402
     Prediction,
     _resize_maps,
+    blend_np,
     decide,
     detect_points,
     head_input,
@@ -318,8 +319,9 @@ def adapt_cached(bb: Backbone, feats: list[torch.Tensor], labels: list[np.ndarra
 
 def predict_cached(model: torch.nn.Module, feats: torch.Tensor, s: Sample, bb: Backbone, head: AdaptedHead,
                    nuclear: bool) -> Prediction:
-    """``inference.predict`` with the head applied to cached features (``np_source="adapted"``); the class decision
-    smoothed over the whole image at once (``predict`` smooths each tile: equal away from tile borders)."""
+    """``inference.predict`` with the head applied to cached features (its default ``np_source="blend"``); the class
+    decision smoothed, and the nuclear-pixel map gated, over the whole image at once (``predict`` does both per
+    tile: equal away from tile borders)."""
     classes, threshold, smoothing_um = head.classes, head.threshold, head.smoothing_um
     with torch.inference_mode():
         colour = head.colour_input(bb, s.image)
@@ -330,9 +332,13 @@ def predict_cached(model: torch.nn.Module, feats: torch.Tensor, s: Sample, bb: B
             if smoothing_um > 0 else probs
         pred = Prediction(decide(dec, threshold), probs, list(classes))
         if nuclear:
-            hv = np.clip(_resize_maps(model.heads["hover"](feats[None])["hv"][0].numpy(), s.shape), -1, 1)
-            np_prob = probs[1:].sum(0)
-            pred.instances, pred.table = HoVerPostProcessor(HoVerPostConfig())(  # clipped as in predict
+            hov = model.heads["hover"](feats[None])
+            hv = np.clip(_resize_maps(hov["hv"][0].numpy(), s.shape), -1, 1)
+            hc = HoVerPostConfig()
+            np_model = blend_np(1 - model_probs[:, :1], hov["np"].float().softmax(1)[:, 1:], hc.np_hover_weight,
+                                int(round(hc.np_gate_um / bb.mpp)))
+            np_prob = _resize_maps(np_model[0].numpy(), s.shape)[0]
+            pred.instances, pred.table = HoVerPostProcessor(hc)(  # clipped as in predict
                 np.clip(np_prob, 0, 1).astype(np.float32), hv.astype(np.float32), s.mpp or bb.mpp)
     return pred
 
