@@ -35,7 +35,8 @@ and methods; adaptation then runs the same pixel sampling and inner loop as ``pi
 applies the adapted head to the cached features. ``--check`` compares this against ``pipeline.adapt`` +
 ``inference.predict`` (and ``evaluation.evaluate`` on MoNuSeg) and stores the differences in the JSON.
 
-Writes ``benchmarks/results/fewshot.{json,md}`` and ``fewshot_<task>.png`` (``loto.{json,md}`` for ``--loto``).
+Writes ``benchmarks/results/<out>.{json,md}`` and ``<out>_<task>.png`` (``--out fewshot`` by default;
+``loto.{json,md}`` for ``--loto``).
 """
 
 from __future__ import annotations
@@ -65,10 +66,10 @@ from napari_metahistoseg.evaluation import SCRATCH, _is_nuclear, evaluate  # noq
 from napari_metahistoseg.inference import (  # noqa: E402
     Prediction,
     _resize_maps,
-    blend_np,
     decide,
     detect_points,
     head_input,
+    nuclear_pixel_map,
     predict,
 )
 from napari_metahistoseg.maml import run  # noqa: E402
@@ -335,8 +336,7 @@ def predict_cached(model: torch.nn.Module, feats: torch.Tensor, s: Sample, bb: B
             hov = model.heads["hover"](feats[None])
             hv = np.clip(_resize_maps(hov["hv"][0].numpy(), s.shape), -1, 1)
             hc = HoVerPostConfig()
-            np_model = blend_np(1 - model_probs[:, :1], hov["np"].float().softmax(1)[:, 1:], hc.np_hover_weight,
-                                int(round(hc.np_gate_um / bb.mpp)))
+            np_model = nuclear_pixel_map(1 - model_probs[:, :1], hov["np"], "blend", hc, bb.mpp)
             np_prob = _resize_maps(np_model[0].numpy(), s.shape)[0]
             pred.instances, pred.table = HoVerPostProcessor(hc)(  # clipped as in predict
                 np.clip(np_prob, 0, 1).astype(np.float32), hv.astype(np.float32), s.mpp or bb.mpp)
@@ -624,7 +624,7 @@ def _ok(v, thr) -> str:
     return "not measured" if v is None else ("yes" if v >= thr else "no")
 
 
-def plot_task(task: str, summary: list[dict]) -> Path | None:
+def plot_task(task: str, summary: list[dict], out_name: str = "fewshot") -> Path | None:
     import matplotlib
     import matplotlib.ticker
 
@@ -659,7 +659,7 @@ def plot_task(task: str, summary: list[dict]) -> Path | None:
         ax.set_title(f"{task}: {m}")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    return common.save_plot(fig, f"fewshot_{task}")
+    return common.save_plot(fig, f"{out_name}_{task}")  # a partial run does not overwrite fewshot_<task>.png
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -781,7 +781,7 @@ def finish(result: dict, out_name: str, tasks: list[str]) -> None:
         md += "\n\n### Consistency of the cached path with the GUI path\n\n" + checks_md(result["checks"])
     common.write_md(out_name, md)
     for t in tasks:
-        plot_task(t, result["summary"])
+        plot_task(t, result["summary"], out_name)
     print(md)
 
 

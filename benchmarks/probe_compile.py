@@ -85,7 +85,7 @@ def main(argv=None) -> int:
                 del model, x
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
-    info = common.machine_info() if hasattr(common, "machine_info") else {}
+    info = common.machine_info()
     gpu = torch.cuda.get_device_name(0) if dev.type == "cuda" else "none (cpu)"
     out = {"rows": rows, "machine": info, "gpu": gpu, "torch": torch.__version__,
            "commit": common.git_commit(), "command": " ".join(["python", *sys.argv]), "backbone": bb.name,

@@ -27,7 +27,7 @@ def _fmt(values: list[float]) -> str:
 
 
 def table(pairs: list[tuple[str, str]], method: str) -> str:
-    rows, seen = [], set()
+    rows = []
     for label, name in pairs:
         data = json.loads((common.RESULTS / f"{name}.json").read_text())
         recs = [r for r in data["records"] if r["method"] == method and r["setting"] == "full"]
@@ -35,7 +35,6 @@ def table(pairs: list[tuple[str, str]], method: str) -> str:
             sel = [r for r in recs if r["task"] == task and r["x"] == k]
             cells = [_fmt([r[m] for r in sel]) if all(m in r for r in sel) else "–" for m in METRICS]
             rows.append((task, k, label, len(sel), cells, data.get("commit", "?")))
-            seen.add(name)
     lines = [f"| task | K | backbone | draws | {' | '.join(METRICS)} | commit |",
              "|---|---|---|---|" + "---|" * len(METRICS) + "---|"]
     order = {label: i for i, (label, _) in enumerate(pairs)}

@@ -38,11 +38,11 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="tune_np_blend")
     args = ap.parse_args(argv)
 
-    from scipy import ndimage as ndi
+    import torch
 
     from napari_metahistoseg.config import HoVerPostConfig, MAMLConfig
     from napari_metahistoseg.data import open_dataset
-    from napari_metahistoseg.inference import predict
+    from napari_metahistoseg.inference import blend_np, predict
     from napari_metahistoseg.maml import run
     from napari_metahistoseg.metrics import aji, panoptic_quality
     from napari_metahistoseg.pipeline import adapt, load_backbone
@@ -65,12 +65,11 @@ def main(argv=None) -> int:
                 q = ds.load(qid)
                 pred = run(predict(bb, head, q.image, mpp=q.mpp, instances=True, np_source="hover"))
                 adapted = pred.probs[1:].sum(0)
-                for w, g in variants:
-                    hov = pred.np_prob
-                    if g is not None:
-                        size = 2 * int(round(g / (q.mpp or bb.mpp))) + 1
-                        hov = np.minimum(hov, ndi.maximum_filter(adapted, size=size))
-                    npm = np.clip(w * hov + (1 - w) * adapted, 0, 1).astype(np.float32)
+                fg_t, hov_t = (torch.from_numpy(np.ascontiguousarray(x, np.float32))[None, None]
+                               for x in (adapted, pred.np_prob))
+                for w, g in variants:  # the library's blend, here at the image's resolution
+                    gate_px = 0 if g is None else int(round(g / (q.mpp or bb.mpp)))
+                    npm = np.clip(blend_np(fg_t, hov_t, w, gate_px)[0, 0].numpy(), 0, 1).astype(np.float32)
                     inst = post.instances(npm, pred.hv.astype(np.float32), q.mpp)
                     scores[(w, g)]["aji"].append(aji(q.instances, inst))
                     scores[(w, g)]["pq"].append(panoptic_quality(q.instances, inst)["pq"])

@@ -275,8 +275,8 @@ def predict(
         yield {"stage": "instances", "done": 0, "total": 1}
         # "adapted" from the class probabilities at the image's resolution; the others as the forward made them
         np_prob = probs[1:].sum(0) if np_source == "adapted" else _host(resize_maps_t(maps["np"], (h, w)))[0]
-        # a sum of class probabilities or a resampled map can leave [0, 1] by a rounding error: the stored map is
-        # clipped too, so that it can be post-processed again (HoVerPostProcessor checks its range)
+        # a sum of class probabilities or a resampled map can leave [0, 1] by a rounding error: clipped once, so the
+        # stored map is a probability too
         np_prob = np.clip(np_prob, 0, 1).astype(np.float32)
         hv = np.clip(_host(resize_maps_t(maps["hv"], (h, w))), -1, 1)
         nc = np.clip(_host(resize_maps_t(maps["nc"], (h, w))), 0, 1) if has_nc else None
@@ -433,11 +433,26 @@ def blend_np(fg: torch.Tensor, hover_np: torch.Tensor, weight: float, gate_px: i
     return weight * hover_np + (1 - weight) * fg
 
 
+def nuclear_pixel_map(fg: torch.Tensor, np_logits: torch.Tensor, np_source: str, cfg: HoVerPostConfig,
+                      model_mpp: float) -> torch.Tensor:
+    """The ``(N, 1, h, w)`` nuclear-pixel map at the model's resolution (``model_mpp`` µm/px) from the adapted
+    foreground probability ``fg`` and the HoVer NP branch's logits, as ``np_source`` says (see :func:`predict`)."""
+    if np_source == "adapted":
+        return fg
+    branch = np_logits.float().softmax(1)[:, 1:]
+    if np_source == "hover":
+        return branch
+    return blend_np(fg, branch, cfg.np_hover_weight, int(round(cfg.np_gate_um / model_mpp)))
+
+
 def _forward_for(m: torch.nn.Module, instances: bool, np_source: str, nc: bool, smooth_px: float = 0.0,
                  colour: Callable | None = None, hover_cfg: HoVerPostConfig | None = None,
-                 model_mpp: float = 0.5) -> Callable:
+                 model_mpp: float | None = None) -> Callable:
+    """The per-batch forward of a prediction. With ``instances``, ``model_mpp`` (the backbone's µm/px) is needed:
+    the blend's gate is a radius in µm."""
+    if instances and model_mpp is None:
+        raise ValueError("_forward_for: model_mpp is needed with instances")
     hc = hover_cfg or HoVerPostConfig()
-    gate_px = int(round(hc.np_gate_um / model_mpp))
 
     def fwd(x: torch.Tensor) -> dict[str, torch.Tensor]:
         feats = m.features(x)
@@ -447,12 +462,7 @@ def _forward_for(m: torch.nn.Module, instances: bool, np_source: str, nc: bool, 
             out["dec"] = gaussian_smooth(seg, smooth_px)
         if instances:
             hov = m.heads["hover"](feats)
-            if np_source == "adapted":
-                out["np"] = 1 - seg[:, :1]
-            elif np_source == "hover":
-                out["np"] = hov["np"].float().softmax(1)[:, 1:]
-            else:
-                out["np"] = blend_np(1 - seg[:, :1], hov["np"].float().softmax(1)[:, 1:], hc.np_hover_weight, gate_px)
+            out["np"] = nuclear_pixel_map(1 - seg[:, :1], hov["np"], np_source, hc, model_mpp)
             # unclamped: the maps are clipped to [-1, 1] after blending and resizing (at the write of a streamed
             # prediction); clamping before resizing a 0.5 µm/px map to a 40x image flattens the HV gradients at the
             # nucleus borders that the marker watershed needs (MoNuSeg AJI -0.016, BENCHMARKS.md)

@@ -59,17 +59,17 @@ def pack(cfg: TrainConfig, config_dir: Path, out: Path, holdout: dict[str, list[
         ds = open_dataset(src)
         samples = list(ds)
         patterns = holdout.get(name, [])
-        out_ids = [s.sample_id for s in samples if any(fnmatch.fnmatchcase(s.sample_id, p) for p in patterns)]
-        if patterns and not out_ids:
+        taken = [any(fnmatch.fnmatchcase(s.sample_id, p) for p in patterns) for s in samples]
+        held_out = [s for s, t in zip(samples, taken, strict=True) if t]
+        if patterns and not held_out:
             raise ValueError(f"--holdout {name}: {patterns} match no sample id of {src}")
-        if out_ids:
-            held[name] = out_ids
-            kept = [s for s in samples if s.sample_id not in set(out_ids)]
-            if not kept:
+        if held_out:
+            held[name] = [s.sample_id for s in held_out]
+            samples = [s for s, t in zip(samples, taken, strict=True) if not t]
+            if not samples:
                 raise ValueError(f"--holdout {name}: {patterns} hold out every sample of {src}")
             if holdout_out is not None:
-                save_unified([s for s in samples if s.sample_id in set(out_ids)], holdout_out / src.name)
-            samples = kept
+                save_unified(held_out, holdout_out / src.name)
         if ds.layout == "consep_tiles":
             samples = consep_mosaics(samples)
         mpp = cfg.model.mpp
@@ -77,7 +77,7 @@ def pack(cfg: TrainConfig, config_dir: Path, out: Path, holdout: dict[str, list[
         dest = save_unified(samples, out / src.name)
         sizes[name] = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
         print(f"{name}: {len(samples)} samples from {src} -> {dest} ({sizes[name] / 1e6:.1f} MB)"
-              + (f", {len(out_ids)} held out" if out_ids else ""), flush=True)
+              + (f", {len(held_out)} held out" if held_out else ""), flush=True)
     (out / "holdout.json").write_text(json.dumps(held, indent=1) + "\n")
     return sizes
 
