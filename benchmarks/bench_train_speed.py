@@ -9,9 +9,11 @@ one batch / one episode batch on the host (the part a GPU cannot speed up). Answ
 recipe take on this device.
 
     .venv/bin/python benchmarks/bench_train_speed.py [--device auto|cpu|cuda:0] [--supervised 20] [--meta 10]
-        [--workers 0,8]
+        [--workers 0,8] [--layouts cpu]
 
 ``--workers``: ``TrainConfig.loader_workers`` settings, one run each (0 = batches made in the training process).
+``--layouts``: ``TrainConfig.channels_last`` settings (``cpu``/``all``/``none``), one run each per worker setting, in
+the order given (repeat them, e.g. ``none,cpu,none,cpu``, to interleave an A/B on a noisy machine).
 
 Writes ``benchmarks/results/<--out>.{json,md}`` (default ``train_speed``).
 """
@@ -50,6 +52,7 @@ def main(argv=None) -> int:
     ap.add_argument("--supervised", type=int, default=20, help="supervised steps timed (plus one warm-up)")
     ap.add_argument("--meta", type=int, default=10, help="meta steps timed (plus one warm-up)")
     ap.add_argument("--workers", default="0", help="TrainConfig.loader_workers values to time, comma-separated")
+    ap.add_argument("--layouts", default="cpu", help="TrainConfig.channels_last values to time, comma-separated")
     ap.add_argument("--out", default="train_speed")
     args = ap.parse_args(argv)
 
@@ -57,7 +60,7 @@ def main(argv=None) -> int:
 
     from napari_metahistoseg.config import TrainConfig, load_json
     from napari_metahistoseg.data.samplers import batch_loader, episode_loader
-    from napari_metahistoseg.training import load_training_tasks, train, training_device
+    from napari_metahistoseg.training import load_training_tasks, train, training_device, use_channels_last
 
     base = load_json(TrainConfig, args.config)
     device = training_device(args.device)
@@ -70,11 +73,12 @@ def main(argv=None) -> int:
         next(sup), next(eps)
         host_sup = statistics.median(_timed(lambda: next(sup)) for _ in range(5))
         host_meta = statistics.median(_timed(lambda: next(eps)) for _ in range(5))
-        for workers in (int(w) for w in args.workers.split(",")):
-            out = Path(tmp) / f"run{workers}"
+        runs = [(int(w), lay) for w in args.workers.split(",") for lay in args.layouts.split(",")]
+        for k, (workers, layout) in enumerate(runs):
+            out = Path(tmp) / f"run{k}"
             cfg = dataclasses.replace(base, data=data, supervised_steps=args.supervised + 1,
                                       meta_steps=args.meta + 1, checkpoint_every=10**9, out_dir=str(out),
-                                      device=str(device), loader_workers=workers)
+                                      device=str(device), loader_workers=workers, channels_last=layout)
             t0 = time.perf_counter()
             for _ in train(cfg, resume=False):
                 pass
@@ -87,6 +91,7 @@ def main(argv=None) -> int:
             row = {"device": str(device), "device_name": torch.cuda.get_device_name(device)
                    if device.type == "cuda" else common.machine_info().get("cpu"),
                    "threads": torch.get_num_threads(), "loader_workers": workers,
+                   "layout": "channels-last" if use_channels_last(layout, device) else "NCHW",  # supervised phase
                    "supervised_s_per_step": per["supervised"], "meta_s_per_step": per["meta"],
                    "host_batch_s": host_sup, "host_episode_batch_s": host_meta, "wall_s": wall,
                    "crop_px": cfg.augment.crop_px, "batch_size": cfg.batch_size,
@@ -96,10 +101,10 @@ def main(argv=None) -> int:
                                            + base.meta_steps * (row["meta_s_per_step"] or 0)) / 60, 1)
             rows.append(row)
             print(row, flush=True)
-    md = common.md_table(["device", "loader workers", "supervised s/step", "meta s/step",
+    md = common.md_table(["device", "supervised layout", "loader workers", "supervised s/step", "meta s/step",
                           "sampler s/batch (host, 1 process)", "sampler s/episode batch (host, 1 process)",
                           f"recipe ({base.supervised_steps}+{base.meta_steps} steps), min"],
-                         [[f"{r['device']} ({r['device_name']})", r["loader_workers"],
+                         [[f"{r['device']} ({r['device_name']})", r["layout"], r["loader_workers"],
                            common.fmt(r["supervised_s_per_step"]), common.fmt(r["meta_s_per_step"]),
                            common.fmt(r["host_batch_s"]), common.fmt(r["host_episode_batch_s"]),
                            r["recipe_minutes"]] for r in rows])

@@ -207,11 +207,18 @@ class TrainConfig:
     # the bundled backbone's recipe). A GPU step outruns one process (BENCHMARKS.md); the batches then come from one
     # seeded stream per worker, so a run is reproducible for a given count, not across counts
     loader_workers: int = 0
+    # NHWC (channels-last) weights and inputs in the supervised phase: "cpu" = on a CPU device only (oneDNN's NHWC
+    # convolutions: a supervised step 7-18 % faster on 2 cores; the meta phase was not faster, so it stays NCHW;
+    # BENCHMARKS.md "Training speed on the CPU"), "all" = on every device, "none". GPUs stay NCHW by default: with
+    # GroupNorm, channels-last cost layout copies on the H200 (BENCHMARKS.md "GPU")
+    channels_last: str = "cpu"
     out_dir: str = "runs/backbone"
 
     def __post_init__(self) -> None:
         if self.method not in ("maml", "transfer"):
             raise ValueError(f"TrainConfig.method must be 'maml' or 'transfer', got {self.method!r}")
+        if self.channels_last not in ("cpu", "all", "none"):
+            raise ValueError(f"TrainConfig.channels_last must be 'cpu', 'all' or 'none', got {self.channels_last!r}")
         if not (isinstance(self.loader_workers, int) and self.loader_workers >= 0):
             raise ValueError(f"TrainConfig.loader_workers must be an integer >= 0, got {self.loader_workers!r}")
 

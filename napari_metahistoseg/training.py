@@ -109,7 +109,7 @@ def supervised_loss(
     model: MetaHistoSegNet, batch: Batch, device: torch.device, hv_weight: float = 1.0,
 ) -> dict[str, torch.Tensor]:
     """Multi-task loss of one mixed batch: task heads + generic head (binary) + HoVer on nuclear crops."""
-    x = to_tensor_image(batch.images, device)
+    x = _in_model_layout(to_tensor_image(batch.images, device), model)
     feats = model.features(x)
     sem = torch.from_numpy(batch.semantic.astype(np.int64)).to(device)
     terms = {}
@@ -141,7 +141,7 @@ def meta_loss(
     for ep in episodes:
         n_cls = int(np.max(ep.support.semantic, initial=0, where=ep.support.semantic != IGNORE)) + 1
         sup_y = binary_variant(ep.support.semantic, max(n_cls, 2), rng)
-        x = to_tensor_image(np.concatenate([ep.support.images, ep.query.images]), device)
+        x = _in_model_layout(to_tensor_image(np.concatenate([ep.support.images, ep.query.images]), device), model)
         feats = model.features(x)
         fs, fq = feats[: len(ep.support)], feats[len(ep.support):]
         px, py = pixel_support(fs, torch.from_numpy(sup_y).to(device), 2, max_pixels=cfg.maml.max_support_pixels,
@@ -161,6 +161,31 @@ def meta_loss(
             total = total + 0.5 * hl["total"] / len(episodes)
     terms["total"] = total
     return terms
+
+
+def _is_nhwc(model: MetaHistoSegNet) -> bool:
+    """Whether the model's convolution weights are channels-last (see :func:`_set_layout`)."""
+    w = next(p for p in model.backbone.parameters() if p.dim() == 4)
+    return w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+
+
+def _in_model_layout(x: torch.Tensor, model: MetaHistoSegNet) -> torch.Tensor:
+    """``x (N, C, H, W)`` in the memory layout of the model's convolution weights (channels-last or not)."""
+    return x.contiguous(memory_format=torch.channels_last) if _is_nhwc(model) else x
+
+
+def use_channels_last(mode: str, device: torch.device) -> bool:
+    """Whether ``TrainConfig.channels_last`` (``"cpu"`` / ``"all"`` / ``"none"``) asks for NHWC on ``device`` (in
+    the supervised phase: :func:`train` keeps the meta phase NCHW)."""
+    return mode == "all" or (mode == "cpu" and device.type == "cpu")
+
+
+def _set_layout(model: MetaHistoSegNet, nhwc: bool) -> None:
+    """Convert the model's weights to channels-last (``nhwc``) or back, in place (the optimizer keeps the same
+    parameters; Adam's moments keep their layout, which only costs strided element-wise updates), and log a change."""
+    if nhwc != _is_nhwc(model):
+        model.to(memory_format=torch.channels_last if nhwc else torch.contiguous_format)
+        log.info("training layout: %s", "channels-last (NHWC)" if nhwc else "NCHW")
 
 
 def _same_variant(src_sem: np.ndarray, src_bin: np.ndarray, qry_sem: np.ndarray) -> np.ndarray:
@@ -221,6 +246,7 @@ def train(cfg: TrainConfig, *, resume: bool = True) -> Generator[dict, None, Pat
     opt = torch.optim.Adam(params, lr=cfg.outer_lr, weight_decay=cfg.weight_decay)
     names = {id(p): n for n, p in model.named_parameters()} | {id(v): f"lr.{k}" for k, v in lrs.items()}
     model.to(device)
+    nhwc = use_channels_last(cfg.channels_last, device)
     step = _maybe_resume(out, model, opt, names, lrs) if resume else 0
     total_steps = cfg.supervised_steps + (cfg.meta_steps if cfg.method == "maml" else 0)
     seed = cfg.seed + 1000 * _rank() + step
@@ -234,6 +260,7 @@ def train(cfg: TrainConfig, *, resume: bool = True) -> Generator[dict, None, Pat
             for g in opt.param_groups:
                 g["lr"] = cfg.outer_lr * 0.5 * (1 + math.cos(math.pi * step / total_steps))
             model.train()
+            _set_layout(model, nhwc and phase == "supervised")
             if phase == "supervised":
                 terms = supervised_loss(model, next(sup_iter), device, cfg.hv_loss_weight)
             else:
@@ -246,6 +273,7 @@ def train(cfg: TrainConfig, *, resume: bool = True) -> Generator[dict, None, Pat
             opt.step()
             step += 1
             rec = {"step": step, "phase": phase, "seconds": round(time.time() - t0, 1), "device": str(device),
+                   "layout": "nhwc" if _is_nhwc(model) else "nchw",
                    **{k: round(float(v.detach()), 5) for k, v in terms.items()}}
             if _rank() == 0:
                 logf.write(json.dumps(rec) + "\n")
