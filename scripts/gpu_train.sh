@@ -19,7 +19,8 @@
 #   --holdout 'monuseg:TCGA-21-*' --holdout 'monuseg:TCGA-NH-*' --holdout 'glas:testB_*' --holdout 'consep:train_2*'
 #   --holdout-out runs/holdout
 # then RUNS="backbone_gpu@300+100 backbone_gpu@800+200 backbone_gpu@1700+450 backbone_gpu@4000+800" BENCH=0, and
-# evaluate each checkpoint here with `metahistoseg evaluate runs/holdout/<task> --support ... --backbone ...`.
+# evaluate each checkpoint here with `benchmarks/holdout_check.py --holdout runs/holdout --backbones LABEL=PATH,...
+# --draws TASK:ID[,ID...] ...` (the evaluate command's own path; session 11 used it for a CPU-trained twin).
 set -u
 OUT_DIR=${1:-${OUT:-/tmp/gpu_train}}
 mkdir -p "$OUT_DIR"
