@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch.func import functional_call
 
 from .checkpoints import flatten_optimizer, load_model, restore_optimizer, save_model, stem_paths
-from .config import TrainConfig, save_json
+from .config import TrainConfig, load_json, save_json
 from .data.readers import open_dataset
 from .data.samplers import Batch, Episode, batch_loader, episode_loader, prefetched, rescale_sample
 from .data.task import IGNORE, Sample
@@ -80,6 +80,20 @@ def load_training_tasks(data: dict[str, str], mpp: float, holdout: tuple[str, ..
     if not tasks:
         raise ValueError("no training tasks left (all held out?)")
     return tasks
+
+
+def load_train_config(path: str | os.PathLike, *, data_root: str | os.PathLike | None = None,
+                      **overrides) -> TrainConfig:
+    """A :class:`TrainConfig` from JSON (a clear error naming the file when it is not one), its relative data
+    folders resolved against ``data_root`` if given, else against the config file's own folder (as
+    ``configs/backbone.json`` expects); ``overrides`` (e.g. ``out_dir``, ``device``, ``loader_workers``,
+    ``supervised_steps``) replace fields where not None. What ``meta-train`` and the GUI's Train panel run."""
+    import dataclasses
+
+    cfg = load_json(TrainConfig, path)
+    base = Path(data_root) if data_root is not None else Path(path).resolve().parent
+    data = {k: str(Path(v) if Path(v).is_absolute() else (base / v).resolve()) for k, v in cfg.data.items()}
+    return dataclasses.replace(cfg, data=data, **{k: v for k, v in overrides.items() if v is not None})
 
 
 def binary_variant(sem: np.ndarray, n_classes: int, rng: np.random.Generator) -> np.ndarray:

@@ -25,6 +25,7 @@ EXPECTED_WIDGETS = {
     "napari_metahistoseg._qt.adapt:AdaptWidget": "Adapt & predict",
     "napari_metahistoseg._qt.heads:HeadsWidget": "Export / import head",
     "napari_metahistoseg._qt.evaluate:EvaluateWidget": "Evaluate",
+    "napari_metahistoseg._qt.train:TrainWidget": "Train backbone",
 }
 EXPECTED_SAMPLES = {
     "napari_metahistoseg.sample_data:synthetic_he": "Synthetic H&E tile with nuclei",

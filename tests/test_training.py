@@ -22,6 +22,7 @@ from napari_metahistoseg.training import (
     _set_layout,
     build_model,
     consep_mosaics,
+    load_train_config,
     load_training_tasks,
     meta_loss,
     supervised_loss,
@@ -125,6 +126,35 @@ def test_channels_last_losses_and_gradients_match_nchw(task_dirs, tmp_path):
     torch.testing.assert_close(state["exp_avg"], opt.state[conv]["exp_avg"])
     _set_layout(cl, False)
     assert not _is_nhwc(cl) and conv.is_contiguous() and [id(p) for p in cl.parameters()] == before
+
+
+def test_load_train_config_resolves_data_folders_and_overrides(task_dirs, tmp_path):
+    cfg_dir = tmp_path / "configs"
+    cfg_dir.mkdir()
+    (cfg_dir / "data").symlink_to(tmp_path)  # data/<task> next to the config
+    path = cfg_dir / "c.json"
+    path.write_text(json.dumps({"data": {"monuseg": "data/monuseg", "glas": str(tmp_path / "glas")},
+                                "supervised_steps": 7}))
+    cfg = load_train_config(path)
+    assert cfg.data == {"monuseg": str((cfg_dir / "data" / "monuseg").resolve()), "glas": str(tmp_path / "glas")}
+    cfg = load_train_config(path, data_root=tmp_path / "elsewhere", out_dir="o", supervised_steps=None, meta_steps=3)
+    assert cfg.data["monuseg"] == str(tmp_path / "elsewhere" / "data" / "monuseg")
+    assert (cfg.out_dir, cfg.supervised_steps, cfg.meta_steps) == ("o", 7, 3)  # None keeps the config's value
+    with pytest.raises(ValueError, match="config file not found"):
+        load_train_config(tmp_path / "nope.json")
+
+
+def test_meta_train_command(task_dirs, tmp_path, capsys):
+    from napari_metahistoseg.cli import main
+
+    cfg = dataclasses.asdict(_cfg(task_dirs, tmp_path / "unused", sup=1, meta=1))
+    cfg["data"] = {k: os.path.relpath(v, tmp_path) for k, v in cfg["data"].items()}  # relative to the config
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(cfg))
+    assert main(["meta-train", "--config", str(path), "--out", str(tmp_path / "run"), "--device", "cpu"]) == 0
+    out = capsys.readouterr()
+    assert out.out.strip().endswith("last.safetensors") and (tmp_path / "run" / "last.json").exists()
+    assert "[meta] step 2/2" in out.err
 
 
 def test_training_device(monkeypatch):

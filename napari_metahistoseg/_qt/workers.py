@@ -22,7 +22,8 @@ log = logging.getLogger(__name__)
 STAGE_NAMES = {"backbone": "loading backbone", "features": "support features", "adapt": "adapting",
                "predict": "predicting", "instances": "nuclei (HoVer)", "objects": "gland / object instances",
                "preview": "visible field shown", "tables": "reading tables", "evaluate": "evaluating",
-               "fov": "visible field", "mitosis": "mitosis candidates", "adapted": "head adapted"}
+               "fov": "visible field", "mitosis": "mitosis candidates", "adapted": "head adapted",
+               "supervised": "training (supervised)", "meta": "meta-training (MAML)"}
 
 
 def describe(p: dict) -> tuple[int, int, str]:

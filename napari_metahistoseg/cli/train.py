@@ -22,25 +22,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import dataclasses
-    from pathlib import Path
-
-    from ..config import TrainConfig, load_json
     from ..maml import run as drive
-    from ..training import train
+    from ..training import load_train_config, train
 
-    cfg = load_json(TrainConfig, args.config)
-    if args.out:
-        cfg = dataclasses.replace(cfg, out_dir=args.out)
-    if args.device:
-        cfg = dataclasses.replace(cfg, device=args.device)
-    if args.loader_workers is not None:
-        cfg = dataclasses.replace(cfg, loader_workers=args.loader_workers)
-    if args.data_root:
-        cfg = dataclasses.replace(cfg, data={k: str(Path(args.data_root) / v) for k, v in cfg.data.items()})
-    else:
-        base = Path(args.config).resolve().parent
-        cfg = dataclasses.replace(cfg, data={k: str((base / v).resolve()) for k, v in cfg.data.items()})
+    cfg = load_train_config(args.config, data_root=args.data_root, out_dir=args.out, device=args.device,
+                            loader_workers=args.loader_workers)
     _maybe_init_distributed()
     gen = train(cfg, resume=not args.no_resume)
     t0 = time.time()

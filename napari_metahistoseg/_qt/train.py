@@ -1,0 +1,160 @@
+"""Train backbone: meta-train (or resume) a backbone from a JSON TrainConfig inside napari — what
+``metahistoseg meta-train`` does, on a worker thread with a progress bar, ETA, a live loss curve and Cancel.
+
+A cancelled run keeps its last checkpoint (every ``checkpoint_every`` steps); *resume* (on by default) continues
+it from there. *Use as backbone* makes the finished checkpoint the backbone of this viewer's Adapt & predict
+panel.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Generator
+from pathlib import Path
+from typing import Any
+
+import napari
+from napari.utils.notifications import show_info
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QFormLayout,
+    QLabel,
+    QLineEdit,
+    QProgressBar,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ..config import TrainConfig
+from ..devices import available_devices
+from ..training import load_train_config, train
+from .common import path_row, row
+from .plot import LossCurve
+from .state import state_for
+from .workers import JobRunner
+
+
+def train_job(cfg: TrainConfig, resume: bool = True) -> Generator[dict, None, Path]:
+    """:func:`~napari_metahistoseg.training.train` with the progress fields the GUI shows (``stage`` = the phase,
+    an ETA from this run's own pace); returns the checkpoint path."""
+    gen = train(cfg, resume=resume)
+    t0, first = time.perf_counter(), None
+    try:
+        while True:
+            p = next(gen)
+            first = p["step"] - 1 if first is None else first  # a resumed run starts past 0
+            done = p["step"] - first
+            eta = (time.perf_counter() - t0) / done * (p["steps"] - p["step"])
+            yield {**p, "stage": p["phase"], "eta_s": eta}
+    except StopIteration as stop:
+        return stop.value
+    finally:
+        gen.close()  # a cancelled run: the training generator closes its log and loader processes
+
+
+class TrainWidget(QWidget):
+    def __init__(self, napari_viewer: napari.Viewer) -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self.config_edit = QLineEdit(placeholderText="TrainConfig JSON, e.g. configs/backbone.json")
+        self.config_edit.editingFinished.connect(self._load)
+        self.out_edit = QLineEdit(placeholderText="output folder (from the config)")
+        self.device_combo = QComboBox(editable=True)
+        self.device_combo.addItems(["auto", *available_devices()])  # auto: a GPU when there is one
+        self.supervised_spin, self.meta_spin = QSpinBox(maximum=10**7), QSpinBox(maximum=10**7)
+        self.resume_check = QCheckBox("resume from the output folder's checkpoint", checked=True)
+        self.button = QPushButton("Train")
+        self.button.clicked.connect(lambda: self.start())
+        self.cancel_button = QPushButton("Cancel", enabled=False)
+        self.bar, self.status = QProgressBar(), QLabel("Choose a training config (JSON), then press Train.")
+        self.status.setWordWrap(True)
+        self.curve = LossCurve()
+        self.curve.setToolTip("training loss per step")
+        self.result = QLabel("")
+        self.result.setWordWrap(True)
+        self.use_button = QPushButton("Use as backbone", enabled=False)
+        self.use_button.setToolTip("make this checkpoint the backbone of Adapt & predict")
+        self.use_button.clicked.connect(self.use_checkpoint)
+        self.runner = JobRunner(self.bar, self.status, self)
+        self.cancel_button.clicked.connect(self.runner.cancel)
+        self.runner.started.connect(lambda: self._busy(True))
+        self.runner.stopped.connect(self._stopped)
+        self.cfg: TrainConfig | None = None
+        self.checkpoint: str | None = None
+        form = QFormLayout()
+        for label, w in [("config", path_row(self.config_edit, "Training config", "JSON (*.json)")),
+                         ("output folder", self.out_edit), ("device", self.device_combo),
+                         ("supervised steps", self.supervised_spin), ("meta steps", self.meta_spin),
+                         ("", self.resume_check)]:
+            form.addRow(label, w)
+        lay = QVBoxLayout(self)
+        lay.addLayout(form)
+        for w in (row(self.button, self.cancel_button), self.bar, self.status, self.curve, self.result,
+                  self.use_button):
+            lay.addWidget(w)
+        lay.addStretch()
+
+    def _load(self) -> TrainConfig | None:
+        """Read the config named in the box and show its steps and output folder (an error notification if it is
+        not a valid TrainConfig)."""
+        self.cfg = self.runner.guarded("Loading the training config",
+                                       lambda: load_train_config(self.config_edit.text()))
+        if self.cfg is not None:
+            self.supervised_spin.setValue(self.cfg.supervised_steps)
+            self.meta_spin.setValue(self.cfg.meta_steps)
+            self.out_edit.setText(self.cfg.out_dir)
+            self.status.setText(f"{len(self.cfg.data)} task(s): {', '.join(self.cfg.data)}; "
+                                f"method {self.cfg.method}")
+        return self.cfg
+
+    def settings(self) -> TrainConfig:
+        """The config with this panel's overrides (ValueError naming the problem)."""
+        if not self.config_edit.text().strip():
+            raise ValueError("no training config: choose a TrainConfig JSON (e.g. configs/backbone.json)")
+        cfg = load_train_config(self.config_edit.text(), out_dir=self.out_edit.text().strip() or None,
+                                device=self.device_combo.currentText().strip() or None,
+                                supervised_steps=self.supervised_spin.value(), meta_steps=self.meta_spin.value())
+        if cfg.supervised_steps + cfg.meta_steps == 0:
+            raise ValueError("nothing to train: supervised and meta steps are both 0")
+        return cfg
+
+    def start(self) -> Any:
+        """Start training (an error notification if the settings are wrong)."""
+        return self.runner.guarded("Training", self._start)
+
+    def _start(self) -> None:
+        cfg = self.settings()
+        self.curve.clear()
+        self.checkpoint = None
+        self.use_button.setEnabled(False)
+        self.result.setText(f"training into {cfg.out_dir} …")
+        self.runner.run("Training", train_job, cfg, self.resume_check.isChecked(), on_yield=self._step,
+                        on_return=self._done)
+
+    def _step(self, p: dict) -> None:
+        self.curve.add(p["loss"])
+
+    def _done(self, path: Path) -> None:
+        self.checkpoint = str(path)
+        self.use_button.setEnabled(True)
+        self.result.setText(f"checkpoint: {path}")
+        show_info(f"Training finished: {path}")
+
+    def use_checkpoint(self) -> None:
+        """The finished checkpoint becomes the backbone of this viewer's Adapt & predict panel."""
+        if self.checkpoint:
+            state_for(self.viewer).backbone_spec = self.checkpoint
+            show_info(f"Adapt & predict now uses the backbone {self.checkpoint}")
+
+    def _stopped(self, outcome: str) -> None:
+        self._busy(False)
+        if outcome == "aborted":
+            self.result.setText("cancelled: the last checkpoint in the output folder is kept; press Train with "
+                                "<i>resume</i> ticked to continue from it")
+
+    def _busy(self, busy: bool) -> None:
+        self.button.setEnabled(not busy)
+        self.cancel_button.setEnabled(busy)
