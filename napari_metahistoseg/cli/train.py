@@ -29,11 +29,13 @@ def run(args: argparse.Namespace) -> int:
                             loader_workers=args.loader_workers)
     _maybe_init_distributed()
     gen = train(cfg, resume=not args.no_resume)
-    t0 = time.time()
+    t0, first = time.time(), []
 
     def show(p: dict) -> None:
+        if not first:  # a resumed run starts past step 1
+            first.append(p["step"])
         if p["step"] % 10 == 0 or p["step"] == p["steps"]:
-            rate = (time.time() - t0) / max(1, p["step"])
+            rate = (time.time() - t0) / (p["step"] - first[0] + 1)  # this process's own pace
             print(f"[{p['phase']}] step {p['step']}/{p['steps']} loss {p['loss']:.4f} ({rate:.2f} s/step)",
                   file=sys.stderr, flush=True)
 
