@@ -1,11 +1,15 @@
-"""Screenshot of the plugin at work: the demo session adapted and predicted, saved to ``docs/screenshot.png``.
+"""Screenshot of the plugin at work: the demo session adapted and predicted, saved to ``docs/screenshot.png``;
+and the Train backbone panel after a short run, saved to ``docs/train_panel.png``.
 
     .venv/bin/python scripts/screenshot.py [--backbone PATH] [--steps 20] [--out docs/screenshot.png]
+        [--train-out docs/train_panel.png] [--train-steps 60]
 
 Opens napari with ``show=True`` (starting an Xvfb display itself when ``$DISPLAY`` is unset), loads the sample
 "Demo session: strokes ready to Adapt", opens the Annotate / Adapt & predict / Evaluate widgets, runs Adapt &
 predict in the widget's worker thread, evaluates against the synthetic truth and saves the whole window.
 Backbone: ``--backbone``, else the bundled one, else ``runs/backbone/last`` (the training job's checkpoint).
+The Train backbone panel trains a tiny backbone (8 base channels, depth 3) on synthetic nuclei and gland tiles
+written to a temporary folder, for ``--train-steps`` steps (``0``: no panel picture).
 """
 
 from __future__ import annotations
@@ -60,12 +64,48 @@ def wait(app, cond, timeout_s: float) -> None:
             raise TimeoutError("timed out waiting for the plugin")
 
 
+def train_panel_shot(app, viewer, out: Path, steps: int, tmp: Path) -> None:
+    """Run the Train backbone panel on a tiny synthetic config and save a picture of the panel."""
+    import json
+
+    from napari_metahistoseg.data.synthetic import synthetic_tile
+    from napari_metahistoseg.data.task import save_unified
+
+    for k, (name, glands) in enumerate((("monuseg", False), ("glas", True))):
+        save_unified([synthetic_tile((128, 128), seed=10 * k + i, mpp=0.5, glands=glands).with_(
+            task=name, sample_id=f"s{i}") for i in range(4)], tmp / "data" / name)
+    cfg = {"model": {"base_channels": 8, "depth": 3}, "augment": {"crop_px": 96},
+           "episodes": {"n_support": 2, "n_query": 2, "episodes_per_batch": 1},
+           "data": {"monuseg": "data/monuseg", "glas": "data/glas"}, "supervised_steps": steps * 3 // 4,
+           "meta_steps": steps - steps * 3 // 4, "batch_size": 4, "checkpoint_every": 20,
+           "out_dir": str(tmp / "run"), "device": "cpu"}
+    config = tmp / "tiny_backbone.json"
+    config.write_text(json.dumps(cfg, indent=1))
+    _, panel = viewer.window.add_plugin_dock_widget(PLUGIN, "Train backbone")
+    panel.config_edit.setText(str(config))
+    panel.config_edit.editingFinished.emit()
+    panel.start()
+    wait(app, lambda: not panel.runner.busy, RUN_TIMEOUT_S)
+    print(panel.status.text(), panel.result.text())
+    if panel.checkpoint is None:
+        sys.exit("the training run failed")
+    panel.resize(520, panel.sizeHint().height())
+    for _ in range(10):
+        app.processEvents()
+        time.sleep(0.05)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    panel.grab().save(str(out))
+    print(f"wrote {out}")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backbone", default=None)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "screenshot.png")
     ap.add_argument("--mitosis", action="store_true", help="also classify mitosis candidates")
+    ap.add_argument("--train-out", type=Path, default=ROOT / "docs" / "train_panel.png")
+    ap.add_argument("--train-steps", type=int, default=60, help="steps of the Train panel's run (0: no picture)")
     args = ap.parse_args(argv)
     xvfb = ensure_display()
     sessions = tempfile.TemporaryDirectory(prefix="mhs-screenshot-")  # autosave here, not in the user's home
@@ -113,6 +153,8 @@ def main(argv: list[str] | None = None) -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         viewer.screenshot(str(args.out), canvas_only=False, flash=False)
         print(f"wrote {args.out}")
+        if args.train_steps:
+            train_panel_shot(app, viewer, args.train_out, args.train_steps, Path(sessions.name))
         viewer.close()
     finally:
         sessions.cleanup()

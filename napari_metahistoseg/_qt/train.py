@@ -72,7 +72,7 @@ class TrainWidget(QWidget):
         self.bar, self.status = QProgressBar(), QLabel("Choose a training config (JSON), then press Train.")
         self.status.setWordWrap(True)
         self.curve = LossCurve()
-        self.curve.setToolTip("training loss per step")
+        self.curve.setToolTip("training loss per step: the supervised loss, then the meta (query) loss (own scale)")
         self.result = QLabel("")
         self.result.setWordWrap(True)
         self.use_button = QPushButton("Use as backbone", enabled=False)
