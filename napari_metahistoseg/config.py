@@ -212,6 +212,11 @@ class TrainConfig:
     # BENCHMARKS.md "Training speed on the CPU"), "all" = on every device, "none". GPUs stay NCHW by default: with
     # GroupNorm, channels-last cost layout copies on the H200 (BENCHMARKS.md "GPU")
     channels_last: str = "cpu"
+    # start from trained weights instead of random ones (fine-tuning): "default" (the bundled backbone),
+    # "transfer" (the bundled transfer-learning baseline) or a checkpoint path of the same architecture; the
+    # backbone and every head of the same name and shape are copied, new tasks get new heads. "" = random. A run
+    # that resumes from its own checkpoint ignores it
+    init_from: str = ""
     out_dir: str = "runs/backbone"
 
     def __post_init__(self) -> None:

@@ -236,6 +236,41 @@ def build_model(cfg: TrainConfig, tasks: dict[str, list[Sample]]) -> tuple[MetaH
     return model, classes
 
 
+ARCHITECTURE = ("in_channels", "base_channels", "depth", "groups", "head_hidden")
+
+
+def init_weights(model: MetaHistoSegNet, spec: str) -> dict:
+    """Copy trained weights into a freshly built ``model`` (``TrainConfig.init_from``): the backbone, and every head
+    whose name and shapes match; returns the provenance ``{"init_from", "backbone_sha256", "heads", "new_heads"}``.
+    ``spec``: ``"default"``, ``"transfer"`` or a checkpoint path. ValueError naming the file when the architectures
+    differ."""
+    bundled = {"default": "backbone", "transfer": "transfer"}
+    path = Path(__file__).parent / "weights" / bundled[spec] if spec in bundled else Path(spec)
+    loaded, desc, _ = load_model(path)
+    want, have = model.cfg, loaded.cfg
+    diff = [f"{k} {getattr(have, k)} (config: {getattr(want, k)})" for k in ARCHITECTURE
+            if getattr(have, k) != getattr(want, k)]
+    if diff:
+        raise ValueError(f"{path}: TrainConfig.init_from has another architecture: {', '.join(diff)}")
+    if (have.mpp, have.mean, have.std) != (want.mpp, want.mean, want.std):
+        log.warning("init_from %s was trained at %s µm/px with mean %s / std %s; this run uses %s, %s / %s", path,
+                    have.mpp, have.mean, have.std, want.mpp, want.mean, want.std)
+    src = loaded.state_dict()
+    with torch.no_grad():
+        model.backbone.load_state_dict(loaded.backbone.state_dict(), strict=True)
+        copied, new = [], []
+        for name, head in model.heads.items():
+            mine = {f"heads.{name}.{k}": v for k, v in head.state_dict().items()}
+            if all(k in src and src[k].shape == v.shape for k, v in mine.items()):
+                head.load_state_dict({k.split(".", 2)[2]: src[k] for k in mine}, strict=True)
+                copied.append(name)
+            else:
+                new.append(name)
+    log.info("initialised from %s (backbone %s…): heads %s copied, %s new", path, desc["backbone_sha256"][:12],
+             copied, new)
+    return {"init_from": str(path), "backbone_sha256": desc["backbone_sha256"], "heads": copied, "new_heads": new}
+
+
 def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
@@ -252,6 +287,7 @@ def train(cfg: TrainConfig, *, resume: bool = True) -> Generator[dict, None, Pat
     save_json(cfg, out / "train_config.json")
     tasks = load_training_tasks(cfg.data, cfg.model.mpp, cfg.holdout_tasks)
     model, classes = build_model(cfg, tasks)
+    init = init_weights(model, cfg.init_from) if cfg.init_from else None  # a resume below overwrites it
     lrs = {k: torch.tensor(math.log(cfg.maml.inner_lr)) for k, _ in model.heads[GENERIC].named_parameters()} \
         if cfg.maml.learn_inner_lr else {}
     for v in lrs.values():
@@ -293,10 +329,10 @@ def train(cfg: TrainConfig, *, resume: bool = True) -> Generator[dict, None, Pat
                 logf.write(json.dumps(rec) + "\n")
                 logf.flush()
                 if step % cfg.checkpoint_every == 0 or step == total_steps:
-                    _save(out, model, opt, names, lrs, classes, cfg, step)
+                    _save(out, model, opt, names, lrs, classes, cfg, step, init)
                     if step == cfg.supervised_steps:
                         save_model(model, out / "transfer", head_classes=classes,
-                                   extra={"training": _recipe(cfg, step)})
+                                   extra={"training": _recipe(cfg, step, init)})
             yield {"step": step, "steps": total_steps, "loss": float(terms["total"].detach()), "phase": phase}
     finally:  # also when the caller stops the run (a cancelled job): the log is closed, loader processes stop
         logf.close()
@@ -347,15 +383,15 @@ def training_device(spec: str) -> torch.device:
     return get_device(spec)
 
 
-def _recipe(cfg: TrainConfig, step: int) -> dict:
+def _recipe(cfg: TrainConfig, step: int, init: dict | None = None) -> dict:
     from .config import to_dict
 
-    return {"config": to_dict(cfg), "steps_done": step}
+    return {"config": to_dict(cfg), "steps_done": step, **({"init": init} if init else {})}
 
 
-def _save(out: Path, model, opt, names, lrs, classes, cfg: TrainConfig, step: int) -> None:
+def _save(out: Path, model, opt, names, lrs, classes, cfg: TrainConfig, step: int, init: dict | None) -> None:
     save_model(model, out / "last", head_classes=classes, inner_lrs={k: v.exp() for k, v in lrs.items()},
-               extra={"training": _recipe(cfg, step)})
+               extra={"training": _recipe(cfg, step, init)})
     from .checkpoints import _atomic_save_tensors
 
     state = flatten_optimizer(opt, names) | {f"lr.{k}": v.detach() for k, v in lrs.items()}

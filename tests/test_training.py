@@ -22,6 +22,7 @@ from napari_metahistoseg.training import (
     _set_layout,
     build_model,
     consep_mosaics,
+    init_weights,
     load_train_config,
     load_training_tasks,
     meta_loss,
@@ -155,6 +156,43 @@ def test_meta_train_command(task_dirs, tmp_path, capsys):
     out = capsys.readouterr()
     assert out.out.strip().endswith("last.safetensors") and (tmp_path / "run" / "last.json").exists()
     assert "[meta] step 2/2" in out.err
+
+
+def test_init_from_copies_backbone_and_matching_heads(task_dirs, tmp_path):
+    from napari_metahistoseg.checkpoints import load_model, save_model
+    from napari_metahistoseg.models import MetaHistoSegNet
+
+    cfg = _cfg(task_dirs, tmp_path / "run")
+    torch.manual_seed(7)
+    src = MetaHistoSegNet(cfg.model, {"monuseg": 2, "generic": 2, "other": 3}, hover_types=5)
+    save_model(src, tmp_path / "src", head_classes={"monuseg": ["b", "n"], "generic": ["b", "f"],
+                                                   "other": ["a", "b", "c"], "hover": ["x"] * 5})
+    tasks = load_training_tasks(cfg.data, cfg.model.mpp)
+    torch.manual_seed(0)
+    model, _ = build_model(cfg, tasks)  # heads monuseg, glas (new), generic, hover
+    glas_before = {k: v.clone() for k, v in model.heads["glas"].state_dict().items()}
+    info = init_weights(model, str(tmp_path / "src"))
+    assert sorted(info["heads"]) == ["generic", "hover", "monuseg"] and info["new_heads"] == ["glas"]
+    assert info["backbone_sha256"] == json.loads((tmp_path / "src.json").read_text())["backbone_sha256"]
+    for k, v in src.state_dict().items():
+        if not k.startswith("heads.other"):
+            torch.testing.assert_close(model.state_dict()[k], v, msg=k)
+    for k, v in model.heads["glas"].state_dict().items():
+        torch.testing.assert_close(v, glas_before[k])  # a new task keeps its fresh head
+    # a run started from it records where it started; a different architecture is refused, naming the file
+    path = run(train(dataclasses.replace(cfg, init_from=str(tmp_path / "src"), supervised_steps=1, meta_steps=0)))
+    assert json.loads(path.with_suffix(".json").read_text())["training"]["init"]["init_from"] == str(tmp_path / "src")
+    big = dataclasses.replace(cfg.model, base_channels=16)
+    with pytest.raises(ValueError, match=r"src.*another architecture: base_channels 8 \(config: 16\)"):
+        init_weights(MetaHistoSegNet(big, {"generic": 2}), str(tmp_path / "src"))
+    assert load_model(tmp_path / "src")[1]["backbone_sha256"] == info["backbone_sha256"]
+    # "default" is the bundled backbone
+    from napari_metahistoseg.pipeline import WEIGHTS
+
+    bundled, desc, _ = load_model(WEIGHTS / "backbone")
+    fresh = MetaHistoSegNet(bundled.cfg, {"generic": 2, "mine": 4}, hover_types=5)
+    info = init_weights(fresh, "default")
+    assert info["backbone_sha256"] == desc["backbone_sha256"] and info["new_heads"] == ["mine"]
 
 
 def test_training_device(monkeypatch):

@@ -55,6 +55,9 @@ def train_job(cfg: TrainConfig, resume: bool = True) -> Generator[dict, None, Pa
         gen.close()  # a cancelled run: the training generator closes its log and loader processes
 
 
+RANDOM = "(random)"  # the start-from choice of random initial weights
+
+
 class TrainWidget(QWidget):
     def __init__(self, napari_viewer: napari.Viewer) -> None:
         super().__init__()
@@ -65,6 +68,10 @@ class TrainWidget(QWidget):
         self.device_combo = QComboBox(editable=True)
         self.device_combo.addItems(["auto", *available_devices()])  # auto: a GPU when there is one
         self.supervised_spin, self.meta_spin = QSpinBox(maximum=10**7), QSpinBox(maximum=10**7)
+        self.init_combo = QComboBox(editable=True)  # "(random)" or a checkpoint path typed in
+        self.init_combo.addItems([RANDOM, "default", "transfer"])
+        self.init_combo.setToolTip("start from these weights (fine-tuning): the bundled backbone (default), the "
+                                   "transfer baseline, or a checkpoint path of the same architecture")
         self.resume_check = QCheckBox("resume from the output folder's checkpoint", checked=True)
         self.button = QPushButton("Train")
         self.button.clicked.connect(lambda: self.start())
@@ -88,6 +95,7 @@ class TrainWidget(QWidget):
         for label, w in [("config", path_row(self.config_edit, "Training config", "JSON (*.json)")),
                          ("output folder", self.out_edit), ("device", self.device_combo),
                          ("supervised steps", self.supervised_spin), ("meta steps", self.meta_spin),
+                         ("start from", self.init_combo),
                          ("", self.resume_check)]:
             form.addRow(label, w)
         lay = QVBoxLayout(self)
@@ -106,6 +114,7 @@ class TrainWidget(QWidget):
             self.supervised_spin.setValue(self.cfg.supervised_steps)
             self.meta_spin.setValue(self.cfg.meta_steps)
             self.out_edit.setText(self.cfg.out_dir)
+            self.init_combo.setCurrentText(self.cfg.init_from or RANDOM)
             self.status.setText(f"{len(self.cfg.data)} task(s): {', '.join(self.cfg.data)}; "
                                 f"method {self.cfg.method}")
         return self.cfg
@@ -116,10 +125,15 @@ class TrainWidget(QWidget):
             raise ValueError("no training config: choose a TrainConfig JSON (e.g. configs/backbone.json)")
         cfg = load_train_config(self.config_edit.text(), out_dir=self.out_edit.text().strip() or None,
                                 device=self.device_combo.currentText().strip() or None,
-                                supervised_steps=self.supervised_spin.value(), meta_steps=self.meta_spin.value())
+                                supervised_steps=self.supervised_spin.value(), meta_steps=self.meta_spin.value(),
+                                init_from=self._init_from())
         if cfg.supervised_steps + cfg.meta_steps == 0:
             raise ValueError("nothing to train: supervised and meta steps are both 0")
         return cfg
+
+    def _init_from(self) -> str:
+        text = self.init_combo.currentText().strip()
+        return "" if text == RANDOM else text
 
     def start(self) -> Any:
         """Start training (an error notification if the settings are wrong)."""

@@ -18,6 +18,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                                        "the config's loader_workers; for GPUs)")
     p.add_argument("--device", help="training device: auto (a GPU when there is one; under torchrun the rank's "
                                     "own), cpu, cuda, cuda:1 ... (overrides the config's device)")
+    p.add_argument("--init-from", help="start from trained weights (fine-tuning): default (the bundled backbone), "
+                                       "transfer, or a checkpoint of the same architecture (overrides the config)")
     p.set_defaults(func=run)
 
 
@@ -26,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     from ..training import load_train_config, train
 
     cfg = load_train_config(args.config, data_root=args.data_root, out_dir=args.out, device=args.device,
-                            loader_workers=args.loader_workers)
+                            loader_workers=args.loader_workers, init_from=args.init_from)
     _maybe_init_distributed()
     gen = train(cfg, resume=not args.no_resume)
     t0, first = time.time(), []

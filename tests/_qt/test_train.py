@@ -102,3 +102,24 @@ def test_bad_configs_give_one_clear_error(panel, tmp_path, errors):
     assert "method" in errors[-1] and not panel.runner.busy
     _load(panel, tmp_path / "missing.json")
     assert "config file not found" in errors[-1]
+
+
+def test_start_from_weights(panel, config, qtbot, tmp_path, errors):
+    _load(panel, config)
+    assert panel.init_combo.currentText() == "(random)"
+    panel.init_combo.setCurrentText("default")  # the bundled backbone is larger than the tiny config's network
+    panel.start()
+    qtbot.waitUntil(lambda: not panel.runner.busy, timeout=60000)
+    assert "another architecture" in errors[-1] and "base_channels" in errors[-1]
+    panel.init_combo.setCurrentText("(random)")
+    panel.supervised_spin.setValue(1)
+    panel.meta_spin.setValue(0)
+    panel.start()
+    qtbot.waitUntil(lambda: not panel.runner.busy, timeout=60000)
+    first = panel.checkpoint
+    panel.init_combo.setCurrentText(first)  # fine-tune the run's own result into another folder
+    panel.out_edit.setText(str(tmp_path / "tuned"))
+    panel.start()
+    qtbot.waitUntil(lambda: not panel.runner.busy, timeout=60000)
+    desc = json.loads((tmp_path / "tuned" / "last.json").read_text())
+    assert desc["training"]["init"]["init_from"] == first
