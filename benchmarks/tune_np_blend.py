@@ -3,8 +3,9 @@
 ``np = w · NP(HoVer branch) + (1 − w) · P(foreground | adapted head)``, then the default HoVer post-processing,
 scored (AJI, PQ) against the true instances; ``mIoU`` is the pooled two-class mIoU of the same map thresholded at
 ``HoVerPostConfig.np_threshold`` as a semantic map (the ``semantic`` row: the default semantic map of ``predict``,
-for comparison). ``w = 0`` is the default (``np_source="adapted"``), ``w = 1`` is
-``np_source="hover"``. Run with the bundled backbone, whose HoVer branch was trained on these dev images, and with
+for comparison). ``w = 0`` is ``np_source="adapted"``, ``w = 1`` is ``np_source="hover"``; the default,
+``np_source="blend"``, is ``w = 0.75`` with a 2 µm gate (``--gate-um 2``). Run with the bundled backbone, whose
+HoVer branch was trained on these dev images, and with
 the leave-one-task-out backbone that never saw the task (``runs/loto_monuseg/last``, ``configs/loto_monuseg.json``):
 a gain that shows only with the first is the branch remembering its training images.
 

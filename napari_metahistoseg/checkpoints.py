@@ -359,7 +359,10 @@ def restore_optimizer(opt: torch.optim.Optimizer, names: dict[int, str], flat: d
         _, n, k = key.split("::")
         if n in by_name:  # moments next to their parameter (a run resumed on another device); Adam's step stays
             p = by_name[n]
-            # moments shaped like their parameter take its device and memory layout (a channels-last run)
-            opt.state[p][k] = v if k == "step" else \
-                torch.empty_like(p).copy_(v) if v.shape == p.shape else v.to(p.device)
+            if k == "step":
+                opt.state[p][k] = v
+            elif v.shape == p.shape:  # a moment: the parameter's device and memory layout (a channels-last run)
+                opt.state[p][k] = torch.empty_like(p).copy_(v)
+            else:
+                opt.state[p][k] = v.to(p.device)
 

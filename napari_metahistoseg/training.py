@@ -10,6 +10,7 @@ episodes and the gradients are all-reduced (averaged) before every outer update.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -88,8 +89,6 @@ def load_train_config(path: str | os.PathLike, *, data_root: str | os.PathLike |
     folders resolved against ``data_root`` if given, else against the config file's own folder (as
     ``configs/backbone.json`` expects); ``overrides`` (e.g. ``out_dir``, ``device``, ``loader_workers``,
     ``supervised_steps``) replace fields where not None. What ``meta-train`` and the GUI's Train panel run."""
-    import dataclasses
-
     cfg = load_json(TrainConfig, path)
     base = Path(data_root) if data_root is not None else Path(path).resolve().parent
     data = {k: str(Path(v) if Path(v).is_absolute() else (base / v).resolve()) for k, v in cfg.data.items()}
@@ -276,7 +275,8 @@ def _rank() -> int:
 
 
 def train(cfg: TrainConfig, *, resume: bool = True) -> Generator[dict, None, Path]:
-    """Train (or resume) a backbone; yields progress dicts and returns the final checkpoint path."""
+    """Train (or resume) a backbone; yields progress dicts (``step``, ``steps``, ``loss``, ``phase``, this process's
+    ``s_per_step`` and ``eta_s``) and returns the final checkpoint path."""
     torch.manual_seed(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -287,7 +287,6 @@ def train(cfg: TrainConfig, *, resume: bool = True) -> Generator[dict, None, Pat
     save_json(cfg, out / "train_config.json")
     tasks = load_training_tasks(cfg.data, cfg.model.mpp, cfg.holdout_tasks)
     model, classes = build_model(cfg, tasks)
-    init = init_weights(model, cfg.init_from) if cfg.init_from else None  # a resume below overwrites it
     lrs = {k: torch.tensor(math.log(cfg.maml.inner_lr)) for k, _ in model.heads[GENERIC].named_parameters()} \
         if cfg.maml.learn_inner_lr else {}
     for v in lrs.values():
@@ -298,12 +297,16 @@ def train(cfg: TrainConfig, *, resume: bool = True) -> Generator[dict, None, Pat
     model.to(device)
     nhwc = use_channels_last(cfg.channels_last, device)
     step = _maybe_resume(out, model, opt, names, lrs) if resume else 0
+    if step:  # a resumed run: its checkpoint wins over init_from, whose record it carries on
+        init = json.loads((out / "last.json").read_text()).get("training", {}).get("init")
+    else:  # in place: the optimizer keeps its parameters
+        init = init_weights(model, cfg.init_from) if cfg.init_from else None
     total_steps = cfg.supervised_steps + (cfg.meta_steps if cfg.method == "maml" else 0)
     seed = cfg.seed + 1000 * _rank() + step
     sup_iter, ep_iter = _loaders(tasks, cfg, seed, step)
     rng = np.random.default_rng(seed)
     logf = open(out / "log.jsonl", "a")
-    t0 = time.time()
+    t0, first = time.time(), step
     try:
         while step < total_steps:
             phase = "supervised" if step < cfg.supervised_steps else "meta"
@@ -333,7 +336,9 @@ def train(cfg: TrainConfig, *, resume: bool = True) -> Generator[dict, None, Pat
                     if step == cfg.supervised_steps:
                         save_model(model, out / "transfer", head_classes=classes,
                                    extra={"training": _recipe(cfg, step, init)})
-            yield {"step": step, "steps": total_steps, "loss": float(terms["total"].detach()), "phase": phase}
+            pace = (time.time() - t0) / (step - first)  # this process's seconds per step (a resumed run starts late)
+            yield {"step": step, "steps": total_steps, "loss": float(terms["total"].detach()), "phase": phase,
+                   "s_per_step": pace, "eta_s": pace * (total_steps - step)}
     finally:  # also when the caller stops the run (a cancelled job): the log is closed, loader processes stop
         logf.close()
         for it in (sup_iter, ep_iter):

@@ -180,8 +180,19 @@ def test_init_from_copies_backbone_and_matching_heads(task_dirs, tmp_path):
     for k, v in model.heads["glas"].state_dict().items():
         torch.testing.assert_close(v, glas_before[k])  # a new task keeps its fresh head
     # a run started from it records where it started; a different architecture is refused, naming the file
-    path = run(train(dataclasses.replace(cfg, init_from=str(tmp_path / "src"), supervised_steps=1, meta_steps=0)))
-    assert json.loads(path.with_suffix(".json").read_text())["training"]["init"]["init_from"] == str(tmp_path / "src")
+    tuned = dataclasses.replace(cfg, init_from=str(tmp_path / "src"), supervised_steps=1, meta_steps=0)
+    path = run(train(tuned))
+    record = json.loads(path.with_suffix(".json").read_text())["training"]["init"]
+    assert record["init_from"] == str(tmp_path / "src")
+    # resuming needs only the run's own checkpoint (the start may be gone), and keeps the record of the start
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for f in tmp_path.glob("src.*"):
+        f.rename(moved / f.name)
+    path = run(train(dataclasses.replace(tuned, supervised_steps=2)))
+    assert json.loads(path.with_suffix(".json").read_text())["training"]["init"] == record
+    for f in moved.iterdir():
+        f.rename(tmp_path / f.name)
     big = dataclasses.replace(cfg.model, base_channels=16)
     with pytest.raises(ValueError, match=r"src.*another architecture: base_channels 8 \(config: 16\)"):
         init_weights(MetaHistoSegNet(big, {"generic": 2}), str(tmp_path / "src"))

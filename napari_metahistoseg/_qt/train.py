@@ -8,7 +8,6 @@ panel.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Generator
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from qtpy.QtWidgets import (
 
 from ..config import TrainConfig
 from ..devices import available_devices
+from ..maml import relay
 from ..training import load_train_config, train
 from .common import path_row, row
 from .plot import LossCurve
@@ -38,21 +38,8 @@ from .workers import JobRunner
 
 
 def train_job(cfg: TrainConfig, resume: bool = True) -> Generator[dict, None, Path]:
-    """:func:`~napari_metahistoseg.training.train` with the progress fields the GUI shows (``stage`` = the phase,
-    an ETA from this run's own pace); returns the checkpoint path."""
-    gen = train(cfg, resume=resume)
-    t0, first = time.perf_counter(), None
-    try:
-        while True:
-            p = next(gen)
-            first = p["step"] - 1 if first is None else first  # a resumed run starts past 0
-            done = p["step"] - first
-            eta = (time.perf_counter() - t0) / done * (p["steps"] - p["step"])
-            yield {**p, "stage": p["phase"], "eta_s": eta}
-    except StopIteration as stop:
-        return stop.value
-    finally:
-        gen.close()  # a cancelled run: the training generator closes its log and loader processes
+    """:func:`~napari_metahistoseg.training.train` with the phase as the progress stage; returns the checkpoint."""
+    return (yield from relay(train(cfg, resume=resume), lambda p: {**p, "stage": p["phase"]}))
 
 
 RANDOM = "(random)"  # the start-from choice of random initial weights

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -31,14 +30,10 @@ def run(args: argparse.Namespace) -> int:
                             loader_workers=args.loader_workers, init_from=args.init_from)
     _maybe_init_distributed()
     gen = train(cfg, resume=not args.no_resume)
-    t0, first = time.time(), []
 
     def show(p: dict) -> None:
-        if not first:  # a resumed run starts past step 1
-            first.append(p["step"])
         if p["step"] % 10 == 0 or p["step"] == p["steps"]:
-            rate = (time.time() - t0) / (p["step"] - first[0] + 1)  # this process's own pace
-            print(f"[{p['phase']}] step {p['step']}/{p['steps']} loss {p['loss']:.4f} ({rate:.2f} s/step)",
+            print(f"[{p['phase']}] step {p['step']}/{p['steps']} loss {p['loss']:.4f} ({p['s_per_step']:.2f} s/step)",
                   file=sys.stderr, flush=True)
 
     path = drive(gen, show)
