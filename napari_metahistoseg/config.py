@@ -217,6 +217,15 @@ class TrainConfig:
     # backbone and every head of the same name and shape are copied, new tasks get new heads. "" = random. A run
     # that resumes from its own checkpoint ignores it
     init_from: str = ""
+    # validation on held-apart images (USERS.md #4: curves on data the run does not train on, and forgetting when
+    # fine-tuning): this share of each task's source images (whole images: CoNSeP tiles go with their parent) is
+    # never trained on; every ``val_every`` steps (0 = at every checkpoint), and before the first step of a run that
+    # starts from ``init_from``, the generic head is adapted as the GUI's Adapt does on ``val_support`` training
+    # images of each task and scored (mIoU) on its held-apart images. Logged in log.jsonl and the checkpoint.
+    # 0 = no validation (the bundled recipe: it trains on every dev image)
+    val_fraction: float = 0.0
+    val_every: int = 0  # steps
+    val_support: int = 1  # training images per task whose full labels adapt the head in a validation
     out_dir: str = "runs/backbone"
 
     def __post_init__(self) -> None:
@@ -226,6 +235,11 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.channels_last must be 'cpu', 'all' or 'none', got {self.channels_last!r}")
         if not (isinstance(self.loader_workers, int) and self.loader_workers >= 0):
             raise ValueError(f"TrainConfig.loader_workers must be an integer >= 0, got {self.loader_workers!r}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"TrainConfig.val_fraction must be in [0, 1), got {self.val_fraction!r}")
+        if self.val_every < 0 or self.val_support < 1:
+            raise ValueError(f"TrainConfig.val_every must be >= 0 and val_support >= 1, got {self.val_every!r} and "
+                             f"{self.val_support!r}")
 
 
 def _all_cpu(devices) -> bool:

@@ -10,6 +10,7 @@ episodes and the gradients are all-reduced (averaged) before every outer update.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import json
@@ -17,6 +18,7 @@ import logging
 import math
 import os
 import time
+import zlib
 from collections.abc import Generator
 from pathlib import Path
 
@@ -32,7 +34,7 @@ from .data.samplers import Batch, Episode, batch_loader, episode_loader, prefetc
 from .data.task import IGNORE, Sample
 from .devices import get_device
 from .losses import hover_loss, seg_loss
-from .maml import adapt_head_on_pixels, pixel_support, run
+from .maml import adapt_head_on_pixels, pixel_support, relay, run
 from .models import MetaHistoSegNet, to_tensor_image
 
 log = logging.getLogger(__name__)
@@ -68,19 +70,51 @@ def consep_mosaics(samples: list[Sample]) -> list[Sample]:
 
 def load_training_tasks(data: dict[str, str], mpp: float, holdout: tuple[str, ...] = ()) -> dict[str, list[Sample]]:
     """Open every task folder, drop held-out tasks, rescale to the model mpp, keep in memory."""
-    tasks = {}
+    return load_task_splits(data, mpp, holdout)[0]
+
+
+def source_image(sample_id: str, layout: str) -> str:
+    """The source image a sample comes from: a CoNSeP tile's parent image, otherwise the sample itself."""
+    return sample_id.rsplit("_", 1)[0] if layout == "consep_tiles" else sample_id
+
+
+def split_validation(samples: list[Sample], layout: str, fraction: float,
+                     rng: np.random.Generator) -> tuple[list[Sample], list[Sample]]:
+    """``(train, held apart)``: a share ``fraction`` of the source images (at least one, never all of them; tiles go
+    with their source image), drawn with ``rng``. A task of a single source image is not split (warned)."""
+    if fraction <= 0:
+        return samples, []
+    sources = sorted({source_image(s.sample_id, layout) for s in samples})
+    if len(sources) < 2:
+        log.warning("validation: a task of %d source image(s) cannot spare one; it is not validated", len(sources))
+        return samples, []
+    n = min(len(sources) - 1, max(1, round(fraction * len(sources))))
+    apart = {str(x) for x in rng.permutation(sources)[:n]}
+    return ([s for s in samples if source_image(s.sample_id, layout) not in apart],
+            [s for s in samples if source_image(s.sample_id, layout) in apart])
+
+
+def load_task_splits(data: dict[str, str], mpp: float, holdout: tuple[str, ...] = (), val_fraction: float = 0.0,
+                     seed: int = 0) -> tuple[dict[str, list[Sample]], dict[str, list[Sample]]]:
+    """The training samples and the held-apart validation samples (``TrainConfig.val_fraction``; the same draw for
+    a given seed, so a resumed run keeps it) of every task that is not held out, at the model mpp."""
+    tasks, val = {}, {}
     for name, folder in data.items():
         if name in holdout:
             continue
         ds = open_dataset(folder)
-        samples = list(ds)
+        fit, apart = split_validation(list(ds), ds.layout, val_fraction,
+                                      np.random.default_rng([seed, zlib.crc32(name.encode())]))
         if ds.layout == "consep_tiles":
-            samples = consep_mosaics(samples)
-        tasks[name] = [rescale_sample(s, mpp) for s in samples]
-        log.info("task %s: %d samples from %s", name, len(samples), folder)
+            fit, apart = consep_mosaics(fit), consep_mosaics(apart) or apart
+        tasks[name] = [rescale_sample(s, mpp) for s in fit]
+        if apart:
+            val[name] = [rescale_sample(s, mpp) for s in apart]
+        log.info("task %s: %d training samples, %d held apart for validation, from %s", name, len(fit), len(apart),
+                 folder)
     if not tasks:
         raise ValueError("no training tasks left (all held out?)")
-    return tasks
+    return tasks, val
 
 
 def load_train_config(path: str | os.PathLike, *, data_root: str | os.PathLike | None = None,
@@ -270,13 +304,71 @@ def init_weights(model: MetaHistoSegNet, spec: str) -> dict:
     return {"init_from": str(path), "backbone_sha256": desc["backbone_sha256"], "heads": copied, "new_heads": new}
 
 
+def validation_support(tasks: dict[str, list[Sample]], val: dict[str, list[Sample]], n: int,
+                       seed: int) -> dict[str, list[Sample]]:
+    """The ``n`` training samples (with at least two labelled classes where there are such) whose labels adapt the
+    head of each validated task; a fixed seeded draw, so every validation of a run adapts on the same ones."""
+    out = {}
+    for task in val:
+        pool = tasks[task]
+        rng = np.random.default_rng([seed, zlib.crc32(task.encode()), 1])
+        order = [pool[i] for i in rng.permutation(len(pool))]
+        two = [len(np.setdiff1d(np.unique(s.semantic), [IGNORE])) >= 2 for s in order]
+        out[task] = ([s for s, t in zip(order, two, strict=True) if t]
+                     + [s for s, t in zip(order, two, strict=True) if not t])[:n]
+    return out
+
+
+def validate(model: MetaHistoSegNet, classes: dict[str, list[str]], inner_lrs: dict[str, torch.Tensor],
+             val: dict[str, list[Sample]], support: dict[str, list[Sample]], device: torch.device,
+             step: int, seed: int = 0) -> Generator[dict, None, dict]:
+    """Score the model as a user would meet it: for each task, the generic head adapted as the GUI's Adapt does
+    (``MAMLConfig()``) on the task's ``support`` samples, then the mIoU of its predictions on the held-apart ``val``
+    samples (all at the model mpp). Works on a copy (the training model, its layout and the global RNG are left as
+    they were); yields ``{"phase": "validation", "done", "total", "task"}`` per task; returns
+    ``{"step", "tasks": {task: {"miou", "images", "support"}}, "mean_miou", "seconds"}``."""
+    from .checkpoints import backbone_sha256
+    from .config import MAMLConfig
+    from .inference import predict
+    from .metrics import ConfusionAccumulator
+    from .pipeline import _REPLICAS, Backbone, adapt
+
+    t0 = time.time()
+    m = copy.deepcopy(model).cpu().eval()
+    _set_layout(m, False)
+    bb = Backbone(m, {"heads": {k: {"classes": v} for k, v in classes.items()}},
+                  {k: v.detach().exp().cpu() for k, v in inner_lrs.items()}, backbone_sha256(m), f"step {step}")
+    mpp, devs, res = m.cfg.mpp, [str(device)], {}
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            for k, (task, samples) in enumerate(val.items()):
+                here = {"phase": "validation", "done": k, "total": len(val), "task": task}
+                yield here
+                sup = support[task]
+                head = yield from relay(adapt(bb, [s.image for s in sup], [s.semantic for s in sup], classes[task],
+                                              mpp=mpp, cfg=MAMLConfig(seed=seed), devices=devs), lambda _, h=here: h)
+                acc = ConfusionAccumulator(len(classes[task]))
+                for s in samples:  # the inner jobs' own progress is not passed on: it is not a training step
+                    pred = yield from relay(predict(bb, head, s.image, mpp=mpp, devices=devs), lambda _, h=here: h)
+                    acc.update(pred.semantic, s.semantic)
+                res[task] = {"miou": round(float(acc.miou()), 4), "images": len(samples),
+                             "support": [s.sample_id for s in sup]}
+    finally:  # the per-device copies of this throw-away model
+        for key in [key for key in _REPLICAS if key[0] == id(m)]:
+            del _REPLICAS[key]
+    mean = float(np.mean([r["miou"] for r in res.values()])) if res else float("nan")
+    return {"step": step, "tasks": res, "mean_miou": round(mean, 4), "seconds": round(time.time() - t0, 1)}
+
+
 def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def train(cfg: TrainConfig, *, resume: bool = True) -> Generator[dict, None, Path]:
     """Train (or resume) a backbone; yields progress dicts (``step``, ``steps``, ``loss``, ``phase``, this process's
-    ``s_per_step`` and ``eta_s``) and returns the final checkpoint path."""
+    ``s_per_step`` and ``eta_s``) and returns the final checkpoint path. With ``cfg.val_fraction``, validations
+    yield ``{"phase": "validation", "done", "total", "task"}`` per task and then their result,
+    ``{"phase": "validation", "step", "steps", "val"}`` (see :func:`validate`); they have no ``loss``."""
     torch.manual_seed(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -285,7 +377,8 @@ def train(cfg: TrainConfig, *, resume: bool = True) -> Generator[dict, None, Pat
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_json(cfg, out / "train_config.json")
-    tasks = load_training_tasks(cfg.data, cfg.model.mpp, cfg.holdout_tasks)
+    tasks, val = load_task_splits(cfg.data, cfg.model.mpp, cfg.holdout_tasks, cfg.val_fraction, cfg.seed)
+    val_sup = validation_support(tasks, val, cfg.val_support, cfg.seed)
     model, classes = build_model(cfg, tasks)
     lrs = {k: torch.tensor(math.log(cfg.maml.inner_lr)) for k, _ in model.heads[GENERIC].named_parameters()} \
         if cfg.maml.learn_inner_lr else {}
@@ -298,16 +391,32 @@ def train(cfg: TrainConfig, *, resume: bool = True) -> Generator[dict, None, Pat
     nhwc = use_channels_last(cfg.channels_last, device)
     step = _maybe_resume(out, model, opt, names, lrs) if resume else 0
     if step:  # a resumed run: its checkpoint wins over init_from, whose record it carries on
-        init = json.loads((out / "last.json").read_text()).get("training", {}).get("init")
+        record = json.loads((out / "last.json").read_text()).get("training", {})
+        init, last_val = record.get("init"), record.get("validation")
     else:  # in place: the optimizer keeps its parameters
         init = init_weights(model, cfg.init_from) if cfg.init_from else None
+        last_val = None
+    held_apart = {t: [s.sample_id for s in v] for t, v in val.items()}
+    validating, every = bool(val) and _rank() == 0, cfg.val_every or cfg.checkpoint_every
     total_steps = cfg.supervised_steps + (cfg.meta_steps if cfg.method == "maml" else 0)
     seed = cfg.seed + 1000 * _rank() + step
     sup_iter, ep_iter = _loaders(tasks, cfg, seed, step)
     rng = np.random.default_rng(seed)
     logf = open(out / "log.jsonl", "a")
     t0, first = time.time(), step
+
+    def validation(at: int) -> Generator[dict, None, dict]:
+        res = yield from validate(model, classes, lrs, val, val_sup, device, at, cfg.seed)
+        logf.write(json.dumps({"step": at, "phase": "validation", **res}) + "\n")
+        logf.flush()
+        log.info("validation at step %d: mean mIoU %.4f %s (%.1f s)", at, res["mean_miou"],
+                 {t: r["miou"] for t, r in res["tasks"].items()}, res["seconds"])
+        yield {"phase": "validation", "step": at, "steps": total_steps, "val": res}
+        return res
+
     try:
+        if validating and step == 0 and init:  # where fine-tuning starts from (forgetting shows against it)
+            last_val = yield from validation(0)
         while step < total_steps:
             phase = "supervised" if step < cfg.supervised_steps else "meta"
             for g in opt.param_groups:
@@ -328,17 +437,21 @@ def train(cfg: TrainConfig, *, resume: bool = True) -> Generator[dict, None, Pat
             rec = {"step": step, "phase": phase, "seconds": round(time.time() - t0, 1), "device": str(device),
                    "layout": "nhwc" if _is_nhwc(model) else "nchw",
                    **{k: round(float(v.detach()), 5) for k, v in terms.items()}}
+            pace = (time.time() - t0) / (step - first)  # this process's seconds per step (a resumed run starts late)
+            progress = {"step": step, "steps": total_steps, "loss": float(terms["total"].detach()), "phase": phase,
+                        "s_per_step": pace, "eta_s": pace * (total_steps - step)}
             if _rank() == 0:
                 logf.write(json.dumps(rec) + "\n")
                 logf.flush()
+                if validating and (step % every == 0 or step == total_steps):  # before the checkpoint, which keeps it
+                    last_val = yield from validation(step)
                 if step % cfg.checkpoint_every == 0 or step == total_steps:
-                    _save(out, model, opt, names, lrs, classes, cfg, step, init)
+                    record = {"init": init, "held_apart": held_apart or None, "validation": last_val}
+                    _save(out, model, opt, names, lrs, classes, cfg, step, record)
                     if step == cfg.supervised_steps:
                         save_model(model, out / "transfer", head_classes=classes,
-                                   extra={"training": _recipe(cfg, step, init)})
-            pace = (time.time() - t0) / (step - first)  # this process's seconds per step (a resumed run starts late)
-            yield {"step": step, "steps": total_steps, "loss": float(terms["total"].detach()), "phase": phase,
-                   "s_per_step": pace, "eta_s": pace * (total_steps - step)}
+                                   extra={"training": _recipe(cfg, step, record)})
+            yield progress
     finally:  # also when the caller stops the run (a cancelled job): the log is closed, loader processes stop
         logf.close()
         for it in (sup_iter, ep_iter):
@@ -388,15 +501,17 @@ def training_device(spec: str) -> torch.device:
     return get_device(spec)
 
 
-def _recipe(cfg: TrainConfig, step: int, init: dict | None = None) -> dict:
+def _recipe(cfg: TrainConfig, step: int, record: dict | None = None) -> dict:
+    """The checkpoint's ``training`` entry: the config, the steps done and, where there are any, the start
+    (``init``), the held-apart images (``held_apart``) and the latest validation (``validation``)."""
     from .config import to_dict
 
-    return {"config": to_dict(cfg), "steps_done": step, **({"init": init} if init else {})}
+    return {"config": to_dict(cfg), "steps_done": step, **{k: v for k, v in (record or {}).items() if v}}
 
 
-def _save(out: Path, model, opt, names, lrs, classes, cfg: TrainConfig, step: int, init: dict | None) -> None:
+def _save(out: Path, model, opt, names, lrs, classes, cfg: TrainConfig, step: int, record: dict | None) -> None:
     save_model(model, out / "last", head_classes=classes, inner_lrs={k: v.exp() for k, v in lrs.items()},
-               extra={"training": _recipe(cfg, step, init)})
+               extra={"training": _recipe(cfg, step, record)})
     from .checkpoints import _atomic_save_tensors
 
     state = flatten_optimizer(opt, names) | {f"lr.{k}": v.detach() for k, v in lrs.items()}

@@ -321,3 +321,94 @@ def test_training_with_loader_workers(task_dirs, tmp_path):
     assert [r["total"] for r in log2] == [r["total"] for r in log]
     with pytest.raises(ValueError, match="loader_workers"):
         dataclasses.replace(cfg, loader_workers=-1)
+
+
+def _sample(sid: str, seed: int):
+    return synthetic_tile((32, 32), seed=seed).with_(sample_id=sid)
+
+
+def test_split_validation_holds_apart_whole_source_images():
+    from napari_metahistoseg.training import source_image, split_validation
+
+    tiles = [_sample(f"train_{p}_{t:03d}", 4 * p + t) for p in range(1, 6) for t in range(4)]
+    fit, apart = split_validation(tiles, "consep_tiles", 0.4, np.random.default_rng(0))
+    src = {source_image(s.sample_id, "consep_tiles") for s in apart}
+    assert len(src) == 2 and len(apart) == 8 and len(fit) == 12  # 2 of 5 source images, with all their tiles
+    assert not src & {source_image(s.sample_id, "consep_tiles") for s in fit}
+    again, _ = split_validation(tiles, "consep_tiles", 0.4, np.random.default_rng(0))
+    assert [s.sample_id for s in again] == [s.sample_id for s in fit]  # seeded: a resumed run keeps its split
+    # other layouts: every image is its own source (GlaS ids such as testA_11 are not tiles of "testA")
+    images = [_sample(f"testA_{i}", i) for i in range(4)]
+    assert len(split_validation(images, "unified", 0.5, np.random.default_rng(0))[1]) == 2
+    # at least one held apart, never all; a single image is not split; 0 = no validation
+    assert len(split_validation(images, "unified", 0.01, np.random.default_rng(0))[1]) == 1
+    assert len(split_validation(images, "unified", 0.99, np.random.default_rng(0))[0]) == 1
+    assert split_validation(images[:1], "unified", 0.5, np.random.default_rng(0)) == (images[:1], [])
+    assert split_validation(images, "unified", 0.0, np.random.default_rng(0)) == (images, [])
+    with pytest.raises(ValueError, match="val_fraction"):
+        TrainConfig(val_fraction=1.0)
+    with pytest.raises(ValueError, match="val_every"):
+        TrainConfig(val_every=-1)
+
+
+def _weights(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def test_training_validates_on_held_apart_images(task_dirs, tmp_path):
+    """Validation adapts the generic head on a training image and scores the held-apart ones; it is logged, kept in
+    the checkpoint, yielded without a loss, and does not change the training (same weights validating at every step
+    or only at the end)."""
+    from napari_metahistoseg.training import load_task_splits
+
+    cfg = dataclasses.replace(_cfg(task_dirs, tmp_path / "run"), val_fraction=0.34, val_every=1)
+    tasks, val = load_task_splits(cfg.data, cfg.model.mpp, (), cfg.val_fraction, cfg.seed)
+    assert {t: len(v) for t, v in val.items()} == {"monuseg": 1, "glas": 1}
+    assert all(not {s.sample_id for s in val[t]} & {s.sample_id for s in tasks[t]} for t in val)
+    events = list(train(cfg))
+    results = [p["val"] for p in events if "val" in p]
+    assert [v["step"] for v in results] == [1, 2, 3, 4]
+    assert all("loss" not in p for p in events if p["phase"] == "validation")
+    assert [p["step"] for p in events if p["phase"] != "validation"] == [1, 2, 3, 4]
+    for v in results:
+        assert set(v["tasks"]) == {"monuseg", "glas"} and 0 <= v["mean_miou"] <= 1
+        assert all(r["images"] == 1 and len(r["support"]) == 1 and 0 <= r["miou"] <= 1 for r in v["tasks"].values())
+        assert v["mean_miou"] == pytest.approx(np.mean([r["miou"] for r in v["tasks"].values()]), abs=1e-4)
+    log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in log] == ["supervised", "validation"] * 2 + ["meta", "validation"] * 2
+    rec = json.loads((tmp_path / "run" / "last.json").read_text())["training"]
+    assert rec["validation"] == results[-1]
+    assert rec["held_apart"] == {t: [s.sample_id for s in v] for t, v in val.items()}
+    # validating at every step leaves the training exactly as validating once at the end
+    once = dataclasses.replace(cfg, val_every=100, out_dir=str(tmp_path / "once"))
+    assert [p["val"]["step"] for p in train(once) if "val" in p] == [4]
+    a, b = _weights(tmp_path / "run" / "last.safetensors"), _weights(tmp_path / "once" / "last.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fine_tuning_validates_its_start_and_resume_keeps_the_last_validation(task_dirs, tmp_path):
+    first = _cfg(task_dirs, tmp_path / "first", sup=2, meta=0)
+    run(train(first))
+    cfg = dataclasses.replace(_cfg(task_dirs, tmp_path / "ft", sup=2, meta=0), val_fraction=0.34,
+                              init_from=str(tmp_path / "first" / "last"))
+    assert [p["val"]["step"] for p in train(cfg) if "val" in p] == [0, 2]  # the start, then every checkpoint
+    log = [json.loads(x) for x in (tmp_path / "ft" / "log.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["phase"]) for r in log if r["phase"] == "validation"] == [(0, "validation"),
+                                                                                     (2, "validation")]
+    more = dataclasses.replace(cfg, supervised_steps=3, checkpoint_every=100)  # resumed: no new start validation
+    assert [p["val"]["step"] for p in train(more) if "val" in p] == [3]
+    rec = json.loads((tmp_path / "ft" / "last.json").read_text())["training"]
+    assert rec["validation"]["step"] == 3 and rec["init"]["init_from"].endswith("last")
+
+
+def test_meta_train_command_prints_validation(task_dirs, tmp_path, capsys):
+    from napari_metahistoseg.cli import main
+
+    cfg = dataclasses.asdict(_cfg(task_dirs, tmp_path / "run", sup=2, meta=0))
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(cfg))
+    assert main(["meta-train", "--config", str(path), "--device", "cpu", "--val-fraction", "0.34"]) == 0
+    err = capsys.readouterr().err
+    assert "[validation] step 2: mean mIoU" in err and "monuseg" in err and "glas" in err

@@ -10,20 +10,26 @@ MARGIN_PX = 6
 
 
 class LossCurve(QWidget):
-    """Loss per adaptation step, rescaled to the widget; the last value is printed in the corner."""
+    """A value per step (a loss by default), rescaled to the widget; the last value and its step are printed in the
+    corner (``name``: what the value is, e.g. ``"held-apart mIoU"``)."""
 
-    def __init__(self, parent: QWidget | None = None) -> None:
+    def __init__(self, parent: QWidget | None = None, *, name: str = "loss",
+                 colour: tuple[int, int, int] = (255, 170, 0)) -> None:
         super().__init__(parent)
+        self.name, self.colour = name, QColor(*colour)
         self.values: list[float] = []
+        self.steps: list[int] = []
         self.setMinimumHeight(70)
         self.setToolTip("support loss per adaptation step")
 
     def clear(self) -> None:
-        self.values = []
+        self.values, self.steps = [], []
         self.update()
 
-    def add(self, loss: float) -> None:
-        self.values.append(float(loss))
+    def add(self, value: float, step: int | None = None) -> None:
+        """Append ``value``, at ``step`` (default: one after the last)."""
+        self.values.append(float(value))
+        self.steps.append(int(step) if step is not None else len(self.values))
         self.update()
 
     def paintEvent(self, event) -> None:  # noqa: N802 - Qt override
@@ -32,12 +38,12 @@ class LossCurve(QWidget):
         w, h = self.width() - 2 * MARGIN_PX, self.height() - 2 * MARGIN_PX
         p.setPen(QColor(160, 160, 160))
         if not self.values:
-            p.drawText(self.rect(), Qt.AlignmentFlag.AlignCenter, "loss curve")
+            p.drawText(self.rect(), Qt.AlignmentFlag.AlignCenter, f"{self.name} curve")
             return
         lo, hi = min(self.values), max(self.values)
         span = (hi - lo) or 1.0
         n = max(len(self.values) - 1, 1)
         pts = [QPointF(MARGIN_PX + w * i / n, MARGIN_PX + h * (1 - (v - lo) / span)) for i, v in enumerate(self.values)]
-        p.drawText(MARGIN_PX, MARGIN_PX + 10, f"loss {self.values[-1]:.4f} (step {len(self.values)})")
-        p.setPen(QPen(QColor(255, 170, 0), 2))
+        p.drawText(MARGIN_PX, MARGIN_PX + 10, f"{self.name} {self.values[-1]:.4f} (step {self.steps[-1]})")
+        p.setPen(QPen(self.colour, 2))
         p.drawPolyline(QPolygonF(pts))

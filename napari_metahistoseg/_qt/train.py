@@ -1,6 +1,10 @@
 """Train backbone: meta-train (or resume) a backbone from a JSON TrainConfig inside napari — what
 ``metahistoseg meta-train`` does, on a worker thread with a progress bar, ETA, a live loss curve and Cancel.
 
+With a share of the images *held apart for validation* (``TrainConfig.val_fraction``), the run also shows, every
+``val_every`` steps, the mIoU that the generic head adapted on one training image of each task reaches on that task's
+held-apart images (and, when it starts from trained weights, where it starts: forgetting shows against it).
+
 A cancelled run keeps its last checkpoint (every ``checkpoint_every`` steps); *resume* (on by default) continues
 it from there. *Use as backbone* makes the finished checkpoint the backbone of this viewer's Adapt & predict
 panel.
@@ -67,6 +71,15 @@ class TrainWidget(QWidget):
         self.status.setWordWrap(True)
         self.curve = LossCurve()
         self.curve.setToolTip("training loss per step: the supervised loss, then the meta (query) loss (own scale)")
+        self.val_curve = LossCurve(name="held-apart mIoU", colour=(90, 200, 255))
+        self.val_curve.setToolTip("validation (the config's val_fraction): the generic head adapted on a training "
+                                  "image of each task, mIoU on the task's held-apart images, mean over tasks")
+        self.val_curve.setVisible(False)
+        self.val_spin = QSpinBox(maximum=90, suffix=" %")
+        self.val_spin.setToolTip("share of each task's images held apart from training to validate on (0: none); "
+                                 "the validation runs every val_every steps of the config (0: at every checkpoint)")
+        self.val_label = QLabel("")
+        self.val_label.setWordWrap(True)
         self.result = QLabel("")
         self.result.setWordWrap(True)
         self.use_button = QPushButton("Use as backbone", enabled=False)
@@ -82,13 +95,13 @@ class TrainWidget(QWidget):
         for label, w in [("config", path_row(self.config_edit, "Training config", "JSON (*.json)")),
                          ("output folder", self.out_edit), ("device", self.device_combo),
                          ("supervised steps", self.supervised_spin), ("meta steps", self.meta_spin),
-                         ("start from", self.init_combo),
+                         ("start from", self.init_combo), ("held apart for validation", self.val_spin),
                          ("", self.resume_check)]:
             form.addRow(label, w)
         lay = QVBoxLayout(self)
         lay.addLayout(form)
-        for w in (row(self.button, self.cancel_button), self.bar, self.status, self.curve, self.result,
-                  self.use_button):
+        for w in (row(self.button, self.cancel_button), self.bar, self.status, self.curve, self.val_curve,
+                  self.val_label, self.result, self.use_button):
             lay.addWidget(w)
         lay.addStretch()
 
@@ -102,6 +115,7 @@ class TrainWidget(QWidget):
             self.meta_spin.setValue(self.cfg.meta_steps)
             self.out_edit.setText(self.cfg.out_dir)
             self.init_combo.setCurrentText(self.cfg.init_from or RANDOM)
+            self.val_spin.setValue(round(100 * self.cfg.val_fraction))
             self.status.setText(f"{len(self.cfg.data)} task(s): {', '.join(self.cfg.data)}; "
                                 f"method {self.cfg.method}")
         return self.cfg
@@ -113,7 +127,7 @@ class TrainWidget(QWidget):
         cfg = load_train_config(self.config_edit.text(), out_dir=self.out_edit.text().strip() or None,
                                 device=self.device_combo.currentText().strip() or None,
                                 supervised_steps=self.supervised_spin.value(), meta_steps=self.meta_spin.value(),
-                                init_from=self._init_from())
+                                init_from=self._init_from(), val_fraction=self.val_spin.value() / 100)
         if cfg.supervised_steps + cfg.meta_steps == 0:
             raise ValueError("nothing to train: supervised and meta steps are both 0")
         return cfg
@@ -129,6 +143,9 @@ class TrainWidget(QWidget):
     def _start(self) -> None:
         cfg = self.settings()
         self.curve.clear()
+        self.val_curve.clear()
+        self.val_curve.setVisible(bool(cfg.val_fraction))
+        self.val_label.setText("")
         self.checkpoint = None
         self.use_button.setEnabled(False)
         self.result.setText(f"training into {cfg.out_dir} …")
@@ -136,7 +153,13 @@ class TrainWidget(QWidget):
                         on_return=self._done)
 
     def _step(self, p: dict) -> None:
-        self.curve.add(p["loss"])
+        if p["phase"] != "validation":
+            self.curve.add(p["loss"], p["step"])
+        elif "val" in p:  # a validation's result (its progress only moves the bar)
+            v = p["val"]
+            self.val_curve.add(v["mean_miou"], v["step"])
+            tasks = ", ".join(f"{t} {r['miou']:.3f}" for t, r in v["tasks"].items())
+            self.val_label.setText(f"held-apart mIoU at step {v['step']}: {v['mean_miou']:.3f} ({tasks})")
 
     def _done(self, path: Path) -> None:
         self.checkpoint = str(path)

@@ -23,7 +23,8 @@ STAGE_NAMES = {"backbone": "loading backbone", "features": "support features", "
                "predict": "predicting", "instances": "nuclei (HoVer)", "objects": "gland / object instances",
                "preview": "visible field shown", "tables": "reading tables", "evaluate": "evaluating",
                "fov": "visible field", "mitosis": "mitosis candidates", "adapted": "head adapted",
-               "supervised": "training (supervised)", "meta": "meta-training (MAML)"}
+               "supervised": "training (supervised)", "meta": "meta-training (MAML)",
+               "validation": "validating (held-apart images)"}
 
 
 def describe(p: dict) -> tuple[int, int, str]:

@@ -19,6 +19,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                     "own), cpu, cuda, cuda:1 ... (overrides the config's device)")
     p.add_argument("--init-from", help="start from trained weights (fine-tuning): default (the bundled backbone), "
                                        "transfer, or a checkpoint of the same architecture (overrides the config)")
+    p.add_argument("--val-fraction", type=float, help="share of each task's images held apart from training and "
+                                                      "validated on every val_every steps (overrides the config)")
     p.set_defaults(func=run)
 
 
@@ -27,12 +29,19 @@ def run(args: argparse.Namespace) -> int:
     from ..training import load_train_config, train
 
     cfg = load_train_config(args.config, data_root=args.data_root, out_dir=args.out, device=args.device,
-                            loader_workers=args.loader_workers, init_from=args.init_from)
+                            loader_workers=args.loader_workers, init_from=args.init_from,
+                            val_fraction=args.val_fraction)
     _maybe_init_distributed()
     gen = train(cfg, resume=not args.no_resume)
 
     def show(p: dict) -> None:
-        if p["step"] % 10 == 0 or p["step"] == p["steps"]:
+        if p["phase"] == "validation":
+            if "val" in p:
+                v = p["val"]
+                tasks = ", ".join(f"{t} {r['miou']:.3f}" for t, r in v["tasks"].items())
+                print(f"[validation] step {v['step']}: mean mIoU {v['mean_miou']:.4f} ({tasks}; {v['seconds']:.0f} s)",
+                      file=sys.stderr, flush=True)
+        elif p["step"] % 10 == 0 or p["step"] == p["steps"]:
             print(f"[{p['phase']}] step {p['step']}/{p['steps']} loss {p['loss']:.4f} ({p['s_per_step']:.2f} s/step)",
                   file=sys.stderr, flush=True)
 

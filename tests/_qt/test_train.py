@@ -123,3 +123,30 @@ def test_start_from_weights(panel, config, qtbot, tmp_path, errors):
     qtbot.waitUntil(lambda: not panel.runner.busy, timeout=60000)
     desc = json.loads((tmp_path / "tuned" / "last.json").read_text())
     assert desc["training"]["init"]["init_from"] == first
+
+
+def test_validation_curve_on_held_apart_images(panel, config, qtbot, tmp_path):
+    _load(panel, config)
+    assert panel.val_spin.value() == 0 and not panel.val_curve.isVisibleTo(panel)  # the config holds none apart
+    panel.val_spin.setValue(34)  # one of the three images of each task
+    panel.supervised_spin.setValue(2)
+    panel.meta_spin.setValue(0)
+    seen: list[str] = []
+    step = panel._step  # noqa: SLF001
+
+    def record(p: dict) -> None:
+        seen.append(p["phase"])
+        step(p)
+
+    panel._step = record  # noqa: SLF001 - watch the events of this run
+    panel.start()
+    assert panel.val_curve.isVisibleTo(panel)
+    qtbot.waitUntil(lambda: not panel.runner.busy, timeout=120000)
+    log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    vals = [r for r in log if r["phase"] == "validation"]
+    assert [r["step"] for r in vals] == [1, 2]  # checkpoint_every 1 in the config: a validation at each
+    assert panel.val_curve.values == [r["mean_miou"] for r in vals] and panel.val_curve.steps == [1, 2]
+    losses = [r["total"] for r in log if r["phase"] == "supervised"]
+    assert panel.curve.values == pytest.approx(losses, abs=1e-4)  # no mIoU on the loss curve
+    assert panel.val_label.text().startswith("held-apart mIoU at step 2:") and "glas" in panel.val_label.text()
+    assert "validation" in seen and panel.status.text() == "Training: done"
