@@ -78,6 +78,7 @@ def train_panel_shot(app, viewer, out: Path, steps: int, tmp: Path) -> None:
            "episodes": {"n_support": 2, "n_query": 2, "episodes_per_batch": 1},
            "data": {"monuseg": "data/monuseg", "glas": "data/glas"}, "supervised_steps": steps * 3 // 4,
            "meta_steps": steps - steps * 3 // 4, "batch_size": 4, "checkpoint_every": 20,
+           "val_fraction": 0.25, "val_every": 10,  # one of the four images of each task held apart
            "out_dir": str(tmp / "run"), "device": "cpu"}
     config = tmp / "tiny_backbone.json"
     config.write_text(json.dumps(cfg, indent=1))
