@@ -459,6 +459,18 @@ def train(cfg: TrainConfig, *, resume: bool = True) -> Generator[dict, None, Pat
     return stem_paths(out / "last")[0]
 
 
+def read_log(path: str | os.PathLike) -> tuple[list[dict], list[dict]]:
+    """A run's ``log.jsonl`` as ``(steps, validations)``: one record per training step (a resumed run rewrites the
+    steps after its checkpoint; the last record of a step is kept) and the validation records
+    (``TrainConfig.val_fraction``; also the last per step), each in step order."""
+    steps, vals = {}, {}
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            r = json.loads(line)
+            (vals if r.get("phase") == "validation" else steps)[r["step"]] = r
+    return [steps[k] for k in sorted(steps)], [vals[k] for k in sorted(vals)]
+
+
 def _loaders(tasks: dict[str, list[Sample]], cfg: TrainConfig, seed: int, step: int):
     """The supervised batches and the episode batches, in this process or (``cfg.loader_workers``) prefetched by
     worker processes, each worker with its own seed; the episode workers start when the meta phase does."""

@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from napari_metahistoseg.checkpoints import load_model, save_model  # noqa: E402
+from napari_metahistoseg.training import read_log  # noqa: E402
 
 WEIGHTS = ROOT / "napari_metahistoseg" / "weights"
 DATA_LICENCES = {
@@ -54,11 +55,11 @@ def plot_curves(run: Path, dest: Path) -> dict:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    rows = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines() if x.strip()]
-    by_step = {r["step"]: r for r in rows}  # a resumed run rewrites steps: keep the last record
-    rows = [by_step[k] for k in sorted(by_step)]
+    rows, vals = read_log(run / "log.jsonl")
     keys = sorted({k for r in rows for k in r if "/" in k})
-    fig, ax = plt.subplots(figsize=(9, 4.5))
+    fig, axes = plt.subplots(1, 2 if vals else 1, figsize=(14 if vals else 9, 4.5), squeeze=False,
+                             gridspec_kw={"width_ratios": [2, 1]} if vals else None)
+    ax = axes[0][0]
     for k in keys:
         pts = [(r["step"], r[k]) for r in rows if k in r]
         s, v = np.array(pts).T
@@ -70,6 +71,16 @@ def plot_curves(run: Path, dest: Path) -> dict:
     ax.set_yscale("log")
     ax.legend(fontsize=7, ncol=3)
     ax.set_title("backbone training: supervised multi-task, then MAML episodes")
+    if vals:  # TrainConfig.val_fraction: the adapted generic head's mIoU on held-apart images, per task
+        vx = axes[0][1]
+        for task in sorted({t for v in vals for t in v["tasks"]}):
+            pts = [(v["step"], v["tasks"][task]["miou"]) for v in vals if task in v["tasks"]]
+            vx.plot(*zip(*pts, strict=True), marker=".", label=task)
+        vx.plot([v["step"] for v in vals], [v["mean_miou"] for v in vals], "k--", label="mean")
+        vx.set_xlabel("step")
+        vx.set_ylabel("mIoU on held-apart images")
+        vx.set_title("validation (head adapted as in the GUI)")
+        vx.legend(fontsize=7)
     fig.tight_layout()
     dest.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(dest, dpi=110)
@@ -77,10 +88,14 @@ def plot_curves(run: Path, dest: Path) -> dict:
 
 
 def training_seconds(run: Path) -> float:
-    """Wall time over all resumed segments of the log (``seconds`` restarts at every resume)."""
+    """Wall time over all resumed segments of the log (``seconds`` restarts at every resume; the validation
+    records' ``seconds`` are their own duration and are not counted)."""
     total, last = 0.0, 0.0
     for line in (run / "log.jsonl").read_text().splitlines():
-        sec = json.loads(line)["seconds"]
+        r = json.loads(line)
+        if r.get("phase") == "validation":
+            continue
+        sec = r["seconds"]
         if sec < last:
             total += last
         last = sec
