@@ -12,6 +12,8 @@ panel.
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Generator
 from pathlib import Path
 from typing import Any
@@ -34,7 +36,7 @@ from qtpy.QtWidgets import (
 from ..config import TrainConfig
 from ..devices import available_devices
 from ..maml import relay
-from ..training import load_train_config, train
+from ..training import load_train_config, read_log, train
 from .common import path_row, row
 from .plot import LossCurve
 from .state import state_for
@@ -45,6 +47,8 @@ def train_job(cfg: TrainConfig, resume: bool = True) -> Generator[dict, None, Pa
     """:func:`~napari_metahistoseg.training.train` with the phase as the progress stage; returns the checkpoint."""
     return (yield from relay(train(cfg, resume=resume), lambda p: {**p, "stage": p["phase"]}))
 
+
+log = logging.getLogger(__name__)
 
 RANDOM = "(random)"  # the start-from choice of random initial weights
 
@@ -149,17 +153,40 @@ class TrainWidget(QWidget):
         self.checkpoint = None
         self.use_button.setEnabled(False)
         self.result.setText(f"training into {cfg.out_dir} …")
+        if self.resume_check.isChecked():
+            self._history(Path(cfg.out_dir))
         self.runner.run("Training", train_job, cfg, self.resume_check.isChecked(), on_yield=self._step,
                         on_return=self._done)
+
+    def _history(self, out: Path) -> None:
+        """A run that resumes from a checkpoint in ``out`` continues its curves: the logged steps and validations up
+        to that checkpoint are shown first (those after it are trained again)."""
+        if not all((out / f).exists() for f in ("last.json", "resume.safetensors", "log.jsonl")):
+            return
+        try:
+            done = int(json.loads((out / "last.json").read_text())["training"]["steps_done"])
+            steps, vals = read_log(out / "log.jsonl")
+        except (OSError, ValueError, KeyError, TypeError) as e:  # the curves only: training reports real problems
+            log.warning("%s: earlier curves not shown (%s)", out, e)
+            return
+        for r in steps:
+            if r["step"] <= done and "total" in r:
+                self.curve.add(r["total"], r["step"])
+        for v in vals:
+            if v["step"] <= done:
+                self._validation(v)
 
     def _step(self, p: dict) -> None:
         if p["phase"] != "validation":
             self.curve.add(p["loss"], p["step"])
         elif "val" in p:  # a validation's result (its progress only moves the bar)
-            v = p["val"]
-            self.val_curve.add(v["mean_miou"], v["step"])
-            tasks = ", ".join(f"{t} {r['miou']:.3f}" for t, r in v["tasks"].items())
-            self.val_label.setText(f"held-apart mIoU at step {v['step']}: {v['mean_miou']:.3f} ({tasks})")
+            self._validation(p["val"])
+
+    def _validation(self, v: dict) -> None:
+        self.val_curve.setVisible(True)
+        self.val_curve.add(v["mean_miou"], v["step"])
+        tasks = ", ".join(f"{t} {r['miou']:.3f}" for t, r in v["tasks"].items())
+        self.val_label.setText(f"held-apart mIoU at step {v['step']}: {v['mean_miou']:.3f} ({tasks})")
 
     def _done(self, path: Path) -> None:
         self.checkpoint = str(path)

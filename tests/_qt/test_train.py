@@ -85,9 +85,12 @@ def test_cancel_keeps_the_checkpoint_and_train_resumes(panel, config, qtbot, tmp
     panel.meta_spin.setValue(0)
     panel.start()  # resume is ticked: continues after the last checkpoint
     qtbot.waitUntil(lambda: not panel.runner.busy, timeout=120000)
-    assert panel.checkpoint is not None and len(panel.curve.values) == 1
     steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert steps[-1] == len(done) + 1
+    kept = json.loads((tmp_path / "run" / "last.json").read_text())["training"]["steps_done"]
+    assert kept == len(done) + 1  # (checkpoint_every 1)
+    # the resumed run's curve continues the first one: its steps up to the checkpoint, then the new step
+    assert panel.checkpoint is not None and panel.curve.steps == list(range(1, len(done) + 2))
 
 
 def test_bad_configs_give_one_clear_error(panel, tmp_path, errors):
@@ -150,3 +153,10 @@ def test_validation_curve_on_held_apart_images(panel, config, qtbot, tmp_path):
     assert panel.curve.values == pytest.approx(losses, abs=1e-4)  # no mIoU on the loss curve
     assert panel.val_label.text().startswith("held-apart mIoU at step 2:") and "glas" in panel.val_label.text()
     assert "validation" in seen and panel.status.text() == "Training: done"
+    # resumed for one more step: the curves continue the first run's (its validations at steps 1 and 2 come back)
+    panel._step = step  # noqa: SLF001
+    panel.supervised_spin.setValue(3)
+    panel.start()
+    qtbot.waitUntil(lambda: not panel.runner.busy, timeout=120000)
+    assert panel.val_curve.steps == [1, 2, 3] and panel.curve.steps == [1, 2, 3]
+    assert panel.val_label.text().startswith("held-apart mIoU at step 3:")
