@@ -13,6 +13,9 @@
 #    benchmark results (the checkpoints are copied before the benchmarks start).
 # RUNS="loto_monuseg_gpu@300+100 loto_monuseg_gpu@800+200": other runs/lengths; WORKERS=N loader processes per run;
 # BENCH=0: no benchmarks. DRY=1: a few CPU steps of each, to test this script without a GPU.
+# VAL=0.2 [VAL_EVERY=200]: hold that share of each task's images apart and validate on them every VAL_EVERY steps
+# (TrainConfig.val_fraction / val_every): log.jsonl then carries the held-apart mIoU against the step
+# (benchmarks/validation_curve.py), i.e. the length question below answered by one run instead of several.
 #
 # Selecting the recipe's length on unseen images of the training sources (the next GPU session's plan; BENCHMARKS.md
 # "GPU training of the backbone"): pack with --holdout (scripts/pack_training_data.py), e.g.
@@ -53,6 +56,9 @@ if os.environ.get("WORKERS"):
     cfg["loader_workers"] = int(os.environ["WORKERS"])
 cfg["data"] = {k: str(Path(data).resolve() / Path(v).name) for k, v in cfg["data"].items()}
 cfg["out_dir"] = f".gpu/runs/{name}"
+if os.environ.get("VAL"):
+    cfg["val_fraction"] = float(os.environ["VAL"])
+    cfg["val_every"] = int(os.environ.get("VAL_EVERY", "200"))
 if os.environ.get("DRY"):
     cfg.update(supervised_steps=4, meta_steps=2, checkpoint_every=2, loader_workers=1, device="cpu")
 Path(f".gpu/cfg/{name}.json").write_text(json.dumps(cfg, indent=1))
