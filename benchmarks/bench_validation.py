@@ -54,9 +54,8 @@ def main(argv=None) -> int:
     sup = validation_support(tasks, val, cfg.val_support, cfg.seed)
     bb = load_backbone(args.backbone)
     classes = {k: list(v["classes"]) for k, v in bb.desc.get("heads", {}).items()}
-    lrs = {k: v.log() for k, v in bb.inner_lrs.items()}  # validate() takes them as the training keeps them (log)
     device = training_device(args.device)
-    res = run(validate(bb.model, classes, lrs, val, sup, device, step=0, seed=cfg.seed))
+    res = run(validate(bb.model, classes, bb.inner_lrs, val, sup, device, step=0, seed=cfg.seed))
     rows = [[t, len(tasks[t]), r["images"], ", ".join(r["support"]), common.fmt(r["miou"])]
             for t, r in res["tasks"].items()]
     rows.append(["mean", "", sum(r["images"] for r in res["tasks"].values()), "", common.fmt(res["mean_miou"])])

@@ -325,6 +325,12 @@ def replica(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     return _REPLICAS[key]
 
 
+def release_replicas(model: torch.nn.Module) -> None:
+    """Drop the cached device copies of ``model`` (a throw-away model, e.g. a training validation's)."""
+    for key in [key for key in _REPLICAS if key[0] == id(model)]:
+        del _REPLICAS[key]
+
+
 def _features(model: MetaHistoSegNet, image: np.ndarray, device: torch.device,
               tiling: TilingConfig) -> Generator[dict, None, torch.Tensor]:
     """Decoder features ``(F, H, W)`` of one image at model resolution (tiled when large). Yields the tiling's

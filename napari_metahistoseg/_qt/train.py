@@ -36,7 +36,7 @@ from qtpy.QtWidgets import (
 from ..config import TrainConfig
 from ..devices import available_devices
 from ..maml import relay
-from ..training import load_train_config, read_log, train
+from ..training import load_train_config, read_log, train, validation_summary
 from .common import path_row, row
 from .plot import LossCurve
 from .state import state_for
@@ -185,8 +185,7 @@ class TrainWidget(QWidget):
     def _validation(self, v: dict) -> None:
         self.val_curve.setVisible(True)
         self.val_curve.add(v["mean_miou"], v["step"])
-        tasks = ", ".join(f"{t} {r['miou']:.3f}" for t, r in v["tasks"].items())
-        self.val_label.setText(f"held-apart mIoU at step {v['step']}: {v['mean_miou']:.3f} ({tasks})")
+        self.val_label.setText(f"held-apart images, step {v['step']}: {validation_summary(v)}")
 
     def _done(self, path: Path) -> None:
         self.checkpoint = str(path)

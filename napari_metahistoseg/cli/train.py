@@ -26,7 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..maml import run as drive
-    from ..training import load_train_config, train
+    from ..training import load_train_config, train, validation_summary
 
     cfg = load_train_config(args.config, data_root=args.data_root, out_dir=args.out, device=args.device,
                             loader_workers=args.loader_workers, init_from=args.init_from,
@@ -37,10 +37,7 @@ def run(args: argparse.Namespace) -> int:
     def show(p: dict) -> None:
         if p["phase"] == "validation":
             if "val" in p:
-                v = p["val"]
-                tasks = ", ".join(f"{t} {r['miou']:.3f}" for t, r in v["tasks"].items())
-                print(f"[validation] step {v['step']}: mean mIoU {v['mean_miou']:.4f} ({tasks}; {v['seconds']:.0f} s)",
-                      file=sys.stderr, flush=True)
+                print(f"[validation] step {p['step']}: {validation_summary(p['val'])}", file=sys.stderr, flush=True)
         elif p["step"] % 10 == 0 or p["step"] == p["steps"]:
             print(f"[{p['phase']}] step {p['step']}/{p['steps']} loss {p['loss']:.4f} ({p['s_per_step']:.2f} s/step)",
                   file=sys.stderr, flush=True)

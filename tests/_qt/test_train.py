@@ -151,7 +151,8 @@ def test_validation_curve_on_held_apart_images(panel, config, qtbot, tmp_path):
     assert panel.val_curve.values == [r["mean_miou"] for r in vals] and panel.val_curve.steps == [1, 2]
     losses = [r["total"] for r in log if r["phase"] == "supervised"]
     assert panel.curve.values == pytest.approx(losses, abs=1e-4)  # no mIoU on the loss curve
-    assert panel.val_label.text().startswith("held-apart mIoU at step 2:") and "glas" in panel.val_label.text()
+    label = panel.val_label.text()
+    assert label.startswith("held-apart images, step 2: mean mIoU") and "glas" in label
     assert "validation" in seen and panel.status.text() == "Training: done"
     # resumed for one more step: the curves continue the first run's (its validations at steps 1 and 2 come back)
     panel._step = step  # noqa: SLF001
@@ -159,4 +160,4 @@ def test_validation_curve_on_held_apart_images(panel, config, qtbot, tmp_path):
     panel.start()
     qtbot.waitUntil(lambda: not panel.runner.busy, timeout=120000)
     assert panel.val_curve.steps == [1, 2, 3] and panel.curve.steps == [1, 2, 3]
-    assert panel.val_label.text().startswith("held-apart mIoU at step 3:")
+    assert panel.val_label.text().startswith("held-apart images, step 3:")
