@@ -85,6 +85,26 @@ def blend_window(th: int, tw: int, halo: int, edges: tuple[bool, bool, bool, boo
     return np.outer(ramp(th, edges[0], edges[1]), ramp(tw, edges[2], edges[3]))
 
 
+def blend_window_t(th: int, tw: int, halo: int, edges: tuple[bool, bool, bool, bool],
+                   device: torch.device) -> torch.Tensor:
+    """:func:`blend_window` made on ``device`` (the same float32 values): no host-to-device copy, which on a GPU
+    would wait for every queued forward to finish and leave the GPU idle while the host catches up."""
+
+    def ramp(n: int, lo_border: bool, hi_border: bool) -> torch.Tensor:
+        w = torch.ones(n, dtype=torch.float32, device=device)
+        k = min(halo, n // 2)
+        if k > 0:
+            i = torch.arange(k, dtype=torch.float64, device=device)
+            r = (0.5 - 0.5 * torch.cos(math.pi * (i + 0.5) / k)).float()
+            if not lo_border:
+                w[:k] = r
+            if not hi_border:
+                w[n - k:] = r.flip(0)
+        return w
+
+    return torch.outer(ramp(th, edges[0], edges[1]), ramp(tw, edges[2], edges[3]))
+
+
 class TileRunner:
     """Run a batch of crops ``(N, h, w, 3) uint8`` through ``forwards[d]`` on ``devices[d]``.
 
@@ -100,7 +120,9 @@ class TileRunner:
                  cpu_channels_last: bool = False) -> None:
         if len(forwards) != len(devices):
             raise ValueError(f"{len(forwards)} forwards for {len(devices)} devices")
-        self.forwards, self.devices, self.cfg = list(forwards), list(devices), cfg
+        self.devices, self.cfg = list(devices), cfg
+        self.forwards = [compiled(f, cfg.compile_dynamic) if cfg.compile and torch.device(d).type == "cuda" else f
+                         for f, d in zip(forwards, self.devices, strict=True)]
         self.channels, self.acts = dict(channels), dict(activations or {})
         self.cpu_channels_last = cpu_channels_last
         self.workers = cfg.workers_for(self.devices)
@@ -155,6 +177,13 @@ class TileRunner:
                     t = F.interpolate(t, size=(h, w), mode="bilinear", align_corners=False)
                 res[k] = t.contiguous()
         return res
+
+
+def compiled(fwd: Forward, dynamic: bool = True) -> Forward:
+    """``torch.compile`` of a tile forward (:attr:`TilingConfig.compile`). Compiled code is cached per code object,
+    so the fresh forward closures of later predictions (other images, other heads of the same architecture) reuse
+    it; ``dynamic``: one compilation for every batch and tile size instead of one per shape."""
+    return torch.compile(fwd, dynamic=dynamic)
 
 
 _CPU_POOLS: dict[int, ThreadPoolExecutor] = {}
@@ -226,8 +255,8 @@ def predict_tiled(
             for j, (r0, c0, r1, c1) in enumerate(group):
                 key = (r1 - r0, c1 - c0, r0 == 0, r1 == h, c0 == 0, c1 == w)
                 if key not in windows:
-                    win = blend_window(key[0], key[1], cfg.halo_px, key[2:])
-                    windows[key] = win if on is None else torch.from_numpy(win).to(on)
+                    windows[key] = (blend_window(key[0], key[1], cfg.halo_px, key[2:]) if on is None
+                                    else blend_window_t(key[0], key[1], cfg.halo_px, key[2:], on))
                 win = windows[key]
                 for k in channels:
                     acc[k][:, r0:r1, c0:c1] += out[k][j] * win

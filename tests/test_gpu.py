@@ -181,3 +181,20 @@ def test_prediction_on_a_mixed_device_set(bundled, head, tile):
     for devs in ("cuda:0,cpu", "cpu,cuda:0"):
         mixed = _run(predict(bundled, head, tile.image, devices=devs, tiling=TILING))
         np.testing.assert_allclose(mixed.probs, one.probs, atol=2e-3)
+
+
+def test_compiled_prediction_equals_eager(bundled, head, tile):
+    """TilingConfig.compile: the compiled forward gives the eager maps (fp32 and bf16), with dynamic shapes for a
+    second image of another size and a head with other classes (no failure, same agreement)."""
+    for bf16 in (False, True):
+        cfg = dataclasses.replace(TILING, autocast_bf16=bf16)
+        eager = _run(predict(bundled, head, tile.image, devices="cuda:0", tiling=cfg))
+        comp = _run(predict(bundled, head, tile.image, devices="cuda:0",
+                            tiling=dataclasses.replace(cfg, compile=True)))
+        np.testing.assert_allclose(comp.probs, eager.probs, atol=2e-3 if not bf16 else 0.03)
+        assert (comp.semantic == eager.semantic).mean() > (0.999 if not bf16 else 0.98)
+    three = AdaptedHead(["a", "b", "c"], initial_head(bundled, 3), bundled.sha256, MAMLConfig(), bundled.mpp)
+    small = tile.image[:300, :410]
+    eager = _run(predict(bundled, three, small, devices="cuda:0", tiling=TILING))
+    comp = _run(predict(bundled, three, small, devices="cuda:0", tiling=dataclasses.replace(TILING, compile=True)))
+    np.testing.assert_allclose(comp.probs, eager.probs, atol=2e-3)

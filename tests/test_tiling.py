@@ -17,6 +17,7 @@ from napari_metahistoseg.tiling import (
     TileRunner,
     blend_device,
     blend_window,
+    blend_window_t,
     image_tiling,
     predict_tiled,
     tile_grid,
@@ -85,6 +86,29 @@ def test_blend_weights_positive_everywhere(shape):
         assert win.min() > 0 and win.max() <= 1
         wsum[r0:r1, c0:c1] += win
     assert wsum.min() > 0.5  # ramps of overlapping neighbours add up to about 1
+
+
+@pytest.mark.parametrize("th,tw,halo", [(880, 880, 32), (512, 384, 32), (100, 37, 32), (7, 9, 4), (64, 64, 0)])
+def test_blend_window_made_on_a_device_equals_the_host_window(th, tw, halo):
+    """The GPU path makes its blend windows on the device (no host-to-device copy, which would wait for the queued
+    forwards): the same float32 values as the host's, bit for bit."""
+    for edges in [(False,) * 4, (True, False, True, False), (True,) * 4, (False, True, False, True)]:
+        t = blend_window_t(th, tw, halo, edges, torch.device("cpu"))
+        assert t.dtype == torch.float32 and t.device.type == "cpu"
+        np.testing.assert_array_equal(t.numpy(), blend_window(th, tw, halo, edges))
+
+
+def test_compile_applies_to_cuda_forwards_only(monkeypatch):
+    """TilingConfig.compile compiles the forwards of CUDA devices; a CPU's forward stays eager (slower compiled)."""
+    import napari_metahistoseg.tiling as tiling_mod
+
+    monkeypatch.setattr(tiling_mod, "compiled", lambda f, dynamic: ("compiled", f, dynamic))
+    f, g = (lambda x: {}), (lambda x: {})
+    devs = [torch.device("cuda", 0), torch.device("cpu")]
+    on = TileRunner([f, g], devs, TilingConfig(compile=True, compile_dynamic=False), {"y": 1})
+    assert on.forwards == [("compiled", f, False), g]
+    off = TileRunner([f, g], devs, TilingConfig(), {"y": 1})
+    assert off.forwards == [f, g]
 
 
 def test_image_tiling_scales_tile_and_halo():
