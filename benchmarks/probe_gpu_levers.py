@@ -4,12 +4,11 @@ backbone and a two-class head, under each variant of:
 
 * layout: channels-last or NCHW (``TilingConfig.channels_last``);
 * precision: fp32 or bf16 autocast (``TilingConfig.autocast_bf16``);
-* GroupNorm: torch's kernel (``native``) or statistics from fp32-accumulating reductions and one fused multiply-add
-  (``reduce``, patched in by this script only: a candidate, not in the package);
+* GroupNorm: torch's kernel (``native``) or the package's CUDA inference path (``reduce``: statistics from
+  fp32-accumulating reductions and one fused multiply-add; ``models.GroupNorm.reduce_on_cuda``);
 * ``cudnn.benchmark`` off or on;
 * tiles and batch (``TilingConfig.tile_px`` / ``batch_size``);
-* ``torch.compile`` of the forward (``TilingConfig.compile``, static or dynamic shapes; the first call's
-  compilation is reported apart).
+* ``torch.compile`` of the forward (``TilingConfig.compile``; the first call's compilation is reported apart).
 
 Each row also times the network's forward alone on the same tiles (already on the GPU), so the rest of the call
 (tiling, blending, decisions, the model copy, the fetch) shows as the difference. The best eager rows get a
@@ -17,6 +16,9 @@ Each row also times the network's forward alone on the same tiles (already on th
 time box still leaves what ran. Needs CUDA.
 
     python benchmarks/probe_gpu_levers.py [--size 4096] [--repeats 5] [--out benchmarks/results] [--no-compile]
+        [--quick]
+
+(``--quick``: cudnn.benchmark off only, and compiled rows for bf16 in both layouts.)
 """
 
 from __future__ import annotations
@@ -33,44 +35,23 @@ import common  # noqa: E402
 from bench_throughput import image  # noqa: E402
 
 
-def reduce_group_norm(self, x):
-    """GroupNorm from ``torch.sum`` reductions accumulating in fp32 (split across many thread blocks, unlike the
-    row-per-block moments kernel) and one ``addcmul``; keeps the input's dtype and memory format."""
-    import torch
-
-    n, c, h, w = x.shape
-    g = self.num_groups
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        xg = x.permute(0, 2, 3, 1).reshape(n, h * w, g, c // g)
-        dims = (1, 3)
-    else:
-        xg = x.reshape(n, g, -1)
-        dims = (2,)
-    cnt = (c // g) * h * w
-    mean = torch.sum(xg, dim=dims, dtype=torch.float32) / cnt  # (n, g)
-    sq = torch.linalg.vector_norm(xg, 2, dim=dims, dtype=torch.float32) ** 2 / cnt
-    rstd = (sq - mean * mean).clamp_min_(0).add_(self.eps).rsqrt_()
-    scale = self.weight.float().view(1, g, c // g) * rstd[..., None]
-    shift = self.bias.float().view(1, g, c // g) - mean[..., None] * scale
-    return torch.addcmul(shift.reshape(n, c, 1, 1).to(x.dtype), x, scale.reshape(n, c, 1, 1).to(x.dtype))
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", type=int, default=4096)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default=str(common.RESULTS))
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="fewer rows (see above)")
     ap.add_argument("--budget-s", type=float, default=420, help="skip the remaining rows after this many seconds")
     ap.add_argument("--device", default="cuda:0", help="cpu: a smoke test of this script (small --size)")
     args = ap.parse_args(argv)
 
     import torch
-    from torch import nn
     from torch.profiler import ProfilerActivity, profile
 
     from napari_metahistoseg.config import MAMLConfig, TilingConfig
     from napari_metahistoseg.inference import _forward_for, _inference_model, _replicas, predict
+    from napari_metahistoseg.models import GroupNorm
     from napari_metahistoseg.pipeline import AdaptedHead, initial_head, load_backbone
     from napari_metahistoseg.tiling import compiled, tile_grid
 
@@ -83,7 +64,6 @@ def main(argv=None) -> int:
     head = AdaptedHead(["background", "foreground"], initial_head(bb, 2), bb.sha256, MAMLConfig(), bb.mpp)
     img = image(args.size, bb.mpp)
     mp = args.size ** 2 / 1e6
-    native_gn = nn.GroupNorm.forward
 
     def sync():
         if dev.type == "cuda":
@@ -118,10 +98,10 @@ def main(argv=None) -> int:
         if time.time() - t_start > args.budget_s:
             print(f"skipped (budget): cl={cl} bf16={bf16} gn={gn} bench={bench} {tile}/{batch} {comp}", flush=True)
             return None
-        nn.GroupNorm.forward = reduce_group_norm if gn == "reduce" else native_gn
+        GroupNorm.reduce_on_cuda = gn == "reduce"
         torch.backends.cudnn.benchmark = bench
         tiling = TilingConfig(tile_px=tile, halo_px=32, batch_size=batch, channels_last=cl, autocast_bf16=bf16,
-                              compile=comp != "off", compile_dynamic=comp == "dynamic")
+                              compile=comp != "off")
 
         def run():
             gen = predict(bb, head, img, devices=str(dev), tiling=tiling)
@@ -144,7 +124,7 @@ def main(argv=None) -> int:
         model = _replicas(_inference_model(bb, head, tiling), [dev])[0]
         fwd = _forward_for(model, False, "adapted", False)
         if comp != "off":
-            fwd = compiled(fwd, comp == "dynamic")
+            fwd = compiled(fwd)
         sizes = [min(batch, len(tiles) - i) for i in range(0, len(tiles), batch)]
         xs = [torch.rand(b, 3, th, tw, device=dev) for b in sorted(set(sizes))]
         xs = {x.shape[0]: x.contiguous(memory_format=torch.channels_last) if cl else x for x in xs}
@@ -181,7 +161,7 @@ def main(argv=None) -> int:
 
     print(f"{gpu_name}; torch {torch.__version__}; {args.size}² image", flush=True)
     # 1. eager, the session-9 best tiling: every layout x precision x GroupNorm, cudnn.benchmark off then on
-    for bench in (False, True):
+    for bench in (False,) if args.quick else (False, True):
         for cl in (True, False):
             for bf16 in (False, True):
                 for gn in ("native", "reduce"):
@@ -193,13 +173,14 @@ def main(argv=None) -> int:
     for r in best:
         for tile, batch in ((2048, 4), (args.size, 1)):
             variant(r["layout"] == "channels_last", r["bf16"], r["gn"], r["cudnn_benchmark"], tile, batch)
-    # 3. torch.compile (a native GroupNorm: the compiler fuses it)
+    # 3. torch.compile (of the package's GroupNorm path, as TilingConfig.compile runs it; torch's for comparison)
     if not args.no_compile:
-        for cl, bf16, comp, tile, batch in ((False, True, "dynamic", 1024, 16), (False, True, "static", 1024, 16),
-                                            (True, True, "dynamic", 1024, 16), (False, False, "dynamic", 1024, 16),
-                                            (False, True, "dynamic", 2048, 4)):
-            variant(cl, bf16, "native", True, tile, batch, comp)
-    nn.GroupNorm.forward = native_gn
+        rows_c = [(False, True, "reduce"), (True, True, "reduce")]
+        if not args.quick:
+            rows_c += [(False, True, "native"), (False, False, "reduce"), (True, False, "reduce")]
+        for cl, bf16, gn in rows_c:  # static shapes (dynamic ones made the forward slower than eager, session 13)
+            variant(cl, bf16, gn, False, 1024, 16, "static")
+    GroupNorm.reduce_on_cuda = True
     save()
     print(f"done in {time.time() - t_start:.0f} s", flush=True)
     return 0

@@ -265,11 +265,10 @@ class TilingConfig:
     channels_last: bool = True  # NHWC tensors (faster convolutions on CPU and CUDA)
     autocast_bf16: bool = False  # bf16 autocast on CUDA
     # torch.compile the network's forward on CUDA devices (never on a CPU, where the compiled forward was 1.7x
-    # slower: BENCHMARKS.md). The first forward of a new input shape compiles (~20 s on an H200; with
-    # compile_dynamic one compilation serves every tile and batch size); later images and heads of the same
-    # architecture reuse it within the process. For slides and batch runs, not for a first click in the GUI
+    # slower). Static shapes: each new (batch, tile) shape compiles once (~15-30 s on an H200), later images and
+    # heads of the same architecture reuse it within the process (dynamic shapes made the forward slower than eager;
+    # BENCHMARKS.md "GPU"). For slides and batch runs, not for a first click in the GUI
     compile: bool = False
-    compile_dynamic: bool = True
     # in-memory prediction on a GPU: tiles are blended on the first device of the set (no per-tile copies to host
     # memory, no host-side blending; the blended maps come back once) while its accumulators (float32 maps + blend
     # weights) take at most this many MB of device memory; larger images, and CPU-first device sets, blend on the host

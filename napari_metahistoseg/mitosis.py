@@ -31,6 +31,7 @@ from torch import nn
 from .checkpoints import _atomic_save_tensors, _atomic_write_json, _load_tensors, file_sha256, git_commit, stem_paths
 from .config import MitosisConfig, from_dict, to_dict
 from .devices import get_device, resolve_devices
+from .models import group_norm
 
 MITOSIS_FORMAT = "metahistoseg-mitosis"
 FORMAT_VERSION = 1
@@ -215,11 +216,6 @@ def augment_support(patches: np.ndarray, labels: np.ndarray, cfg: MitosisConfig)
 # ------------------------------------------------------------------------------------------ model
 
 
-def _gn(c: int, groups: int) -> nn.GroupNorm:
-    g = min(groups, c)
-    while c % g:
-        g -= 1
-    return nn.GroupNorm(g, c)
 
 
 class MitosisNet(nn.Module):
@@ -232,7 +228,7 @@ class MitosisNet(nn.Module):
         self.cfg = cfg
         chans = (3, *cfg.channels)
         self.stages = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(a, b, 3, padding=1, bias=False), _gn(b, cfg.groups), nn.ReLU(inplace=True),
+            nn.Sequential(nn.Conv2d(a, b, 3, padding=1, bias=False), group_norm(b, cfg.groups), nn.ReLU(inplace=True),
                           nn.MaxPool2d(2))
             for a, b in zip(chans[:-1], chans[1:], strict=True))
         self.head = nn.Linear(cfg.channels[-1], n_classes)

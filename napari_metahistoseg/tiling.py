@@ -121,7 +121,7 @@ class TileRunner:
         if len(forwards) != len(devices):
             raise ValueError(f"{len(forwards)} forwards for {len(devices)} devices")
         self.devices, self.cfg = list(devices), cfg
-        self.forwards = [compiled(f, cfg.compile_dynamic) if cfg.compile and torch.device(d).type == "cuda" else f
+        self.forwards = [compiled(f) if cfg.compile and torch.device(d).type == "cuda" else f
                          for f, d in zip(forwards, self.devices, strict=True)]
         self.channels, self.acts = dict(channels), dict(activations or {})
         self.cpu_channels_last = cpu_channels_last
@@ -179,11 +179,11 @@ class TileRunner:
         return res
 
 
-def compiled(fwd: Forward, dynamic: bool = True) -> Forward:
-    """``torch.compile`` of a tile forward (:attr:`TilingConfig.compile`). Compiled code is cached per code object,
-    so the fresh forward closures of later predictions (other images, other heads of the same architecture) reuse
-    it; ``dynamic``: one compilation for every batch and tile size instead of one per shape."""
-    return torch.compile(fwd, dynamic=dynamic)
+def compiled(fwd: Forward) -> Forward:
+    """``torch.compile`` of a tile forward (:attr:`TilingConfig.compile`), static shapes. Compiled code is cached
+    per code object, so the fresh forward closures of later predictions (other images, other heads of the same
+    architecture) reuse it."""
+    return torch.compile(fwd, dynamic=False)
 
 
 _CPU_POOLS: dict[int, ThreadPoolExecutor] = {}

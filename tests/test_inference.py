@@ -566,3 +566,23 @@ def test_replicas_copy_the_model_for_all_but_the_last_device():
         assert torch.equal(v, w), k
     next(a.parameters()).data.add_(1)
     assert not torch.equal(next(a.parameters()), next(net.parameters()))
+
+
+def test_to_device_moves_a_model_in_one_copy_keeping_values_and_layouts():
+    """One flat host-to-device copy instead of one per tensor (on the CPU the same code runs with a no-op move):
+    every weight and buffer keeps its values and memory format, and they then share one storage."""
+    net = MetaHistoSegNet(ModelConfig(base_channels=4, depth=2, head_hidden=0), {"t": 2})
+    net = net.to(memory_format=torch.channels_last)
+    ref = {k: v.clone() for k, v in net.state_dict().items()}
+    formats = {n: p.is_contiguous(memory_format=torch.channels_last) for n, p in net.named_parameters()}
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        before = net(x, "t")["seg"]
+        out = inference.to_device(net, torch.device("cpu"))
+        after = out(x, "t")["seg"]
+    assert out is net
+    assert all(torch.equal(ref[k], v) for k, v in net.state_dict().items())
+    assert formats == {n: p.is_contiguous(memory_format=torch.channels_last) for n, p in net.named_parameters()}
+    # the tensors that need no re-layout on the device are views of the one copied buffer
+    assert len({p.untyped_storage().data_ptr() for p in net.parameters() if p.is_contiguous()}) == 1
+    torch.testing.assert_close(after, before)

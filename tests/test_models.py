@@ -10,7 +10,7 @@ from napari_metahistoseg.checkpoints import backbone_sha256, export_head, import
 from napari_metahistoseg.config import ModelConfig
 from napari_metahistoseg.data.task import IGNORE
 from napari_metahistoseg.losses import hover_loss, seg_loss, soft_dice_loss
-from napari_metahistoseg.models import MetaHistoSegNet, adapted_param_names
+from napari_metahistoseg.models import GroupNorm, MetaHistoSegNet, adapted_param_names, group_norm_by_reduction
 from napari_metahistoseg.postprocess import hv_targets
 
 TINY = ModelConfig(base_channels=8, depth=3)
@@ -87,6 +87,50 @@ def test_groupnorm_no_batch_dependence():
         full = m(x, "a")["seg"]
         one = m(x[:1], "a")["seg"]
     torch.testing.assert_close(full[:1], one, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_group_norm_by_reduction_equals_torch(channels_last):
+    """The CUDA inference path of GroupNorm (statistics from fp32 reductions, one multiply-add) gives torch's
+    values, keeps the memory format, and in bf16 keeps bf16 (autocast would make it fp32) within bf16 rounding."""
+    torch.manual_seed(0)
+    gn = GroupNorm(4, 16)
+    torch.nn.init.normal_(gn.weight)
+    torch.nn.init.normal_(gn.bias)
+    x = torch.randn(3, 16, 21, 34) * 2.5 + 0.7
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    ref = torch.nn.functional.group_norm(x, 4, gn.weight, gn.bias, gn.eps)
+    y = group_norm_by_reduction(x, 4, gn.weight, gn.bias, gn.eps)
+    torch.testing.assert_close(y, ref, atol=2e-5, rtol=1e-5)
+    assert y.is_contiguous(memory_format=torch.channels_last) == channels_last
+    yb = group_norm_by_reduction(x.bfloat16(), 4, gn.weight, gn.bias, gn.eps)
+    assert yb.dtype == torch.bfloat16
+    assert (yb.float() - ref).abs().max() < 0.02 * ref.abs().max()
+
+
+def test_group_norm_fast_path_only_for_cuda_inference(monkeypatch):
+    """On the CPU, and wherever gradients flow (training, adaptation), GroupNorm is torch's own; a model with the
+    reduction path forced gives the same predictions as with torch's kernel."""
+    import napari_metahistoseg.models as models
+
+    calls = []
+    real = models.group_norm_by_reduction
+    monkeypatch.setattr(models, "group_norm_by_reduction", lambda *a: calls.append(1) or real(*a))
+    m = tiny().eval()
+    x = torch.rand(2, 3, 40, 48)
+    with torch.inference_mode():
+        ref = m(x, "b")["seg"]
+    assert not calls  # CPU: torch's kernel
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    out = m(x, "b")["seg"]
+    assert not calls  # gradients on: torch's kernel
+    with torch.inference_mode():
+        fast = m(x, "b")["seg"]
+    monkeypatch.undo()
+    assert calls
+    torch.testing.assert_close(fast, ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out.detach(), ref, atol=1e-6, rtol=1e-6)
 
 
 def test_adapted_param_names():

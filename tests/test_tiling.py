@@ -102,11 +102,11 @@ def test_compile_applies_to_cuda_forwards_only(monkeypatch):
     """TilingConfig.compile compiles the forwards of CUDA devices; a CPU's forward stays eager (slower compiled)."""
     import napari_metahistoseg.tiling as tiling_mod
 
-    monkeypatch.setattr(tiling_mod, "compiled", lambda f, dynamic: ("compiled", f, dynamic))
+    monkeypatch.setattr(tiling_mod, "compiled", lambda f: ("compiled", f))
     f, g = (lambda x: {}), (lambda x: {})
     devs = [torch.device("cuda", 0), torch.device("cpu")]
-    on = TileRunner([f, g], devs, TilingConfig(compile=True, compile_dynamic=False), {"y": 1})
-    assert on.forwards == [("compiled", f, False), g]
+    on = TileRunner([f, g], devs, TilingConfig(compile=True), {"y": 1})
+    assert on.forwards == [("compiled", f), g]
     off = TileRunner([f, g], devs, TilingConfig(), {"y": 1})
     assert off.forwards == [f, g]
 
