@@ -115,14 +115,14 @@ def main() -> None:
     rows: list[dict] = []
     kept = _earlier_rows(args)
     # CPU: (threads, tile threads, bf16, host blending); a tile-thread count of 1 is one tile at a time on all threads
-    # variant: "host" = the path before device blending (to compare); "nchw" = device blending with
-    # TilingConfig.channels_last=False (GroupNorm's CUDA kernel wants contiguous NCHW input: no layout conversions)
+    # variant: "host" = the path before device blending (to compare); "nhwc" = device blending with channels-last
+    # on the GPU too (TilingConfig.channels_last="all"; the default, "cpu", keeps GPUs NCHW since session 13)
     targets = [] if args.no_cpu else [
         ("cpu", int(t), w, False, "") for t in args.threads.split(",")
         for w in sorted({1, int(t)} if args.workers == "both" else {int(args.workers or t)})]
     if torch.cuda.is_available() and not args.no_gpu:  # host blending: the path before device blending, to compare
         targets += [("cuda:0", 0, 1, False, ""), ("cuda:0", 0, 1, True, ""), ("cuda:0", 0, 1, True, "host"),
-                    ("cuda:0", 0, 1, False, "nchw"), ("cuda:0", 0, 1, True, "nchw")]
+                    ("cuda:0", 0, 1, False, "nhwc"), ("cuda:0", 0, 1, True, "nhwc")]
     info = machine()
     colour_head = _colour_head(bb) if args.colour else None
     for device, threads, workers, bf16, variant in targets:
@@ -140,7 +140,7 @@ def main() -> None:
             return TilingConfig(tile_px=tile, halo_px=32, batch_size=batch * workers, cpu_batch_size=batch,
                                 cpu_workers=workers, autocast_bf16=bf16,
                                 **({"device_blend_max_mb": 0.0} if variant == "host" else {}),
-                                **({"channels_last": False} if variant == "nchw" else {}))
+                                **({"channels_last": "all"} if variant == "nhwc" else {}))
 
         for tile in tiles:
             for batch in batches:
@@ -175,7 +175,7 @@ def _colour_head(bb):
 
 def _label(device: str, threads: int, workers: int, bf16: bool, variant: str = "") -> str:
     if device != "cpu":
-        extra = {"host": ", host blending", "nchw": ", NCHW"}.get(variant, "")
+        extra = {"host": ", host blending", "nhwc": ", channels-last"}.get(variant, "")
         return f"{device}{' bf16' if bf16 else ''}{extra}"
     return f"cpu x{threads}" + (f", {workers} tile threads" if workers > 1 else "")
 

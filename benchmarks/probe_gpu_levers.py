@@ -100,7 +100,8 @@ def main(argv=None) -> int:
             return None
         GroupNorm.reduce_on_cuda = gn == "reduce"
         torch.backends.cudnn.benchmark = bench
-        tiling = TilingConfig(tile_px=tile, halo_px=32, batch_size=batch, channels_last=cl, autocast_bf16=bf16,
+        tiling = TilingConfig(tile_px=tile, halo_px=32, batch_size=batch, channels_last="all" if cl else "none",
+                              autocast_bf16=bf16,
                               compile=comp != "off")
 
         def run():
@@ -121,7 +122,7 @@ def main(argv=None) -> int:
         # the network alone on the same tiles, already on the GPU
         tiles = tile_grid((args.size, args.size), tile, 32, tiling.tile_multiple_px)
         th, tw = tiles[0][2] - tiles[0][0], tiles[0][3] - tiles[0][1]
-        model = _replicas(_inference_model(bb, head, tiling), [dev])[0]
+        model = _replicas(_inference_model(bb, head), [dev], tiling)[0]
         fwd = _forward_for(model, False, "adapted", False)
         if comp != "off":
             fwd = compiled(fwd)
@@ -137,7 +138,7 @@ def main(argv=None) -> int:
         forward_only()
         sync()
         fwd_s = timed(forward_only)
-        model_s = timed(lambda: _replicas(_inference_model(bb, head, tiling), [dev]))
+        model_s = timed(lambda: _replicas(_inference_model(bb, head), [dev], tiling))
         row = {"layout": "channels_last" if cl else "NCHW", "bf16": bf16, "gn": gn, "cudnn_benchmark": bench,
                "tile": tile, "batch": batch, "compile": comp, "tiles": f"{len(tiles)} of {th}x{tw}",
                "first_s": first, "predict_s": pred_s, "mp_per_s": mp / pred_s, "forward_s": fwd_s, "model_s": model_s}

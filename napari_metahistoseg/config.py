@@ -262,7 +262,11 @@ class TilingConfig:
     # freed memory (MB) glibc keeps for reuse instead of unmapping it after every tile (process-wide, set when a
     # CPU runs tiles; 0 = leave malloc alone); page faults on fresh pages cost ~35 % of 1024² prediction on the VM
     malloc_keep_mb: float = 256.0
-    channels_last: bool = True  # NHWC tensors (faster convolutions on CPU and CUDA)
+    # NHWC (channels-last) weights and inputs: "cpu" = on CPU devices only (oneDNN's NHWC convolutions are faster
+    # there), "all" = on every device, "none". GPUs take NCHW by default: with GroupNorm's CUDA inference path a 16 MP
+    # prediction on an H200 ran 3-12 % faster in NCHW in fp32 and 7-27 % in bf16 (BENCHMARKS.md "GPU", session 13).
+    # True / False (configs written before) mean "all" / "none"
+    channels_last: str = "cpu"
     autocast_bf16: bool = False  # bf16 autocast on CUDA
     # torch.compile the network's forward on CUDA devices (never on a CPU, where the compiled forward was 1.7x
     # slower). Static shapes: each new (batch, tile) shape compiles once (~15-30 s on an H200), later images and
@@ -289,6 +293,10 @@ class TilingConfig:
     pyramid_strip_mb: float = 64.0  # rows of a level read at a time while building the next one
 
     def __post_init__(self) -> None:
+        if isinstance(self.channels_last, bool):
+            object.__setattr__(self, "channels_last", "all" if self.channels_last else "none")
+        if self.channels_last not in ("cpu", "all", "none"):
+            raise ValueError(f"TilingConfig.channels_last must be 'cpu', 'all' or 'none', got {self.channels_last!r}")
         _positive(self, "tile_px", "batch_size", "cpu_batch_size", "instance_window_px", "instance_margin_um",
                   "stream_above_mp", "tile_multiple_px", "band_float32_max_mb", "pyramid_strip_mb")
         if not (isinstance(self.pyramid_min_px, int) and self.pyramid_min_px >= 0):
@@ -302,6 +310,11 @@ class TilingConfig:
             raise ValueError(f"TilingConfig.tta_variants must be 1, 2, 4 or 8, got {self.tta_variants!r}")
         if not (isinstance(self.cpu_workers, int) and self.cpu_workers >= 0):
             raise ValueError(f"TilingConfig.cpu_workers must be an integer >= 0, got {self.cpu_workers!r}")
+
+    def channels_last_on(self, device) -> bool:
+        """Whether weights and inputs are channels-last on ``device`` (``torch.device`` or a spec string)."""
+        kind = getattr(device, "type", str(device).split(":")[0])
+        return self.channels_last == "all" or (self.channels_last == "cpu" and kind == "cpu")
 
     def workers_for(self, devices) -> int:
         """Tile threads on ``devices``: ``cpu_workers`` (0 = torch's intra-op thread count) when all are CPUs,

@@ -140,20 +140,24 @@ def resize_image_t(image: torch.Tensor, factor: float) -> torch.Tensor:
     return x.add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).contiguous()
 
 
-def _inference_model(backbone: Backbone, head: AdaptedHead, tiling: TilingConfig) -> torch.nn.Module:
-    model = head.module_for(backbone)  # a fresh copy: converting its layout touches nobody else's model
-    return model.to(memory_format=torch.channels_last) if tiling.channels_last else model
+def _inference_model(backbone: Backbone, head: AdaptedHead) -> torch.nn.Module:
+    return head.module_for(backbone)  # a fresh copy: moving it or converting its layout touches nobody else's model
 
 
-def _replicas(model: torch.nn.Module, devices: Sequence[torch.device]) -> list[torch.nn.Module]:
-    """One copy of a freshly built ``model`` per device; the last device takes ``model`` itself (moved there), so
-    a single device costs no copy (a deep copy of the model takes 20-50 ms of host time, a fifth of a 16 MP
-    prediction on a GPU). Not cached: a cache keyed by ``id()`` could hand a later head the copy of an earlier
-    one whose id was reused."""
+def _replicas(model: torch.nn.Module, devices: Sequence[torch.device],
+              tiling: TilingConfig | None = None) -> list[torch.nn.Module]:
+    """One copy of a freshly built ``model`` per device, in the memory layout ``tiling`` asks for there
+    (:meth:`TilingConfig.channels_last_on`); the last device takes ``model`` itself, so a single device costs no
+    copy (a deep copy of the model takes 20-50 ms of host time, a fifth of a 16 MP prediction on a GPU). Not
+    cached: a cache keyed by ``id()`` could hand a later head the copy of an earlier one whose id was reused."""
     import copy
 
     copies = [copy.deepcopy(model) for _ in devices[:-1]] + [model]  # copied while all are on the host
-    return [m if d.type == "cpu" else to_device(m, d).eval() for m, d in zip(copies, devices, strict=True)]
+    out = []
+    for m, d in zip(copies, devices, strict=True):
+        m = m if d.type == "cpu" else to_device(m, d).eval()
+        out.append(m.to(memory_format=torch.channels_last) if tiling and tiling.channels_last_on(d) else m)
+    return out
 
 
 def to_device(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
@@ -257,8 +261,8 @@ def predict(
     _check_mpp(mpp, "image")
     h, w = image.shape[:2]
     f = (mpp or backbone.mpp) / backbone.mpp
-    model = _inference_model(backbone, head, tiling)
-    reps = _replicas(model, devs)
+    model = _inference_model(backbone, head)
+    reps = _replicas(model, devs, tiling)
     n_cls = len(head.classes)
     smooth_px = _decision_smoothing_px(head, backbone, tiling)
     has_nc = instances and getattr(model.heads["hover"], "nc", None) is not None
@@ -282,7 +286,7 @@ def predict(
     # an out-of-memory error (a large tile batch on a small GPU) restarts with a smaller batch, then smaller tiles
     maps = yield from oom_fallback_gen(
         lambda t: predict_tiled(fwds[0], small, cfg=t, devices=devs, channels=channels, forwards=fwds,
-                                cpu_channels_last=t.channels_last, as_tensors=True), tiling)
+                                cpu_channels_last=True, as_tensors=True), tiling)
     probs_t = resize_maps_t(maps["seg"], (h, w))
     dec = resize_maps_t(maps["dec"], (h, w)) if "dec" in maps else probs_t
     probs = _host(probs_t)
@@ -666,12 +670,12 @@ def _predict_large(backbone, head, image, out, mpp, devs, tiling, instances, hov
     scale = 1.0 if abs(scale - 1) < SCALE_TOLERANCE else scale
     tile, halo, multiple = image_tiling(tiling, scale)
     H, W = image.height, image.width
-    model = _inference_model(backbone, head, tiling)
+    model = _inference_model(backbone, head)
     has_nc = instances and getattr(model.heads["hover"], "nc", None) is not None
     smooth_px = _decision_smoothing_px(head, backbone, tiling)
     colour = head.colour_input(backbone, image)
     fwds = [tta_forward(_forward_for(m, instances, np_source, has_nc, smooth_px, colour, hover, backbone.mpp),
-                        tiling.tta_variants) for m in _replicas(model, devs)]
+                        tiling.tta_variants) for m in _replicas(model, devs, tiling)]
     channels = {"seg": len(head.classes), **({"dec": len(head.classes)} if smooth_px > 0 else {})}
     arrays = {"semantic": ((), "uint8")}
     if instances:
@@ -689,7 +693,7 @@ def _predict_large(backbone, head, image, out, mpp, devs, tiling, instances, hov
     core, margin = tiling.instance_window_px, math.ceil(tiling.instance_margin_um / mpp)
     table = None
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tile-reader") as pool:
-        runner = TileRunner(fwds, devs, tiling, channels, cpu_channels_last=tiling.channels_last)
+        runner = TileRunner(fwds, devs, tiling, channels, cpu_channels_last=True)
         job = _Job(image, root, runner, tiling, tile, halo, multiple, scale, pool, head.threshold)
         try:
             if roi is not None:

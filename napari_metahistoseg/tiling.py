@@ -111,8 +111,9 @@ class TileRunner:
     ``channels`` names the outputs to keep and their channel counts; ``activations`` maps output names to a
     function applied on the device (e.g. softmax). With ``model_hw`` the crops are resized (bilinear, antialiased
     when shrinking) to it before the forward and the outputs resized back to ``(h, w)``. Returns
-    ``{name: (N, C, h, w) float32}``. Inputs are made channels-last (``cfg.channels_last``) on CUDA, and on the CPU
-    only with ``cpu_channels_last`` (faster when the model's weights are channels-last too, slower otherwise).
+    ``{name: (N, C, h, w) float32}``. Inputs are made channels-last where ``cfg.channels_last_on`` the device, on
+    a CPU only with ``cpu_channels_last`` (the caller's CPU model follows ``cfg``: faster when the weights are
+    channels-last too, slower otherwise).
     """
 
     def __init__(self, forwards: Sequence[Forward], devices: Sequence[torch.device], cfg: TilingConfig,
@@ -164,7 +165,7 @@ class TileRunner:
         if resize:
             x = F.interpolate(x, size=tuple(model_hw), mode="bilinear", align_corners=False,
                               antialias=model_hw[0] < h)
-        if self.cfg.channels_last and (dev.type == "cuda" or self.cpu_channels_last):
+        if self.cfg.channels_last_on(dev) and (dev.type != "cpu" or self.cpu_channels_last):
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16,
                                                     enabled=self.cfg.autocast_bf16 and dev.type == "cuda"):

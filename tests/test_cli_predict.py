@@ -235,6 +235,19 @@ def test_predict_with_test_time_augmentation(work, head, capsys, tmp_path):
     assert code == 2 and "--tta" in err and "invalid choice" in err
 
 
+def test_predict_bf16_and_compile_flags_reach_the_tiling(work, head, capsys, tmp_path):
+    """``--bf16`` / ``--compile`` set TilingConfig.autocast_bf16 / compile (CUDA-only: a CPU run is unchanged),
+    recorded in the output's provenance."""
+    args = ["predict", work / "images" / "q1.tif", "--head", head, "--threads", "1", "--tile", "128", "--stream"]
+    assert cli(capsys, *args, "--bf16", "--compile", "--out", tmp_path / "gpu")[0] == 0
+    assert cli(capsys, *args, "--out", tmp_path / "plain")[0] == 0
+    on = zarr.open_group(str(tmp_path / "gpu" / "q1.zarr"), mode="r")
+    off = zarr.open_group(str(tmp_path / "plain" / "q1.zarr"), mode="r")
+    assert on.attrs["tiling"]["autocast_bf16"] is True and on.attrs["tiling"]["compile"] is True
+    assert off.attrs["tiling"]["autocast_bf16"] is False and off.attrs["tiling"]["compile"] is False
+    assert (on["semantic"][:] == off["semantic"][:]).all()
+
+
 def test_predict_a_region_only(work, head, capsys, tmp_path):
     """``--roi``: only the region is predicted (streamed; the rest empty), its nuclei in the table in image
     coordinates; bad regions and --objects are refused with one line."""

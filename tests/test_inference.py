@@ -566,6 +566,12 @@ def test_replicas_copy_the_model_for_all_but_the_last_device():
         assert torch.equal(v, w), k
     next(a.parameters()).data.add_(1)
     assert not torch.equal(next(a.parameters()), next(net.parameters()))
+    conv = net.backbone.encoders[0][0].weight
+    (m,) = inference._replicas(net, [cpu], TilingConfig())  # the default: channels-last on a CPU
+    assert m is net and conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    fresh = MetaHistoSegNet(ModelConfig(base_channels=4, depth=2, head_hidden=0))  # as module_for builds it
+    (m,) = inference._replicas(fresh, [cpu], TilingConfig(channels_last="none"))
+    assert m.backbone.encoders[0][0].weight.is_contiguous()
 
 
 def test_to_device_moves_a_model_in_one_copy_keeping_values_and_layouts():

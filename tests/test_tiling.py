@@ -111,6 +111,19 @@ def test_compile_applies_to_cuda_forwards_only(monkeypatch):
     assert off.forwards == [f, g]
 
 
+def test_channels_last_setting_per_device():
+    """NHWC on CPUs only by default (GPUs: NCHW, faster with GroupNorm's CUDA path); booleans of older configs."""
+    cfg = TilingConfig()
+    assert cfg.channels_last == "cpu" and cfg.channels_last_on("cpu") and cfg.channels_last_on(torch.device("cpu"))
+    assert not cfg.channels_last_on(torch.device("cuda", 0)) and not cfg.channels_last_on("cuda:1")
+    assert TilingConfig(channels_last=True).channels_last == "all"
+    assert TilingConfig(channels_last="all").channels_last_on("cuda:0")
+    assert TilingConfig(channels_last=False).channels_last == "none"
+    assert not TilingConfig(channels_last="none").channels_last_on("cpu")
+    with pytest.raises(ValueError, match="channels_last"):
+        TilingConfig(channels_last="gpu")
+
+
 def test_image_tiling_scales_tile_and_halo():
     cfg = TilingConfig(tile_px=512, halo_px=32)
     assert image_tiling(cfg, 1.0) == (512, 32, 16)

@@ -62,6 +62,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tta", type=int, default=None, choices=[1, 2, 4, 8],
                    help="test-time augmentation: average 1 (off), 2, 4 (flips) or 8 (flips and transposes) "
                         "variants of every tile; costs as many forward passes (TilingConfig.tta_variants)")
+    p.add_argument("--bf16", action="store_true",
+                   help="bf16 autocast on CUDA devices (faster; >= 98 %% of pixels agree with fp32; "
+                        "TilingConfig.autocast_bf16)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the network on CUDA devices: each new tile shape compiles once (~20-30 s), "
+                        "then runs faster; for slides and many images (TilingConfig.compile)")
     p.add_argument("--stream", action="store_true", help="always predict streamed into <stem>.zarr")
     p.add_argument("--roi", default=None, metavar="R0,C0,R1,C1",
                    help="predict only rows R0..R1, columns C0..C1 of each image (streamed into <stem>.zarr, the "
@@ -235,7 +241,9 @@ class Predictor:
         self.args, self.backbone, self.head, self.out, self.mitosis = args, backbone, head, out, mitosis
         self.tiling = dataclasses.replace(TilingConfig(), **{k: v for k, v in (("tile_px", args.tile),
                                                                                 ("batch_size", args.batch),
-                                                                                ("tta_variants", args.tta))
+                                                                                ("tta_variants", args.tta),
+                                                                                ("autocast_bf16", args.bf16 or None),
+                                                                                ("compile", args.compile or None))
                                                                if v is not None})
         self.roi = parse_roi(args.roi)
         if self.roi is not None and args.objects:
