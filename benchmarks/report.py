@@ -1,7 +1,7 @@
 """Render the results JSON of the speed/memory/mitosis benchmarks as markdown and copy every generated block
 into BENCHMARKS.md, so that no number there is typed by hand.
 
-* ``throughput.json``      → ``throughput.md`` (and ``throughput_gpu.json`` → ``throughput_gpu.md``)
+* ``throughput.json``      → ``throughput.md`` (and ``throughput_gpu[_s13].json`` → ``throughput_gpu[_s13].md``)
 * ``gpu_profile.txt``      → ``gpu_profile.md`` (its header and table of parts, without the profiler tables)
 * ``postprocess.json``     → ``postprocess.md``
 * ``large_image_*.json``   → ``large_image.md`` (one row per image size)
@@ -54,7 +54,8 @@ def throughput_md(d: dict) -> str:
             for r in d["rows"]]
     head = (f"Machine: {_machine(d.get('machine'))}  \nCommit: `{d.get('commit', 'not recorded')}`  \n"
             f"Command: `{d['command']}`  \n"
-            f"Backbone: `{d['backbone']}` ({d['backbone_sha256'][:12]}); {d.get('note', '')}\n\n")
+            f"Backbone: `{d['backbone']}` ({d['backbone_sha256'][:12]}); {d.get('note', '')}"
+            + (f"  \nLabels: {d['relabelled']}" if d.get("relabelled") else "") + "\n\n")
     return head + common.md_table(["device", "tile px", "batch", "image", "image µm/px", "median wall s",
                                    "MP/s (image px)", "median CPU s"], rows)
 
@@ -114,7 +115,7 @@ def mitosis_md(d: dict) -> str:
 
 def render() -> list[str]:
     written = []
-    for name in ("throughput", "throughput_gpu"):
+    for name in ("throughput", "throughput_gpu", "throughput_gpu_s13"):
         if (d := _load(name)) is not None:
             common.write_md(name, throughput_md(d))
             written.append(name)

@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # The checks that need a GPU, in one run (a lent GPU is scarce: one short script, every step time-boxed).
 #
-#   bash scripts/gpu_check.sh [OUT_DIR]          (STEPS="tests throughput profile adapt train" by default)
+#   bash scripts/gpu_check.sh [OUT_DIR]          (STEPS="tests throughput profile levers adapt train" by default)
 #
 # 1. pytest: tests/test_gpu.py (CUDA against the CPU: prediction fp32/bf16 with tiles blended on the GPU, streamed
 #    slides, head/decoder adaptation on device sets mixing GPUs and the CPU, mitosis, training resumed on the GPU)
 #    and tests/test_training.py (device "auto" trains on the GPU there).
 # 2. benchmarks/bench_throughput.py --no-cpu: semantic prediction MP/s on cuda:0 (fp32, bf16, bf16 with host
-#    blending for comparison, fp32/bf16 with channels_last off; a head with colour inputs)
+#    blending for comparison, fp32/bf16 with channels-last on the GPU too; a head with colour inputs)
 #    -> benchmarks/results/throughput_gpu.*
 # 3. benchmarks/profile_gpu_predict.py: a GPU prediction against its parts -> gpu_profile.txt
+#    benchmarks/probe_gpu_levers.py --quick: layout, bf16, GroupNorm path, tiles and torch.compile end to end
+#    -> probe_gpu_levers.{json,md} and a profile
 #    benchmarks/bench_adapt_speed.py --devices cuda:0 -> adapt_speed_gpu.* (needs MoNuSeg: METAHISTOSEG_DATA)
 # 4. benchmarks/bench_train_speed.py --device cuda:0 --workers 0,4,8,12 -> train_speed_gpu.*
 #
@@ -26,7 +28,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 LOG=$OUT_DIR/gpu_check.log
-STEPS=${STEPS:-tests throughput profile adapt train}
+STEPS=${STEPS:-tests throughput profile levers adapt train}
 want() { [[ " $STEPS " == *" $1 "* ]]; }
 step() { echo "=== $* ($(date -u +%T))" | tee -a "$LOG"; }
 
@@ -43,6 +45,9 @@ want throughput && step throughput && timeout 180 $PY benchmarks/bench_throughpu
 
 want profile && step profile && timeout 120 $PY benchmarks/profile_gpu_predict.py --out gpu_profile 2>&1 \
     | grep -v "^ " | head -16 | tee -a "$LOG"
+
+want levers && step levers && timeout 150 $PY benchmarks/probe_gpu_levers.py --quick --budget-s 110 --out "$OUT_DIR" 2>&1 \
+    | grep -E "^(channels|NCHW|    profile|done)" | tee -a "$LOG"
 
 DATA_DIR=${METAHISTOSEG_DATA:-../shared/data}
 if want adapt && [ ! -d "$DATA_DIR/monuseg" ]; then
