@@ -20,7 +20,7 @@ from .config import ModelConfig
 
 class GroupNorm(nn.GroupNorm):
     """``nn.GroupNorm`` (same parameters and state dict) whose inference on a CUDA device takes the group statistics
-    from fp32-accumulating reductions and normalises with one fused multiply-add, in the input's dtype and memory
+    from fp64-accumulating reductions and normalises with one fused multiply-add, in the input's dtype and memory
     format. torch's CUDA kernel reduces each (sample, group) row in one thread block (few blocks for few large
     rows) and copies channels-last inputs to NCHW: on an H200 this made a 16 MP prediction 1.3-1.7x faster
     (BENCHMARKS.md, "GPU"). Training, adaptation (gradients) and CPUs use torch's kernel (on the CPU the
@@ -37,7 +37,7 @@ class GroupNorm(nn.GroupNorm):
 def group_norm_by_reduction(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.Tensor,
                             eps: float) -> torch.Tensor:
     """Group normalisation of ``x (N, C, H, W)`` (any memory format, fp32 or bf16): per (sample, group) mean and
-    variance as E[x] and E[x²] - E[x]² summed in fp32, then ``x * scale + shift`` per channel in ``x``'s dtype."""
+    variance as E[x] and E[x²] - E[x]² summed in fp64, then ``x * scale + shift`` per channel in ``x``'s dtype."""
     n, c, h, w = x.shape
     g = groups
     if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
@@ -45,11 +45,14 @@ def group_norm_by_reduction(x: torch.Tensor, groups: int, weight: torch.Tensor, 
     else:
         xg, dims = x.reshape(n, g, -1), (2,)
     count = (c // g) * h * w
-    mean = torch.sum(xg, dim=dims, dtype=torch.float32) / count  # (n, g)
-    sq = torch.linalg.vector_norm(xg, 2, dim=dims, dtype=torch.float32).square_() / count
+    # fp64 sums: in fp32, E[x²] - E[x]² cancels where a group is nearly constant (a flat or glass-only tile moved
+    # probabilities by up to 0.06); in fp64 the bundled model's outputs match a float64 forward to 1e-6 there. Each
+    # sum is still one memory-bound pass
+    mean = torch.sum(xg, dim=dims, dtype=torch.float64) / count  # (n, g)
+    sq = torch.linalg.vector_norm(xg, 2, dim=dims, dtype=torch.float64).square_() / count
     rstd = (sq - mean * mean).clamp_min_(0).add_(eps).rsqrt_()
-    scale = weight.float().view(1, g, c // g) * rstd[..., None]
-    shift = bias.float().view(1, g, c // g) - mean[..., None] * scale
+    scale = weight.double().view(1, g, c // g) * rstd[..., None]
+    shift = bias.double().view(1, g, c // g) - mean[..., None] * scale
     return torch.addcmul(shift.reshape(n, c, 1, 1).to(x.dtype), x, scale.reshape(n, c, 1, 1).to(x.dtype))
 
 

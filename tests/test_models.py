@@ -109,6 +109,18 @@ def test_group_norm_by_reduction_equals_torch(channels_last):
     assert (yb.float() - ref).abs().max() < 0.02 * ref.abs().max()
 
 
+def test_group_norm_by_reduction_is_exact_on_nearly_constant_groups():
+    """A flat tile makes groups whose variance is tiny against their mean: E[x²] - E[x]² summed in fp32 would cancel
+    (error ~ 25 * 1e-7 against a variance of 1e-6 here); the fp64 sums match a float64 group norm."""
+    torch.manual_seed(1)
+    gn = GroupNorm(2, 4)
+    x = 5 + 1e-3 * torch.randn(2, 4, 64, 64)
+    ref = torch.nn.functional.group_norm(x.double(), 2, gn.weight.double(), gn.bias.double(), gn.eps)
+    y = group_norm_by_reduction(x, 2, gn.weight, gn.bias, gn.eps)
+    assert ref.abs().max() > 0.1  # not swamped by eps
+    torch.testing.assert_close(y.double(), ref, atol=2e-4, rtol=1e-4)
+
+
 def test_group_norm_fast_path_only_for_cuda_inference(monkeypatch):
     """On the CPU, and wherever gradients flow (training, adaptation), GroupNorm is torch's own; a model with the
     reduction path forced gives the same predictions as with torch's kernel."""
