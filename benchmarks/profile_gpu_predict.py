@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     from torch.profiler import ProfilerActivity, profile
 
     from napari_metahistoseg.config import MAMLConfig, TilingConfig
-    from napari_metahistoseg.inference import predict
+    from napari_metahistoseg.inference import _inference_model, _replicas, predict
     from napari_metahistoseg.pipeline import AdaptedHead, initial_head, load_backbone
     from napari_metahistoseg.tiling import tile_grid
 
@@ -72,8 +72,10 @@ def main(argv=None) -> int:
     rows = [("predict (whole call)", timed(run_predict))]
     tiles = tile_grid((args.size, args.size), args.tile, 32, tiling.tile_multiple_px)
     th, tw = tiles[0][2] - tiles[0][0], tiles[0][3] - tiles[0][1]
-    model = head.module_for(bb).to(dev).to(memory_format=torch.channels_last)
-    x = torch.rand(args.batch, 3, th, tw, device=dev).contiguous(memory_format=torch.channels_last)
+    model = _replicas(_inference_model(bb, head), [dev], tiling)[0]  # as predict builds it (layout per device)
+    x = torch.rand(args.batch, 3, th, tw, device=dev)
+    if tiling.channels_last_on(dev):
+        x = x.contiguous(memory_format=torch.channels_last)
     n_batches = -(-len(tiles) // args.batch)
     for bf16 in (False, True):
         def fwd(bf16=bf16):
