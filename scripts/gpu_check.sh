@@ -15,7 +15,8 @@
 #    benchmarks/bench_adapt_speed.py --devices cuda:0 -> adapt_speed_gpu.* (needs MoNuSeg: METAHISTOSEG_DATA)
 # 4. benchmarks/bench_train_speed.py --device cuda:0 --workers 0,4,8,12 -> train_speed_gpu.*
 #
-# Python packages missing on the GPU machine travel as wheels in .whl/ (zarr and its needs; see BENCHMARKS.md).
+# Python packages missing on the GPU machine travel as wheels in .whl/ (zarr and its needs: make them here with
+# scripts/gpu_wheels.sh and carry .whl; without zarr the streamed-slide GPU test fails, as in session 13).
 # Everything lands in OUT_DIR (default $OUT, else /tmp/gpu_check) and in OUT_DIR/results.tar.gz.
 set -u
 OUT_DIR=${1:-${OUT:-/tmp/gpu_check}}
