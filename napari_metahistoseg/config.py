@@ -264,8 +264,8 @@ class TilingConfig:
     malloc_keep_mb: float = 256.0
     # NHWC (channels-last) weights and inputs: "cpu" = on CPU devices only (oneDNN's NHWC convolutions are faster
     # there), "all" = on every device, "none". GPUs take NCHW by default: with GroupNorm's CUDA inference path a 16 MP
-    # prediction on an H200 ran 3-12 % faster in NCHW in fp32 and 7-27 % in bf16 (BENCHMARKS.md "GPU", session 13).
-    # True / False (configs written before) mean "all" / "none"
+    # prediction on an H200 was as fast in NCHW as channels-last in fp32 and faster in bf16 in most runs (183-203
+    # against 113-200 MP/s; BENCHMARKS.md "GPU prediction", session 13). True / False (older code) = "all" / "none"
     channels_last: str = "cpu"
     autocast_bf16: bool = False  # bf16 autocast on CUDA
     # torch.compile the network's forward on CUDA devices (never on a CPU, where the compiled forward was 1.7x

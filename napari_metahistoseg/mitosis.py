@@ -216,8 +216,6 @@ def augment_support(patches: np.ndarray, labels: np.ndarray, cfg: MitosisConfig)
 # ------------------------------------------------------------------------------------------ model
 
 
-
-
 class MitosisNet(nn.Module):
     """Small GroupNorm CNN: stages of (3x3 conv → GroupNorm → ReLU → 2x2 max-pool), global average pool, and a
     linear ``head`` to ``n_classes`` raw logits. Input ``(B, 3, P, P) float32`` RGB in [0, 1]; the input

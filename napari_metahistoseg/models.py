@@ -22,7 +22,7 @@ class GroupNorm(nn.GroupNorm):
     """``nn.GroupNorm`` (same parameters and state dict) whose inference on a CUDA device takes the group statistics
     from fp64-accumulating reductions and normalises with one fused multiply-add, in the input's dtype and memory
     format. torch's CUDA kernel reduces each (sample, group) row in one thread block (few blocks for few large
-    rows) and copies channels-last inputs to NCHW: on an H200 this made a 16 MP prediction 1.3-1.7x faster
+    rows) and copies channels-last inputs to NCHW: on an H200 this made a 16 MP prediction 1.1-1.7x faster
     (BENCHMARKS.md, "GPU"). Training, adaptation (gradients) and CPUs use torch's kernel (on the CPU the
     reductions were 2x slower). ``reduce_on_cuda`` switches the fast path off for comparisons."""
 
