@@ -141,7 +141,8 @@ def resize_image_t(image: torch.Tensor, factor: float) -> torch.Tensor:
 
 
 def _inference_model(backbone: Backbone, head: AdaptedHead) -> torch.nn.Module:
-    return head.module_for(backbone)  # a fresh copy: moving it or converting its layout touches nobody else's model
+    # a fresh module over the backbone's tensors: moving it or converting its layout touches nobody else's model
+    return head.module_for(backbone, inference=True)
 
 
 def _replicas(model: torch.nn.Module, devices: Sequence[torch.device],

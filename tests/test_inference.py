@@ -592,3 +592,26 @@ def test_to_device_moves_a_model_in_one_copy_keeping_values_and_layouts():
     # the tensors that need no re-layout on the device are views of the one copied buffer
     assert len({p.untyped_storage().data_ptr() for p in net.parameters() if p.is_contiguous()}) == 1
     torch.testing.assert_close(after, before)
+
+
+def test_prediction_shares_the_backbone_weights_and_never_changes_them():
+    """The inference model shares the backbone's tensors (no deep copy per prediction) and keeps only the heads a
+    prediction uses; a prediction in channels-last (the CPU default), with instances, and with a head that carries
+    adapted decoder tensors, leaves the backbone's weights and layout exactly as they were."""
+    bb = load_backbone("default")
+    before = {k: v.clone() for k, v in bb.model.state_dict().items()}
+    nchw = {k: v.is_contiguous() for k, v in bb.model.state_dict().items()}
+    head = AdaptedHead(["background", "nucleus"], initial_head(bb, 2), bb.sha256, MAMLConfig(), bb.mpp)
+    m = inference._inference_model(bb, head)
+    assert set(m.heads) == {"user", "hover"}
+    gn = "backbone.encoders.0.1.weight"
+    assert m.state_dict()[gn].data_ptr() == bb.model.state_dict()[gn].data_ptr()
+    assert not any(p.requires_grad for p in m.parameters())
+    dec = "backbone.decoders.3.0.weight"
+    adapted = dict(head.state, **{dec: bb.model.state_dict()[dec] + 0.01})
+    tile = synthetic_tile((200, 180), seed=3, mpp=0.5).image
+    for h in (head, dataclasses.replace(head, state=adapted)):
+        run(predict(bb, h, tile, tiling=TilingConfig(tile_px=128, halo_px=16), instances=True))
+    after = bb.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert nchw == {k: v.is_contiguous() for k, v in after.items()}
