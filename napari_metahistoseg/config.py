@@ -253,7 +253,9 @@ class TilingConfig:
 
     tile_px: int = 512  # tile side in model pixels
     halo_px: int = 32  # overlap on each side, blended with a cosine ramp
-    batch_size: int = 4  # tiles per forward pass and device (GPU)
+    # tiles per forward pass and device (GPU). 16: on the H200, 512 px tiles ran at 78 MP/s with 4 per forward and
+    # 103 with 16 (BENCHMARKS.md "GPU", session 9); a GPU short of memory falls back to fewer (resilience.py)
+    batch_size: int = 16
     cpu_batch_size: int = 1  # tiles per forward pass when every device is a CPU (1 was fastest on 2 cores)
     # CPU-only device sets: tiles run side by side in this many threads of one intra-op thread each (0 = torch's
     # thread count; 1 = one tile at a time on all threads). On the 2-core dev VM the two were within its run-to-run

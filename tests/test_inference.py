@@ -454,7 +454,7 @@ def test_cpu_tiles_side_by_side_equal_one_at_a_time(backbone, head, image, monke
     assert torch.get_num_threads() == 1  # the fixture's setting, in this thread
     np.testing.assert_allclose(two.probs, one.probs, atol=1e-5)
     three = TilingConfig(cpu_workers=3)
-    assert three.batch_for(["cpu"]) == 3 and three.batch_for(["cuda:0"]) == 4
+    assert three.batch_for(["cpu"]) == 3 and three.batch_for(["cuda:0"]) == three.batch_size == 16
     assert TilingConfig(cpu_workers=0).workers_for(["cpu"]) == torch.get_num_threads()
     with pytest.raises(ValueError, match="cpu_workers"):
         TilingConfig(cpu_workers=-1)
