@@ -231,8 +231,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.method not in ("maml", "transfer"):
             raise ValueError(f"TrainConfig.method must be 'maml' or 'transfer', got {self.method!r}")
-        if self.channels_last not in ("cpu", "all", "none"):
-            raise ValueError(f"TrainConfig.channels_last must be 'cpu', 'all' or 'none', got {self.channels_last!r}")
+        _check_layout(self)
         if not (isinstance(self.loader_workers, int) and self.loader_workers >= 0):
             raise ValueError(f"TrainConfig.loader_workers must be an integer >= 0, got {self.loader_workers!r}")
         if not 0.0 <= self.val_fraction < 1.0:
@@ -240,6 +239,18 @@ class TrainConfig:
         if self.val_every < 0 or self.val_support < 1:
             raise ValueError(f"TrainConfig.val_every must be >= 0 and val_support >= 1, got {self.val_every!r} and "
                              f"{self.val_support!r}")
+
+
+def channels_last_on(mode: str, device) -> bool:
+    """Whether a layout setting (``TrainConfig`` / ``TilingConfig.channels_last``: ``"cpu"`` = NHWC on CPU devices
+    only, ``"all"``, ``"none"``) asks for channels-last on ``device`` (``torch.device`` or a spec string)."""
+    kind = getattr(device, "type", str(device).split(":")[0])
+    return mode == "all" or (mode == "cpu" and kind == "cpu")
+
+
+def _check_layout(cfg, name: str = "channels_last") -> None:
+    if getattr(cfg, name) not in ("cpu", "all", "none"):
+        raise ValueError(f"{type(cfg).__name__}.{name} must be 'cpu', 'all' or 'none', got {getattr(cfg, name)!r}")
 
 
 def _all_cpu(devices) -> bool:
@@ -297,8 +308,7 @@ class TilingConfig:
     def __post_init__(self) -> None:
         if isinstance(self.channels_last, bool):
             object.__setattr__(self, "channels_last", "all" if self.channels_last else "none")
-        if self.channels_last not in ("cpu", "all", "none"):
-            raise ValueError(f"TilingConfig.channels_last must be 'cpu', 'all' or 'none', got {self.channels_last!r}")
+        _check_layout(self)
         _positive(self, "tile_px", "batch_size", "cpu_batch_size", "instance_window_px", "instance_margin_um",
                   "stream_above_mp", "tile_multiple_px", "band_float32_max_mb", "pyramid_strip_mb")
         if not (isinstance(self.pyramid_min_px, int) and self.pyramid_min_px >= 0):
@@ -315,8 +325,7 @@ class TilingConfig:
 
     def channels_last_on(self, device) -> bool:
         """Whether weights and inputs are channels-last on ``device`` (``torch.device`` or a spec string)."""
-        kind = getattr(device, "type", str(device).split(":")[0])
-        return self.channels_last == "all" or (self.channels_last == "cpu" and kind == "cpu")
+        return channels_last_on(self.channels_last, device)
 
     def workers_for(self, devices) -> int:
         """Tile threads on ``devices``: ``cpu_workers`` (0 = torch's intra-op thread count) when all are CPUs,

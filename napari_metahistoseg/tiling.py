@@ -70,25 +70,13 @@ def image_tiling(cfg: TilingConfig, scale: float) -> tuple[int, int, int]:
 def blend_window(th: int, tw: int, halo: int, edges: tuple[bool, bool, bool, bool]) -> np.ndarray:
     """``(th, tw)`` float32 weights: cosine ramp over ``halo`` px on sides that touch another tile (``edges`` =
     top, bottom, left, right touch the image border → weight 1 there). Every weight is > 0."""
-
-    def ramp(n: int, lo_border: bool, hi_border: bool) -> np.ndarray:
-        w = np.ones(n, np.float32)
-        k = min(halo, n // 2)
-        if k > 0:
-            r = (0.5 - 0.5 * np.cos(np.pi * (np.arange(k) + 0.5) / k)).astype(np.float32)
-            if not lo_border:
-                w[:k] = r
-            if not hi_border:
-                w[n - k:] = r[::-1]
-        return w
-
-    return np.outer(ramp(th, edges[0], edges[1]), ramp(tw, edges[2], edges[3]))
+    return blend_window_t(th, tw, halo, edges, torch.device("cpu")).numpy()
 
 
 def blend_window_t(th: int, tw: int, halo: int, edges: tuple[bool, bool, bool, bool],
                    device: torch.device) -> torch.Tensor:
-    """:func:`blend_window` made on ``device`` (the same float32 values): no host-to-device copy, which on a GPU
-    would wait for every queued forward to finish and leave the GPU idle while the host catches up."""
+    """:func:`blend_window` made on ``device``: on a GPU no host-to-device copy, which would wait for every queued
+    forward to finish and leave the GPU idle while the host catches up."""
 
     def ramp(n: int, lo_border: bool, hi_border: bool) -> torch.Tensor:
         w = torch.ones(n, dtype=torch.float32, device=device)

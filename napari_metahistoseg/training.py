@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch.func import functional_call
 
 from .checkpoints import flatten_optimizer, load_model, restore_optimizer, save_model, stem_paths
-from .config import TrainConfig, load_json, save_json
+from .config import TrainConfig, channels_last_on, load_json, save_json
 from .data.readers import open_dataset
 from .data.samplers import Batch, Episode, batch_loader, episode_loader, prefetched, rescale_sample
 from .data.task import IGNORE, Sample
@@ -224,7 +224,7 @@ def _in_model_layout(x: torch.Tensor, model: MetaHistoSegNet) -> torch.Tensor:
 def use_channels_last(mode: str, device: torch.device) -> bool:
     """Whether ``TrainConfig.channels_last`` (``"cpu"`` / ``"all"`` / ``"none"``) asks for NHWC on ``device`` (in
     the supervised phase: :func:`train` keeps the meta phase NCHW)."""
-    return mode == "all" or (mode == "cpu" and device.type == "cpu")
+    return channels_last_on(mode, device)
 
 
 def _set_layout(model: MetaHistoSegNet, nhwc: bool) -> None:

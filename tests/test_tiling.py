@@ -89,13 +89,26 @@ def test_blend_weights_positive_everywhere(shape):
 
 
 @pytest.mark.parametrize("th,tw,halo", [(880, 880, 32), (512, 384, 32), (100, 37, 32), (7, 9, 4), (64, 64, 0)])
-def test_blend_window_made_on_a_device_equals_the_host_window(th, tw, halo):
-    """The GPU path makes its blend windows on the device (no host-to-device copy, which would wait for the queued
-    forwards): the same float32 values as the host's, bit for bit."""
+def test_blend_windows_are_the_cosine_ramp(th, tw, halo):
+    """The blend window (made on the device for the GPU path: no host-to-device copy, which would wait for the
+    queued forwards) is the outer product of cosine ramps 0.5 - 0.5 cos(pi (i + 0.5) / k), k = min(halo, n // 2),
+    on the sides that touch another tile, in float32; the host window is the same array."""
+
+    def ramp(n, lo_border, hi_border):
+        w = np.ones(n, np.float32)
+        k = min(halo, n // 2)
+        if k:
+            r = (0.5 - 0.5 * np.cos(np.pi * (np.arange(k) + 0.5) / k)).astype(np.float32)
+            w[:k] = w[:k] if lo_border else r
+            w[n - k:] = w[n - k:] if hi_border else r[::-1]
+        return w
+
     for edges in [(False,) * 4, (True, False, True, False), (True,) * 4, (False, True, False, True)]:
+        ref = np.outer(ramp(th, *edges[:2]), ramp(tw, *edges[2:]))
         t = blend_window_t(th, tw, halo, edges, torch.device("cpu"))
         assert t.dtype == torch.float32 and t.device.type == "cpu"
-        np.testing.assert_array_equal(t.numpy(), blend_window(th, tw, halo, edges))
+        np.testing.assert_array_equal(t.numpy(), ref)
+        np.testing.assert_array_equal(blend_window(th, tw, halo, edges), ref)
 
 
 def test_compile_applies_to_cuda_forwards_only(monkeypatch):
