@@ -68,3 +68,21 @@ def test_evaluate_adapt_overrides_reach_the_adaptation(tmp_path: Path, monkeypat
     assert (seen[1].colour_features, seen[1].steps) != (False, 3)  # the defaults otherwise
     with pytest.raises(ValueError, match="unknown MAMLConfig field.*'colour'"):
         run(evaluation.evaluate(folder, ["g0"], adapt_overrides={"colour": False}))
+
+
+def test_evaluate_patches_one_class_support_names_ids_and_classes(tmp_path: Path, capsys) -> None:
+    """An AMi-Br-layout folder whose chosen support patches are all of one class: one clear line, exit 2."""
+    from skimage import io as skio
+
+    rng = np.random.default_rng(0)
+    rows = ["patch,slide,dataset,uid,x,y,expert1_atypical,expert2_atypical,expert3_atypical"]
+    for i, atyp in enumerate([False, False, True, False]):
+        sub = "atypical" if atyp else "normal"
+        (tmp_path / "patches" / sub).mkdir(parents=True, exist_ok=True)
+        skio.imsave(tmp_path / "patches" / sub / f"p{i}.png", rng.integers(0, 255, (64, 64, 3), dtype=np.uint8),
+                    check_contrast=False)
+        rows.append(f"patches/{sub}/p{i}.png,s.tiff,D,{i},0,0,{atyp},{atyp},{atyp}")
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    assert main(["evaluate", str(tmp_path), "--support", "p0,p1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "p0, p1" in err and "'normal'" in err and "normal and atypical" in err and str(tmp_path) in err
