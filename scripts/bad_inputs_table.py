@@ -461,6 +461,8 @@ def cli_cases(fx: Fixtures) -> list[CliCase]:
         CliCase("backbone path missing", ["evaluate", str(fx.data), "--support", "s0", "--backbone", str(r / "no")]),
         CliCase("--steps -1", ["evaluate", str(fx.data), "--support", "s0", "--backbone", str(r / "bb"),
                                "--steps", "-1"]),
+        CliCase("patch data: every support patch of one class", ["evaluate", str(_patch_folder(r)), "--support",
+                                                                  "p0,p1"]),
         CliCase("train config missing", ["train", "--config", str(r / "missing.json")]),
         CliCase("train config with a misspelt field", ["train", "--config", str(_cfg(r, '{"meta_step": 1}'))]),
     ]
@@ -528,6 +530,19 @@ def _flip_body_byte(raw: bytes) -> bytes:
     b = bytearray(raw)
     b[_header_end(raw) + 5] ^= 0x40
     return bytes(b)
+
+
+def _patch_folder(root: Path) -> Path:
+    """A small folder in the AMi-Br layout (labels.csv + patches/): p0, p1, p3 normal, p2 atypical."""
+    folder = root / "patches_amibr"
+    rows = ["patch,slide,dataset,uid,x,y,expert1_atypical,expert2_atypical,expert3_atypical"]
+    for i, atyp in enumerate([False, False, True, False]):
+        sub = folder / "patches" / ("atypical" if atyp else "normal")
+        sub.mkdir(parents=True, exist_ok=True)
+        _png(sub / f"p{i}.png", np.full((64, 64, 3), 120 + 20 * i, np.uint8))
+        rows.append(f"patches/{sub.name}/p{i}.png,s.tiff,D,{i},0,0,{atyp},{atyp},{atyp}")
+    (folder / "labels.csv").write_text("\n".join(rows) + "\n")
+    return folder
 
 
 def _cfg(root: Path, text: str) -> Path:
