@@ -115,7 +115,7 @@ def mitosis_md(d: dict) -> str:
 
 def render() -> list[str]:
     written = []
-    for name in ("throughput", "throughput_gpu", "throughput_gpu_s13"):
+    for name in ("throughput", "throughput_gpu", "throughput_gpu_s13", "throughput_s14"):
         if (d := _load(name)) is not None:
             common.write_md(name, throughput_md(d))
             written.append(name)
