@@ -58,9 +58,9 @@ def main(argv=None) -> int:
 
     import torch
 
-    from napari_metahistoseg.config import TrainConfig, load_json
+    from napari_metahistoseg.config import TrainConfig, channels_last_on, load_json
     from napari_metahistoseg.data.samplers import batch_loader, episode_loader
-    from napari_metahistoseg.training import load_training_tasks, train, training_device, use_channels_last
+    from napari_metahistoseg.training import load_training_tasks, train, training_device
 
     base = load_json(TrainConfig, args.config)
     device = training_device(args.device)
@@ -91,7 +91,7 @@ def main(argv=None) -> int:
             row = {"device": str(device), "device_name": torch.cuda.get_device_name(device)
                    if device.type == "cuda" else common.machine_info().get("cpu"),
                    "threads": torch.get_num_threads(), "loader_workers": workers,
-                   "layout": "channels-last" if use_channels_last(layout, device) else "NCHW",  # supervised phase
+                   "layout": "channels-last" if channels_last_on(layout, device) else "NCHW",  # supervised phase
                    "supervised_s_per_step": per["supervised"], "meta_s_per_step": per["meta"],
                    "host_batch_s": host_sup, "host_episode_batch_s": host_meta, "wall_s": wall,
                    "crop_px": cfg.augment.crop_px, "batch_size": cfg.batch_size,

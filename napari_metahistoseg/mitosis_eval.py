@@ -55,10 +55,8 @@ def evaluate_patches(
         cfg = dataclasses.replace(cfg, adapt_stages=len(model.cfg.channels))
     xs, ys = _centre_patches(ds, sup_ids, cfg)
     if len(np.unique(ys)) < 2:
-        names = list(ds.class_names)
-        only = names[ys[0]] if 0 <= ys[0] < len(names) else str(ys[0])
-        raise ValueError(f"{ds.root}: every support patch ({', '.join(sup_ids)}) is {only!r}; the support needs "
-                         f"at least one patch of each class ({' and '.join(names)})")
+        raise ValueError(f"{ds.root}: every support patch ({', '.join(sup_ids)}) is {ds.class_names[ys[0]]!r}; the "
+                         f"support needs at least one patch of each class ({' and '.join(ds.class_names)})")
     t0 = time.time()
     state = yield from adapt_classifier(model, xs, ys, cfg, devices=devices, new_head=True)
     adapt_s = time.time() - t0

@@ -221,12 +221,6 @@ def _in_model_layout(x: torch.Tensor, model: MetaHistoSegNet) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if _is_nhwc(model) else x
 
 
-def use_channels_last(mode: str, device: torch.device) -> bool:
-    """Whether ``TrainConfig.channels_last`` (``"cpu"`` / ``"all"`` / ``"none"``) asks for NHWC on ``device`` (in
-    the supervised phase: :func:`train` keeps the meta phase NCHW)."""
-    return channels_last_on(mode, device)
-
-
 def _set_layout(model: MetaHistoSegNet, nhwc: bool) -> None:
     """Convert the model's weights to channels-last (``nhwc``) or back, in place (the optimizer keeps the same
     parameters; Adam's moments keep their layout, which only costs strided element-wise updates), and log a change."""
@@ -392,7 +386,7 @@ def train(cfg: TrainConfig, *, resume: bool = True) -> Generator[dict, None, Pat
     opt = torch.optim.Adam(params, lr=cfg.outer_lr, weight_decay=cfg.weight_decay)
     names = {id(p): n for n, p in model.named_parameters()} | {id(v): f"lr.{k}" for k, v in lrs.items()}
     model.to(device)
-    nhwc = use_channels_last(cfg.channels_last, device)
+    nhwc = channels_last_on(cfg.channels_last, device)  # the supervised phase; the meta phase stays NCHW
     step = _maybe_resume(out, model, opt, names, lrs) if resume else 0
     if step:  # a resumed run: its checkpoint wins over init_from, whose record it carries on
         record = json.loads((out / "last.json").read_text()).get("training", {})

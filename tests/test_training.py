@@ -11,7 +11,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from napari_metahistoseg.checkpoints import flatten_optimizer, restore_optimizer
-from napari_metahistoseg.config import AugmentConfig, EpisodeConfig, MAMLConfig, ModelConfig, TrainConfig
+from napari_metahistoseg.config import (
+    AugmentConfig,
+    EpisodeConfig,
+    MAMLConfig,
+    ModelConfig,
+    TrainConfig,
+    channels_last_on,
+)
 from napari_metahistoseg.data.samplers import batch_loader, episode_loader
 from napari_metahistoseg.data.synthetic import synthetic_tile
 from napari_metahistoseg.data.task import save_unified
@@ -29,7 +36,6 @@ from napari_metahistoseg.training import (
     supervised_loss,
     train,
     training_device,
-    use_channels_last,
 )
 
 
@@ -76,8 +82,8 @@ def test_train_smoke_and_resume(task_dirs, tmp_path):
 
 def test_channels_last_setting():
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
-    assert use_channels_last("cpu", cpu) and not use_channels_last("cpu", cuda)
-    assert use_channels_last("all", cuda) and not use_channels_last("none", cpu)
+    assert channels_last_on("cpu", cpu) and not channels_last_on("cpu", cuda)
+    assert channels_last_on("all", cuda) and not channels_last_on("none", cpu)
     with pytest.raises(ValueError, match="channels_last"):
         TrainConfig(channels_last="yes")
 
