@@ -61,6 +61,57 @@ def image(size: int, mpp: float):
     return np.ascontiguousarray(np.tile(t, (reps, reps, 1))[:size, :size])
 
 
+def sgemm_gmac_per_s(threads: int, n: int = 2048, repeats: int = 8) -> float:
+    """This machine's fp32 matrix-product rate now (GMAC/s, ``threads`` threads): the ceiling the convolutions
+    compare with. The 2-core VM's speed drifts by ±30 % between hours; this says how fast it was for this run."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        for _ in range(2):
+            a @ b
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        return n**3 * repeats / (time.perf_counter() - t0) / 1e9
+    finally:
+        torch.set_num_threads(before)
+
+
+def macs_per_model_px(backbone, head) -> float:
+    """Multiply-adds per model pixel of backbone + head, counted with hooks on every convolution of a 256² forward."""
+    import torch
+
+    from napari_metahistoseg.pipeline import TASK
+
+    model = head.module_for(backbone, inference=True)
+    total = [0]
+
+    def hook(mod, inp, out):
+        total[0] += out.numel() * mod.in_channels // mod.groups * mod.kernel_size[0] * mod.kernel_size[1]
+
+    hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    try:
+        with torch.inference_mode():
+            model(torch.rand(1, 3, 256, 256), TASK)
+    finally:
+        for h in hooks:
+            h.remove()
+    return total[0] / 256**2
+
+
+def model_px(size: int, mpp: float, model_mpp: float, tiling) -> int:
+    """Pixels the network processes for a ``size``² image: its model-scale tiles, overlaps counted each time."""
+    from napari_metahistoseg.tiling import tile_grid
+
+    scale = mpp / model_mpp
+    m = size if abs(scale - 1) < 1e-3 else max(1, round(size * scale))
+    return sum((r1 - r0) * (c1 - c0) for r0, c0, r1, c1 in
+               tile_grid((m, m), tiling.tile_px, tiling.halo_px, tiling.tile_multiple_px))
+
+
 def time_predict(backbone, head, img, mpp, tiling, device: str, repeats: int) -> tuple[list[float], list[float]]:
     """Wall-clock and process CPU seconds of each of ``repeats`` predictions (after one warm-up)."""
     from napari_metahistoseg.inference import predict
@@ -124,7 +175,20 @@ def main() -> None:
         targets += [("cuda:0", 0, 1, False, ""), ("cuda:0", 0, 1, True, ""), ("cuda:0", 0, 1, True, "host"),
                     ("cuda:0", 0, 1, False, "nhwc"), ("cuda:0", 0, 1, True, "nhwc")]
     info = machine()
+    cpu_threads = max((t for d, t, *_ in targets if d == "cpu"), default=0)
+    if cpu_threads:
+        info["sgemm_gmac_s_start"] = round(sgemm_gmac_per_s(cpu_threads), 1)
+        info["sgemm_threads"] = cpu_threads
+    macs = macs_per_model_px(bb, head)
+    info["macs_per_model_px"] = round(macs)
     colour_head = _colour_head(bb) if args.colour else None
+
+    def effort(row: dict, tiling_cfg, mpp: float, per_px: float = macs) -> dict:
+        """The row with the network's pixels (overlaps included) and its multiply-add rate."""
+        px = model_px(row["image_px"], mpp, bb.mpp, tiling_cfg)
+        row["model_mpx"] = px / 1e6
+        row["gmac_per_s"] = px * per_px / row["seconds"] / 1e9
+        return row
     for device, threads, workers, bf16, variant in targets:
         if device == "cpu":
             torch.set_num_threads(threads)
@@ -145,22 +209,26 @@ def main() -> None:
         for tile in tiles:
             for batch in batches:
                 ts, cpu = time_predict(bb, head, img, bb.mpp, tiling(tile, batch), device, args.repeats)
-                rows.append(_row(label, tile, batch, size, bb.mpp, ts, cpu, mp))
+                rows.append(effort(_row(label, tile, batch, size, bb.mpp, ts, cpu, mp), tiling(tile, batch), bb.mpp))
                 _show(rows[-1])
                 _save(kept + rows, info, args, bb)  # a stopped run keeps what it measured
         best = max((r for r in rows if r["device"] == label),  # CPU: by CPU time (robust to other jobs)
                    key=lambda r: r["mp_per_cpu_s"] if device == "cpu" else r["mp_per_s"])
         ts, cpu = time_predict(bb, head, img40, bb.mpp / 2, tiling(best["tile"], best["batch"]), device,
                                args.repeats)
-        rows.append(_row(label, best["tile"], best["batch"], size, bb.mpp / 2, ts, cpu, mp))
+        rows.append(effort(_row(label, best["tile"], best["batch"], size, bb.mpp / 2, ts, cpu, mp),
+                           tiling(best["tile"], best["batch"]), bb.mpp / 2))
         _show(rows[-1])
         if colour_head is not None:
             ts, cpu = time_predict(bb, colour_head, img, bb.mpp, tiling(best["tile"], best["batch"]), device,
                                    args.repeats)
-            rows.append(_row(f"{label}, colour head", best["tile"], best["batch"], size, bb.mpp, ts, cpu, mp))
+            rows.append(effort(_row(f"{label}, colour head", best["tile"], best["batch"], size, bb.mpp, ts, cpu, mp),
+                               tiling(best["tile"], best["batch"]), bb.mpp, macs_per_model_px(bb, colour_head)))
             _show(rows[-1])
         _save(kept + rows, info, args, bb)
     info["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
+    if cpu_threads:
+        info["sgemm_gmac_s_end"] = round(sgemm_gmac_per_s(cpu_threads), 1)
     _report(kept + rows, info, args, bb)
 
 
@@ -190,7 +258,7 @@ def _row(label: str, tile: int, batch: int, size: int, mpp: float, ts: list[floa
 def _show(r: dict) -> None:
     print(f"{r['device']:14s} {r['image_px']}² at {r['mpp']} µm/px, tile {r['tile']:4d} batch {r['batch']}: "
           f"{r['seconds']:7.3f} s wall, {r['mp_per_s']:6.3f} MP/s; CPU {r['cpu_seconds']:7.3f} s, "
-          f"{r['mp_per_cpu_s']:6.3f} MP per CPU-s", flush=True)
+          f"{r['mp_per_cpu_s']:6.3f} MP per CPU-s; network {r['gmac_per_s']:5.1f} GMAC/s", flush=True)
 
 
 def _maml():
@@ -217,16 +285,22 @@ def _save(rows: list[dict], info: dict, args, bb) -> None:
            "note": "median of repeats after one warm-up; MP/s = image pixels per wall-clock second (at 0.25 µm/px "
                    "the model processes a quarter of them); MP per CPU-s = per second of this process's CPU time, "
                    "less sensitive to other jobs sharing the cores (see load_avg); with several threads CPU time "
-                   "also counts OpenMP spin-waiting"}
+                   "also counts OpenMP spin-waiting; GMAC/s = the network's multiply-adds (overlapping tiles "
+                   "counted each time) per wall-clock second, against this machine's fp32 matrix-product rate "
+                   "(sgemm, 2048², measured at the start and end of the run)"}
     (RESULTS / f"{args.name}.json").write_text(json.dumps(out, indent=1) + "\n")
 
 
 def _report(rows: list[dict], info: dict, args, bb) -> None:
-    print("\n| device | tile | batch | image µm/px | wall s | MP/s | CPU s | MP per CPU-s |\n"
-          "|---|---|---|---|---|---|---|---|")
+    print("\n| device | tile | batch | image µm/px | wall s | MP/s | CPU s | MP per CPU-s | network GMAC/s |\n"
+          "|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['device']} | {r['tile']} | {r['batch']} | {r['mpp']} | {r['seconds']:.3f} | "
-              f"{r['mp_per_s']:.3f} | {r['cpu_seconds']:.3f} | {r['mp_per_cpu_s']:.3f} |")
+              f"{r['mp_per_s']:.3f} | {r['cpu_seconds']:.3f} | {r['mp_per_cpu_s']:.3f} | "
+              f"{r.get('gmac_per_s', float('nan')):.1f} |")
+    if "sgemm_gmac_s_start" in info:
+        print(f"fp32 matrix product on {info['sgemm_threads']} threads: {info['sgemm_gmac_s_start']} GMAC/s at the "
+              f"start, {info.get('sgemm_gmac_s_end', '?')} at the end; {info['macs_per_model_px']} MAC per model px")
     _save(rows, info, args, bb)
     _plot(rows, args.name)
     print(f"\nwrote {RESULTS / (args.name + '.json')} and {RESULTS / (args.name + '.png')}")

@@ -49,15 +49,22 @@ def _machine(m: dict | None) -> str:
 
 
 def throughput_md(d: dict) -> str:
+    effort = all("gmac_per_s" in r for r in d["rows"])  # runs since session 15
+    m = d.get("machine") or {}
     rows = [[r["device"], r["tile"], r["batch"], f"{r['image_px']}²", r["mpp"], f"{r['seconds']:.2f}",
-             f"{r['mp_per_s']:.2f}", f"{r['cpu_seconds']:.2f}" if r.get("cpu_seconds") is not None else "–"]
-            for r in d["rows"]]
-    head = (f"Machine: {_machine(d.get('machine'))}  \nCommit: `{d.get('commit', 'not recorded')}`  \n"
+             f"{r['mp_per_s']:.2f}", f"{r['cpu_seconds']:.2f}" if r.get("cpu_seconds") is not None else "–",
+             *([f"{r['model_mpx']:.2f}", f"{r['gmac_per_s']:.1f}"] if effort else [])] for r in d["rows"]]
+    sgemm = (f"  \nThis machine's fp32 matrix product ({m['sgemm_threads']} threads, 2048²): "
+             f"{m['sgemm_gmac_s_start']} GMAC/s at the start, {m.get('sgemm_gmac_s_end', '?')} at the end; the "
+             f"network does {m['macs_per_model_px'] / 1e3:.1f} k multiply-adds per model pixel"
+             if "sgemm_gmac_s_start" in m else "")
+    head = (f"Machine: {_machine(m)}{sgemm}  \nCommit: `{d.get('commit', 'not recorded')}`  \n"
             f"Command: `{d['command']}`  \n"
             f"Backbone: `{d['backbone']}` ({d['backbone_sha256'][:12]}); {d.get('note', '')}"
             + (f"  \nLabels: {d['relabelled']}" if d.get("relabelled") else "") + "\n\n")
     return head + common.md_table(["device", "tile px", "batch", "image", "image µm/px", "median wall s",
-                                   "MP/s (image px)", "median CPU s"], rows)
+                                   "MP/s (image px)", "median CPU s"]
+                                  + (["model MP (with overlaps)", "network GMAC/s"] if effort else []), rows)
 
 
 def postprocess_md(d: dict) -> str:
@@ -115,7 +122,7 @@ def mitosis_md(d: dict) -> str:
 
 def render() -> list[str]:
     written = []
-    for name in ("throughput", "throughput_gpu", "throughput_gpu_s13", "throughput_s14"):
+    for name in ("throughput", "throughput_gpu", "throughput_gpu_s13", "throughput_s14", "throughput_s15"):
         if (d := _load(name)) is not None:
             common.write_md(name, throughput_md(d))
             written.append(name)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -395,6 +396,54 @@ class NucleiCSV:
 
     def close(self) -> None:
         if not self._f.closed:
+            self._f.close()
+
+
+class NucleiGeoJSON:
+    """Write nuclei outlines as a GeoJSON ``FeatureCollection`` of polygons, one table at a time (streamed to disk).
+
+    QuPath's layout (File → Import objects): ``properties.objectType = "detection"``, the nuclear type (when the
+    backbone has a type branch) as ``properties.classification.name``, and ``properties.measurements`` with the
+    table's id, area (px and µm²) and type probability. Coordinates are level-0 pixels, ``x`` = column and ``y`` =
+    row, with pixel ``(0, 0)`` covering ``[0, 1)²`` (QuPath's and most GIS tools' convention), i.e. the
+    table's pixel-centre contours shifted by half a pixel. Each ring is closed (first vertex = last)."""
+
+    def __init__(self, path: str | os.PathLike, *, mpp: float, type_names: Sequence[str] = ()) -> None:
+        self.path, self.mpp, self.type_names = Path(path), mpp, list(type_names)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(self.path, "w")  # noqa: SIM115 - closed by close()
+        self._f.write('{"type": "FeatureCollection", "features": [')
+        self.rows = 0
+
+    def write(self, table: dict, offset: tuple[int, int] = (0, 0)) -> None:
+        """Append the nuclei of ``table`` (:func:`.postprocess.instance_table` columns, with ``contour``), its
+        coordinates shifted by ``offset (row, col)``."""
+        n = len(table["id"])
+        if n and len(table.get("contour") or ()) != n:
+            raise ValueError(f"{self.path}: the nuclei table has no contour per nucleus (got "
+                             f"{len(table.get('contour') or ())} for {n} nuclei)")
+        typ = table.get("type")
+        for i in range(n):
+            ring = np.asarray(table["contour"][i], np.float64).reshape(-1, 2)[:, ::-1] \
+                + (offset[1] + 0.5, offset[0] + 0.5)
+            if len(ring) and not np.array_equal(ring[0], ring[-1]):
+                ring = np.vstack([ring, ring[:1]])
+            area = int(table["area_px"][i])
+            measurements = {"id": int(table["id"][i]), "area_px": area, "area_um2": round(area * self.mpp**2, 3)}
+            props: dict = {"objectType": "detection", "measurements": measurements}
+            if typ is not None:
+                t = int(typ[i])
+                measurements["type_prob"] = round(float(table["type_prob"][i]), 4)
+                props["classification"] = {"name": self.type_names[t] if t < len(self.type_names) else str(t)}
+            feature = {"type": "Feature", "id": str(int(table["id"][i])),
+                       "geometry": {"type": "Polygon", "coordinates": [np.round(ring, 2).tolist()]},
+                       "properties": props}
+            self._f.write(("\n" if self.rows == 0 else ",\n") + json.dumps(feature, separators=(",", ":")))
+            self.rows += 1
+
+    def close(self) -> None:
+        if not self._f.closed:
+            self._f.write("\n]}\n")
             self._f.close()
 
 

@@ -208,6 +208,8 @@ def test_predict_in_memory_outputs(work, head, capsys, tmp_path):
         with open(tmp_path / f"q{i}.nuclei.csv", newline="") as f:
             rows = list(csv.DictReader(f))
         assert len(rows) == len(np.unique(inst)) - 1
+        outlines = json.loads((tmp_path / f"q{i}.nuclei.geojson").read_text())["features"]
+        assert [f["properties"]["measurements"]["id"] for f in outlines] == [int(r["id"]) for r in rows]
         assert (tmp_path / f"q{i}.points.csv").read_text().startswith("row,col,class,class_name,prob")
     with tifffile.TiffFile(tmp_path / "q0.semantic.tif") as tf:
         assert json.loads(tf.pages[0].description)["classes"] == ["background", "nucleus"]

@@ -8,6 +8,7 @@ relative to the list). Per image ``<stem>``, in ``DIR``:
   ``instances``, ``np``, ``hv``, ``nc``), predicted streamed with bounded memory;
 * ``<stem>.points.csv`` — cell points detected on each class's probability (in-memory images only);
 * with ``--instances``: ``<stem>.instances.tif`` ``(H, W) uint32`` (or in the zarr) and ``<stem>.nuclei.csv``;
+  in memory also ``<stem>.nuclei.geojson``, the nuclei outlines as polygons (QuPath: File → Import objects);
 * with ``--objects``: ``<stem>.objects.tif`` ``(H, W) uint32`` (or ``objects`` in the zarr) and
   ``<stem>.objects.csv`` — large-object instances (glands) of the semantic foreground (``ObjectPostConfig``);
 * with ``--mitosis`` (needs :mod:`napari_metahistoseg.mitosis`; implies ``--instances``): ``<stem>.mitosis.csv``,
@@ -279,7 +280,7 @@ class Predictor:
         import numpy as np
         import tifffile
 
-        from ..inference import NucleiCSV, ObjectsCSV, hover_type_names, predict
+        from ..inference import NucleiCSV, NucleiGeoJSON, ObjectsCSV, hover_type_names, predict
 
         image = img[:, :]
         pred = self._progress(path, predict(self.backbone, self.head, image, mpp=mpp, devices=devices,
@@ -301,10 +302,13 @@ class Predictor:
         if pred.instances is not None:
             res["instances"] = str(self.out / f"{s}.instances.tif")
             tifffile.imwrite(res["instances"], pred.instances.astype(np.uint32), **tags)
-            table = NucleiCSV(self.out / f"{s}.nuclei.csv", mpp=mpp, type_names=hover_type_names(self.backbone))
-            table.write(pred.table)
-            table.close()
-            res.update(nuclei=str(table.path), n_nuclei=table.rows)
+            types = hover_type_names(self.backbone)
+            table = NucleiCSV(self.out / f"{s}.nuclei.csv", mpp=mpp, type_names=types)
+            outlines = NucleiGeoJSON(self.out / f"{s}.nuclei.geojson", mpp=mpp, type_names=types)
+            for writer in (table, outlines):
+                writer.write(pred.table)
+                writer.close()
+            res.update(nuclei=str(table.path), nuclei_geojson=str(outlines.path), n_nuclei=table.rows)
             if self.mitosis is not None:
                 pts = np.stack([pred.table["centroid_row"], pred.table["centroid_col"]], 1).reshape(-1, 2)
                 res["mitosis"] = str(self._mitosis(s, lambda box: image[box[0]:box[2], box[1]:box[3]], image.shape,
