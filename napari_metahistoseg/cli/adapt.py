@@ -52,7 +52,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-colour", action="store_true",
                    help="the head sees the backbone's features only (default: also the image's colour, "
                         "MAMLConfig.colour_features; head mode)")
-    p.add_argument("--devices", default="cpu", help="cpu | cuda:0 | cuda:0,cuda:1 | auto")
+    p.add_argument("--devices", default="auto",
+                   help="auto (default: the first GPU if there is one, else the CPU) | cpu | cuda:0 | cuda:0,cuda:1")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--out", required=True, help="head path (HEAD.mhshead.{safetensors,json} are written)")
@@ -65,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..config import MAMLConfig
+    from ..devices import resolve_devices
     from ..maml import run as drive
     from ..pipeline import adapt, load_backbone
     from ..slide import open_image
@@ -87,7 +89,9 @@ def run(args: argparse.Namespace) -> int:
                      calibrate_smoothing=not args.no_calibrate, colour_features=not args.no_colour)
     cfg = dataclasses.replace(cfg, **{k: v for k, v in (("steps", args.steps), ("inner_lr", args.inner_lr),
                                                          ("decoder_blocks", args.decoder_blocks)) if v is not None})
-    gen = adapt(backbone, [crop], [lab], classes, mpp=mpp, cfg=cfg, devices=args.devices)
+    devices = [str(d) for d in resolve_devices(args.devices)]
+    print(f"[adapt] on {', '.join(devices)}", file=sys.stderr, flush=True)
+    gen = adapt(backbone, [crop], [lab], classes, mpp=mpp, cfg=cfg, devices=devices)
     head = drive(gen, lambda p: print(f"[adapt] step {p['step']}/{p['steps']} loss {p.get('loss', float('nan')):.4f}",
                                     file=sys.stderr, flush=True) if p.get("stage") == "adapt" else None)
     head.provenance.update({"support_files": {"image": str(args.image), kind: str(args.labels or args.points)},

@@ -57,7 +57,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--mitosis", action="store_true", help="classify every nucleus as mitotic or not")
     p.add_argument("--mitosis-model", default=None, help="mitosis classifier (default: the bundled one)")
     p.add_argument("--mpp", type=float, default=None, help="µm per pixel of the inputs (default: their metadata)")
-    p.add_argument("--devices", default="cpu", help="cpu | cuda:0 | cuda:0,cuda:1 | auto")
+    p.add_argument("--devices", default="auto",
+                   help="auto (default: the first GPU if there is one, else the CPU; under torchrun each rank its "
+                        "own GPU) | cpu | cuda:0 | cuda:0,cuda:1")
     p.add_argument("--tile", type=int, default=None, help="tile side in model pixels (TilingConfig.tile_px)")
     p.add_argument("--batch", type=int, default=None, help="tiles per forward and device (TilingConfig.batch_size)")
     p.add_argument("--tta", type=int, default=None, choices=[1, 2, 4, 8],
