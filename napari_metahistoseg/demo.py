@@ -83,9 +83,11 @@ def run_demo(out: Path, *, backbone: str = "default", seed: int = 0, size: int =
     t0 = time.time()
     pred = run(predict(bb, head, tile.image, mpp=tile.mpp, instances=True))
     t_pred = time.time() - t0
-    acc = ConfusionAccumulator(2)
+    acc, held = ConfusionAccumulator(2), ConfusionAccumulator(2)
     acc.update(pred.semantic, tile.semantic)
-    metrics = {"miou": acc.miou(), "dice": acc.dice_foreground(), "aji": aji(tile.instances, pred.instances),
+    held.update(pred.semantic, np.where(support == 255, tile.semantic, 255))  # the unpainted pixels only
+    metrics = {"miou": acc.miou(), "dice": acc.dice_foreground(), "miou_held_out": held.miou(),
+               "dice_held_out": held.dice_foreground(), "aji": aji(tile.instances, pred.instances),
                "pq": panoptic_quality(tile.instances, pred.instances)["pq"],
                "n_nuclei_true": int(tile.instances.max()), "n_nuclei_pred": int(len(pred.table["id"])),
                "support_labelled_px": int((support != 255).sum()), "adapt_seconds": round(t_adapt, 2),

@@ -386,12 +386,15 @@ def _strip(a: Any, r0: int, r1: int) -> np.ndarray:
 
 def score_strips(pred: Any = None, truth: Any = None, pred_inst: Any = None, truth_inst: Any = None, *,
                  n_classes: int = 1, truth_to_classes: Callable[[np.ndarray], np.ndarray] | None = None,
-                 strip_rows: int = 1024, iou_threshold: float = 0.5) -> Generator[dict, None, dict]:
+                 strip_rows: int = 1024, iou_threshold: float = 0.5,
+                 exclude: Any = None) -> Generator[dict, None, dict]:
     """Semantic scores of ``pred`` vs ``truth`` class maps and instance scores of ``pred_inst`` vs ``truth_inst``,
     reading the ``(H, W)`` array-likes (numpy, zarr, dask: anything sliced by ``a[r0:r1]``) ``strip_rows`` rows
     at a time, so a slide-sized pair is never in memory whole; the result equals the whole-map metrics.
 
     Either pair may be None. ``truth_to_classes`` converts each truth strip (e.g. a support layer's 0 = unknown);
+    ``exclude`` (an ``(H, W)`` array-like, nonzero = skip) takes pixels out of the semantic scores, e.g. the support
+    strokes a head was adapted on, so that the scores are held-out; the instance scores are not affected.
     ``n_classes`` is a lower bound (the matrix grows with the largest id seen). Yields ``{"stage": "evaluate",
     "done", "total"}`` after each strip; returns ``miou``, ``dice``, ``accuracy`` (semantic pair) and ``aji``,
     ``pq``, ``dq``, ``sq`` (instance pair). ValueError when the maps of a pair differ in size.
@@ -402,6 +405,8 @@ def score_strips(pred: Any = None, truth: Any = None, pred_inst: Any = None, tru
         if tuple(p.shape) != tuple(t.shape) or len(p.shape) != 2:
             raise ValueError(f"{what}: prediction {tuple(p.shape)} and truth {tuple(t.shape)} differ in size "
                              "(2D maps of the same image are needed)")
+    if exclude is not None and truth is not None and tuple(exclude.shape) != tuple(truth.shape):
+        raise ValueError(f"excluded pixels {tuple(exclude.shape)} and truth {tuple(truth.shape)} differ in size")
     if strip_rows < 1:
         raise ValueError(f"score_strips: strip_rows must be >= 1, got {strip_rows}")
     rows = [int(p.shape[0]) for p, _, _ in pairs]
@@ -415,6 +420,8 @@ def score_strips(pred: Any = None, truth: Any = None, pred_inst: Any = None, tru
             t = truth_to_classes(t) if truth_to_classes is not None else t
             _check_integer(p, "pred")
             _check_integer(t, "truth")
+            if exclude is not None:
+                t = np.where(_strip(exclude, r0, r1) != 0, IGNORE, t)
             labelled = t[t != IGNORE]
             conf.grow_to(max(int(p.max(initial=0)) + 1, int(labelled.max(initial=0)) + 1))
             conf.update(p, t)

@@ -305,6 +305,22 @@ def test_score_strips_converts_truth_and_checks_shapes():
     assert _drain(score_strips()) == {}
 
 
+def test_score_strips_excludes_pixels_from_the_semantic_scores_only():
+    rng = np.random.default_rng(3)
+    truth = rng.integers(0, 2, (50, 40)).astype(np.uint8)
+    pred = truth.copy()
+    pred[10:20] = 1 - pred[10:20]  # wrong only where the "support strokes" are
+    painted = np.zeros(truth.shape, np.uint8)
+    painted[10:20] = 3
+    inst = (np.arange(50 * 40).reshape(50, 40) // 100 + 1).astype(np.int32)
+    full = _drain(score_strips(pred, truth, inst, inst, n_classes=2, strip_rows=7))
+    held = _drain(score_strips(pred, truth, inst, inst, n_classes=2, strip_rows=7, exclude=_Lazy(painted)))
+    assert full["miou"] < 0.9 and held["miou"] == 1.0 and held["accuracy"] == 1.0
+    assert held["aji"] == full["aji"] == 1.0  # instance scores are not affected
+    with pytest.raises(ValueError, match="excluded pixels"):
+        _drain(score_strips(pred, truth, exclude=painted[:5]))
+
+
 def _drain(gen):
     return run(gen)
 

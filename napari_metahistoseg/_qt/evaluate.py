@@ -1,6 +1,7 @@
 """Evaluate: held-out metrics of the current prediction against truth layers — mIoU, Dice and pixel accuracy
-(truth == 255 or an unpainted support pixel is skipped), AJI and PQ for instances (nuclei or gland/object
-instances), detection F1 for points.
+(truth == 255 or an unpainted support pixel is skipped; by default also the pixels painted in the support strokes
+and circles of the prediction's image, which the head was adapted on), AJI and PQ for instances (nuclei or
+gland/object instances), detection F1 for points.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from typing import Any
 
 import napari
 import numpy as np
-from qtpy.QtWidgets import QFormLayout, QLabel, QProgressBar, QPushButton, QVBoxLayout, QWidget
+from qtpy.QtWidgets import QCheckBox, QFormLayout, QLabel, QProgressBar, QPushButton, QVBoxLayout, QWidget
 
 from ..config import PointsConfig, TilingConfig
 from ..maml import run
@@ -33,10 +34,46 @@ def is_lazy(layer: Any) -> bool:
     return not isinstance(data, np.ndarray) or data.shape[0] * data.shape[1] > TilingConfig().stream_above_mp * 1e6
 
 
+class PaintedPixels:
+    """The pixels painted in support layers, as an ``(H, W)`` array-like over the whole image that
+    :func:`.metrics.score_strips` reads in row strips (``a[r0:r1]`` → bool; nonzero = painted). ``parts`` are
+    ``(layer data, (row, col) origin in the image)``: a support layer may cover a region of a slide."""
+
+    def __init__(self, shape: tuple[int, int], parts: list[tuple[Any, tuple[int, int]]]) -> None:
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.parts = [(np.asarray(data), (int(r), int(c))) for data, (r, c) in parts]
+
+    def count(self) -> int:
+        """Painted pixels inside the image (overlapping layers counted once)."""
+        return int(sum(np.count_nonzero(self[r:r + 4096]) for r in range(0, self.shape[0], 4096)))
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        if not isinstance(key, slice) or key.step not in (None, 1):
+            raise TypeError("PaintedPixels reads row strips only: a[r0:r1]")
+        r0, r1, _ = key.indices(self.shape[0])
+        out = np.zeros((max(r1 - r0, 0), self.shape[1]), bool)
+        for data, (pr, pc) in self.parts:
+            a, b = max(r0, pr), min(r1, pr + data.shape[0])
+            c0, c1 = max(0, pc), min(self.shape[1], pc + data.shape[1])
+            if a < b and c0 < c1:
+                out[a - r0:b - r0, c0:c1] |= data[a - pr:b - pr, c0 - pc:c1 - pc] != 0
+        return out
+
+
+def support_pixels(viewer: napari.Viewer, pred: Any) -> PaintedPixels | None:
+    """The support strokes and centroid circles made for the prediction's image (None if there are none)."""
+    image = plugin_meta(pred).get("image")
+    parts = [(level0(ly), support_origin(ly)) for ly in viewer.layers
+             if kind_of(ly) in ("support", "circles") and plugin_meta(ly).get("image") == image]
+    return PaintedPixels(level0(pred).shape[:2], parts) if parts else None
+
+
 def score_job(pred: Any, truth: Any, pred_inst: Any = None, truth_inst: Any = None,
-              truth_points: Any = None, match_radius_px: float | None = None) -> Generator[dict, None, dict]:
+              truth_points: Any = None, match_radius_px: float | None = None,
+              exclude: Any = None) -> Generator[dict, None, dict]:
     """Metrics of the given layers (any may be None except ``pred``), read in row strips; yields progress and
-    returns ``{display name: value}``. ValueError on mismatched inputs."""
+    returns ``{display name: value}``. ``exclude`` (e.g. :class:`PaintedPixels`): pixels left out of the class
+    scores. ValueError on mismatched inputs."""
     semantic = pred is not None and truth is not None
     n = max(len(plugin_meta(pred).get("classes") or []), 1) if pred is not None else 1
     convert = (lambda t: layer_to_support(t)) if semantic and kind_of(truth) == "support" else None
@@ -48,7 +85,8 @@ def score_job(pred: Any, truth: Any, pred_inst: Any = None, truth_inst: Any = No
     scores = yield from score_strips(pred_classes, level0(truth) if semantic else None,
                                      level0(pred_inst) if instances else None,
                                      level0(truth_inst) if instances else None,
-                                     n_classes=n, truth_to_classes=convert, strip_rows=STRIP_ROWS)
+                                     n_classes=n, truth_to_classes=convert, strip_rows=STRIP_ROWS,
+                                     exclude=exclude if semantic and convert is None else None)
     out = {DISPLAY[k]: v for k, v in scores.items()}
     if pred_inst is not None and truth_points is not None:
         feats = pred_inst.features
@@ -61,9 +99,10 @@ def score_job(pred: Any, truth: Any, pred_inst: Any = None, truth_inst: Any = No
 
 
 def evaluate_layers(pred: Any, truth: Any, pred_inst: Any = None, truth_inst: Any = None,
-                    truth_points: Any = None, match_radius_px: float | None = None) -> dict[str, float]:
+                    truth_points: Any = None, match_radius_px: float | None = None,
+                    exclude: Any = None) -> dict[str, float]:
     """:func:`score_job` run to its end on this thread."""
-    return run(score_job(pred, truth, pred_inst, truth_inst, truth_points, match_radius_px))
+    return run(score_job(pred, truth, pred_inst, truth_inst, truth_points, match_radius_px, exclude))
 
 
 class EvaluateWidget(QWidget):
@@ -77,6 +116,10 @@ class EvaluateWidget(QWidget):
         self.truth_inst_combo = LayerCombo(v, napari.layers.Labels, exclude_kinds=NOT_TRUTH + ("support", "truth"),
                                            optional=True)
         self.points_combo = LayerCombo(v, napari.layers.Points, exclude_kinds=("mitosis", "points"), optional=True)
+        self.hold_out = QCheckBox("leave out the support strokes", checked=True,
+                                  toolTip="score classes only where the head was not adapted: the pixels painted in "
+                                          "the support and circles layers of the prediction's image are skipped")
+        self._note = ""
         self._prefer_truth()
         v.layers.events.inserted.connect(self._prefer_truth)
         self.button = QPushButton("Evaluate")
@@ -95,6 +138,7 @@ class EvaluateWidget(QWidget):
                          ("predicted instances", self.pred_inst_combo), ("truth instances", self.truth_inst_combo),
                          ("truth points", self.points_combo)]:
             form.addRow(label, w)
+        form.addRow("", self.hold_out)
         lay = QVBoxLayout(self)
         lay.addLayout(form)
         for w in (row(self.button, self.cancel_button), self.bar, self.status, self.table):
@@ -127,10 +171,21 @@ class EvaluateWidget(QWidget):
             raise ValueError("no prediction layer: press Adapt & predict first")
         if layers[1] is None and (layers[3] is None or layers[2] is None) and layers[4] is None:
             raise ValueError("nothing to compare: choose a truth layer (classes, nuclei or points)")
+        exclude, self._note = None, ""
+        if layers[1] is not None and kind_of(layers[1]) not in ("support", "circles"):
+            strokes = support_pixels(self.viewer, layers[0])
+            painted = strokes.count() if strokes is not None else 0
+            exclude = strokes if painted and self.hold_out.isChecked() else None
+            if exclude is not None:
+                self._note = (f"<br><i>held-out: the {painted} pixels painted in the support strokes are left out "
+                              "of the class scores (instance and point scores count everything)</i>")
+            elif painted:
+                self._note = (f"<br><i>every pixel is scored, the {painted} painted in the support strokes too: "
+                              "not held-out</i>")
         if any(ly is not None and is_lazy(ly) for ly in layers[:4]):
-            self.runner.run("Evaluate", score_job, *layers, on_return=self._show)
+            self.runner.run("Evaluate", score_job, *layers, exclude=exclude, on_return=self._show)
             return None
-        return self._show(evaluate_layers(*layers))
+        return self._show(evaluate_layers(*layers, exclude=exclude))
 
     def _show(self, results: dict[str, float]) -> dict[str, float]:
         self.results = results
@@ -138,6 +193,6 @@ class EvaluateWidget(QWidget):
             raise ValueError("nothing to compare: choose a truth layer (classes, nuclei or points)")
         rows = "".join(f"<tr><td>{k}</td><td align='right'>{v:.3f}</td></tr>" for k, v in results.items())
         note = ("<br><i>truth = the support strokes the head was adapted on: not held-out</i>"
-                if kind_of(self.truth_combo.layer()) == "support" else "")
+                if kind_of(self.truth_combo.layer()) in ("support", "circles") else self._note)
         self.table.setText(f"<table>{rows}</table>{note}")
         return results

@@ -92,3 +92,21 @@ def test_lazy_layers_are_scored_in_strips_on_a_worker(viewer, evaluate, qtbot, t
     assert evaluate.results["mIoU"] == 1.0 and evaluate.results["AJI"] == 1.0 and evaluate.results["PQ"] == 1.0
     assert "mIoU" in evaluate.table.text() and evaluate.button.isEnabled()
     assert evaluate.status.text() == "Evaluate: done"
+
+
+def test_support_strokes_are_held_out_of_the_class_scores(viewer, evaluate):
+    sem, _ = _truth(viewer)
+    pred = sem.copy()
+    pred[20:24, 0:32] = 1  # wrong only in rows 20-23, where the user painted (and the head was adapted)
+    viewer.add_labels(pred, name="pred", metadata={META: {"kind": "prediction", "image": "img"}})
+    strokes = np.zeros((8, 40), np.uint8)  # a support region of the image at (18, 0), wider than the image
+    strokes[2:6] = 1
+    viewer.add_labels(strokes, name="support", metadata={META: {"kind": "support", "image": "img",
+                                                                 "origin": [18, 0]}})
+    other = np.ones((32, 32), np.uint8)  # strokes on another image: not this prediction's
+    viewer.add_labels(other, name="other support", metadata={META: {"kind": "support", "image": "another"}})
+    evaluate.truth_combo.set_layer(viewer.layers["truth"])
+    res = evaluate.evaluate()
+    assert res["mIoU"] == 1.0 and "128 pixels painted" in evaluate.table.text()
+    evaluate.hold_out.setChecked(False)
+    assert evaluate.evaluate()["mIoU"] < 0.9 and "not held-out" in evaluate.table.text()
