@@ -1,9 +1,9 @@
 """Autosaved annotation sessions (no Qt): support labels, centroid points and the adapted head of one image.
 
 A session lives in ``<root>/<fingerprint>/`` where the fingerprint identifies the image (SHA-256 of a
-downsampled copy plus its shape, see :func:`image_fingerprint`), so re-opening the same image finds its work
-again whatever the file is called. The default root is ``~/.napari-metahistoseg/sessions`` (or
-``$METAHISTOSEG_SESSIONS``). Folder contents::
+downsampled copy, or of a few blocks of a lazy slide, plus its shape, see :func:`image_fingerprint`), so
+re-opening the same image finds its work again whatever the file is called. The default root is
+``~/.napari-metahistoseg/sessions`` (or ``$METAHISTOSEG_SESSIONS``). Folder contents::
 
     session.json              {"format": "metahistoseg-session", "version": 1, "fingerprint", "shape",
                                "image_name", "classes", "colours", "mpp", "saved": {part: ISO time}}
@@ -41,6 +41,9 @@ SESSIONS_ENV = "METAHISTOSEG_SESSIONS"
 SESSION_FORMAT = "metahistoseg-session"
 FORMAT_VERSION = 1
 FINGERPRINT_SIDE_PX = 256  # the image is strided down to at most this many pixels per side before hashing
+FINGERPRINT_MAX_CHUNKS = 16  # lazy images whose strided copy would read more chunks are hashed by blocks
+FINGERPRINT_BLOCK_AT = (0.2, 0.5, 0.8)  # lazy images: blocks at these fractions of the height and the width
+FINGERPRINT_BLOCK_PX = 256  # side of each block at most (within one chunk); the grid of chunk-less lazy arrays
 FINGERPRINT_CHARS = 20  # hex characters of the SHA-256 kept as the folder name (80 bits)
 PNG_MAX_PIXELS = 64_000_000  # larger support masks are written as zlib-compressed TIFF
 HEAD_STEM = "head"
@@ -52,18 +55,66 @@ def default_root() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".napari-metahistoseg" / "sessions"
 
 
-def image_fingerprint(image: np.ndarray, *, side_px: int = FINGERPRINT_SIDE_PX) -> str:
-    """Hex fingerprint of ``image (H, W[, C])``: SHA-256 of its shape, dtype and a strided copy of at most
-    ``side_px`` pixels per side. Cheap for slide-sized (lazy) arrays: only the strided pixels are read."""
+def image_fingerprint(image: Any, *, side_px: int = FINGERPRINT_SIDE_PX) -> str:
+    """Hex fingerprint of ``image (H, W[, C])``: SHA-256 of its shape, dtype and a sample of its pixels.
+
+    The sample is a strided copy of at most ``side_px`` pixels per side, unless ``image`` is lazy (zarr, dask:
+    anything with ``chunks`` or that is not a numpy array) and that copy would touch more than
+    :data:`FINGERPRINT_MAX_CHUNKS` chunks (a slide: it would read and decode every chunk). Then the sample is
+    the chunk-aligned blocks at :data:`FINGERPRINT_BLOCK_AT` of the height and width (at most
+    :data:`FINGERPRINT_BLOCK_PX` per side, each inside one chunk and read with one slicing call), so at most 9
+    chunks are read whatever the slide's size."""
     shape = tuple(int(s) for s in image.shape)
     if len(shape) < 2 or 0 in shape[:2]:
         raise ValueError(f"image_fingerprint: expected a non-empty (H, W[, C]) image, got shape {shape}")
     step = [max(1, -(-s // side_px)) for s in shape[:2]]
-    small = np.ascontiguousarray(np.asarray(image[:: step[0], :: step[1]]))
     h = hashlib.sha256()
+    starts = None if isinstance(image, np.ndarray) and not hasattr(image, "chunks") else _chunk_starts(image, shape)
+    if starts is not None and _chunks_touched(starts, shape, step) > FINGERPRINT_MAX_CHUNKS:
+        boxes = list(dict.fromkeys((r0, r1, c0, c1) for r0, r1 in _block_spans(starts[0], shape[0])
+                                   for c0, c1 in _block_spans(starts[1], shape[1])))
+        blocks = [np.ascontiguousarray(np.asarray(image[r0:r1, c0:c1])) for r0, r1, c0, c1 in boxes]
+        h.update(json.dumps({"shape": shape, "dtype": str(blocks[0].dtype), "blocks": boxes}).encode())
+        for block in blocks:
+            h.update(block.tobytes())
+        return h.hexdigest()[:FINGERPRINT_CHARS]
+    small = np.ascontiguousarray(np.asarray(image[:: step[0], :: step[1]]))
     h.update(json.dumps({"shape": shape, "dtype": str(small.dtype)}).encode())
     h.update(small.tobytes())
     return h.hexdigest()[:FINGERPRINT_CHARS]
+
+
+def _chunk_starts(image: Any, shape: tuple[int, ...]) -> list[np.ndarray]:
+    """First row and first column of every chunk of a lazy ``image``: from ``chunks`` (zarr: sizes; dask: the
+    size of every chunk along each axis), else a grid of :data:`FINGERPRINT_BLOCK_PX`."""
+    chunks = getattr(image, "chunks", None)
+    starts = []
+    for ax in (0, 1):
+        c = chunks[ax] if chunks is not None else FINGERPRINT_BLOCK_PX
+        if isinstance(c, (int, np.integer)):
+            starts.append(np.arange(0, shape[ax], max(1, int(c))))
+        else:
+            starts.append(np.concatenate([[0], np.cumsum(np.asarray(c, np.int64))[:-1]]).astype(np.int64))
+    return starts
+
+
+def _chunks_touched(starts: list[np.ndarray], shape: tuple[int, ...], step: list[int]) -> int:
+    """How many chunks the strided copy ``image[::step0, ::step1]`` would read."""
+    n = 1
+    for ax in (0, 1):
+        n *= np.unique(np.searchsorted(starts[ax], np.arange(0, shape[ax], step[ax]), side="right")).size
+    return n
+
+
+def _block_spans(starts: np.ndarray, n: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` along one axis of the blocks at :data:`FINGERPRINT_BLOCK_AT`: each from the start of
+    the chunk holding that fraction of ``n``, at most :data:`FINGERPRINT_BLOCK_PX` long, inside that chunk."""
+    spans = []
+    for f in FINGERPRINT_BLOCK_AT:
+        i = int(np.searchsorted(starts, int(f * n), side="right")) - 1
+        end = int(starts[i + 1]) if i + 1 < len(starts) else n
+        spans.append((int(starts[i]), min(end, int(starts[i]) + FINGERPRINT_BLOCK_PX)))
+    return spans
 
 
 def _now() -> str:

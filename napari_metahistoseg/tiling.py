@@ -352,8 +352,10 @@ class InstanceStitcher:
     :func:`napari_metahistoseg.postprocess.instance_table` in window coordinates. An instance is kept only by the
     window whose core holds its centroid, so a nucleus crossing a core border is kept once, and whole as long as
     ``margin`` exceeds its diameter. Kept instances get ids 1, 2, ... in processing order and are pasted onto
-    pixels that no earlier instance holds. Finished rows go to ``write(r0, block (h, W) uint32)``, per-window
-    tables (global ids and coordinates, without contours) to ``emit(table)``.
+    pixels that no earlier instance holds; the area, bbox and centroid of one that loses pixels are those of the
+    pixels written (its type and type probability those of the whole segmented nucleus), and one that loses
+    every pixel is dropped. Finished rows go to ``write(r0, block (h, W) uint32)``, per-window tables (global
+    ids and coordinates, without contours) to ``emit(table)``.
 
     Call :meth:`advance` with the number of image rows whose maps are final; it processes every window row whose
     context is then available (yielding progress per window).
@@ -411,22 +413,32 @@ class InstanceStitcher:
         (r0, c0), (a, b, c, d) = origin, core
         cy = np.asarray(table["centroid_row"], np.float64) + r0
         cx = np.asarray(table["centroid_col"], np.float64) + c0
-        keep = (cy >= a) & (cy < b) & (cx >= c) & (cx < d)
-        ids = np.asarray(table["id"], np.int64)
-        if not keep.any():
+        k = np.flatnonzero((cy >= a) & (cy < b) & (cx >= c) & (cx < d))  # the table rows this window keeps
+        if not k.size:
             return
-        lut = np.zeros(int(inst.max()) + 1, np.uint32)
-        new_ids = np.arange(self.n_instances + 1, self.n_instances + 1 + int(keep.sum()), dtype=np.uint32)
-        lut[ids[keep]] = new_ids
-        self.n_instances += int(keep.sum())
-        new = lut[inst]
+        lut = np.zeros(int(inst.max()) + 1, np.int64)
+        lut[np.asarray(table["id"], np.int64)[k]] = np.arange(1, k.size + 1)
+        rank = lut[inst]  # i + 1 on the pixels of kept instance k[i], 0 elsewhere
         view = self.buf[r0 - self.buf_top:r0 - self.buf_top + inst.shape[0], c0:c0 + inst.shape[1]]
-        free = (view == 0) & (new > 0)
-        view[free] = new[free]
-        out = {"id": new_ids, "centroid_row": cy[keep], "centroid_col": cx[keep],
-               "bbox": np.asarray(table["bbox"], np.int64).reshape(-1, 4)[keep] + np.array([r0, c0, r0, c0]),
-               "area_px": np.asarray(table["area_px"], np.int64)[keep]}
-        for k in ("type", "type_prob"):
-            if k in table:
-                out[k] = np.asarray(table[k])[keep]
+        free = (view == 0) & (rank > 0)
+        cy, cx = cy[k], cx[k]
+        bbox = np.asarray(table["bbox"], np.int64).reshape(-1, 4)[k]
+        area = np.asarray(table["area_px"], np.int64)[k]
+        for i in np.unique(rank[(rank > 0) & ~free]) - 1:  # the (few) instances that lose pixels to earlier ones
+            y0, x0, y1, x1 = bbox[i]
+            rr, cc = np.nonzero(free[y0:y1, x0:x1] & (rank[y0:y1, x0:x1] == i + 1))
+            area[i] = rr.size
+            if rr.size:
+                bbox[i] = (y0 + rr.min(), x0 + cc.min(), y0 + rr.max() + 1, x0 + cc.max() + 1)
+                cy[i], cx[i] = y0 + rr.mean() + r0, x0 + cc.mean() + c0
+        kept = area > 0  # an instance covered entirely by earlier ones is dropped
+        gid = np.zeros(k.size + 1, np.uint32)
+        gid[1:][kept] = np.arange(self.n_instances + 1, self.n_instances + 1 + int(kept.sum()), dtype=np.uint32)
+        self.n_instances += int(kept.sum())
+        view[free] = gid[rank[free]]
+        out = {"id": gid[1:][kept], "centroid_row": cy[kept], "centroid_col": cx[kept],
+               "bbox": bbox[kept] + np.array([r0, c0, r0, c0]), "area_px": area[kept]}
+        for key in ("type", "type_prob"):
+            if key in table:
+                out[key] = np.asarray(table[key])[k][kept]
         self.emit(out)

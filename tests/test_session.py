@@ -41,6 +41,57 @@ def test_fingerprint_large_image_uses_strided_copy():
     assert image_fingerprint(big) != fp
 
 
+def test_fingerprint_of_numpy_unchanged():
+    """Digests computed by the strided-copy code of sessions 1-14: existing sessions must keep their folders."""
+    a = (np.arange(300 * 200 * 3) % 251).astype(np.uint8).reshape(300, 200, 3)
+    b = (np.arange(40 * 30) * 7 % 65521).astype(np.uint16).reshape(40, 30)
+    assert image_fingerprint(a) == "d3c37fe94a81d70dc831"
+    assert image_fingerprint(b) == "9db3bf15e522d8b30282"
+
+
+class ChunkCounter:
+    """A lazy (H, W) array with square chunks that records which chunks its reads touch."""
+
+    def __init__(self, data: np.ndarray, chunk: int) -> None:
+        self.data, self.chunks, self.shape, self.dtype = data, (chunk, chunk), data.shape, data.dtype
+        self.touched: set[tuple[int, int]] = set()
+        self.calls = 0
+
+    def __getitem__(self, key):
+        self.calls += 1
+        rows, cols = (np.arange(self.shape[i])[k] // self.chunks[i] for i, k in enumerate(key))
+        self.touched |= {(int(r), int(c)) for r in np.unique(rows) for c in np.unique(cols)}
+        return self.data[key]
+
+
+def test_fingerprint_of_lazy_slide_reads_few_chunks():
+    data = np.random.default_rng(1).integers(0, 256, (40 * 64, 40 * 64), dtype=np.uint8)  # 40 x 40 chunks
+    lazy = ChunkCounter(data, 64)
+    fp = image_fingerprint(lazy)
+    assert 0 < len(lazy.touched) <= 16 and lazy.calls <= 16
+    assert image_fingerprint(ChunkCounter(data.copy(), 64)) == fp
+    r, c = min(lazy.touched)  # a chunk that was hashed: change one of its pixels
+    changed = data.copy()
+    changed[r * 64, c * 64] ^= 1
+    assert image_fingerprint(ChunkCounter(changed, 64)) != fp
+    assert image_fingerprint(ChunkCounter(data[:, :-1], 64)) != fp  # shape is part of the key
+    # zarr and dask arrays with the same chunks read the same blocks
+    zarr, da = pytest.importorskip("zarr"), pytest.importorskip("dask.array")
+    z = zarr.create_array(store={}, shape=data.shape, chunks=(64, 64), dtype=data.dtype)
+    z[:] = data
+    assert image_fingerprint(z) == fp
+    assert image_fingerprint(da.from_array(data, chunks=64)) == fp
+
+
+def test_fingerprint_of_small_lazy_image_matches_numpy():
+    """A lazy image whose strided copy reads few chunks keeps the numpy fingerprint (sessions carry over)."""
+    data = np.random.default_rng(2).integers(0, 256, (200, 150, 3), dtype=np.uint8)
+    lazy = ChunkCounter(data, 64)
+    lazy.chunks = (64, 64, 3)
+    assert image_fingerprint(lazy) == image_fingerprint(data)
+    assert lazy.calls == 1
+
+
 def test_fingerprint_rejects_empty():
     with pytest.raises(ValueError, match="non-empty"):
         image_fingerprint(np.zeros((0, 4)))

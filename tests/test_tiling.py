@@ -10,7 +10,7 @@ import torch
 from napari_metahistoseg.config import HoVerPostConfig, ModelConfig, TilingConfig
 from napari_metahistoseg.data.synthetic import synthetic_tile
 from napari_metahistoseg.models import MetaHistoSegNet
-from napari_metahistoseg.postprocess import HoVerPostProcessor, hv_targets
+from napari_metahistoseg.postprocess import HoVerPostProcessor, hv_targets, instance_table
 from napari_metahistoseg.tiling import (
     BandBlender,
     InstanceStitcher,
@@ -364,6 +364,40 @@ def test_instance_stitching_of_touching_nuclei_is_as_good_as_one_pass():
     assert _matched(truth, stitched) >= _matched(truth, whole) - 2
     assert ((whole > 0) == (stitched > 0)).mean() > 0.999  # the same nuclear pixels
     assert len(np.unique(stitched)) - 1 == st.n_instances == sum(len(t["id"]) for t in tables)
+
+
+def test_instance_stitcher_table_matches_the_pasted_pixels():
+    """Two windows side by side (cores at columns 0 and 40): the left one keeps discs A and D, the right one B,
+    which overlaps A, and C, which lies inside D. B keeps only its free pixels, C none: the table describes the
+    pixels written (C is dropped), not the windows' own segmentation."""
+    shape = (40, 80)
+    own = {0: [((20, 36), 8), ((5, 38), 5)], 30: [((20, 46), 8), ((5, 41), 2)]}  # window column -> discs
+
+    def segment(r0, c0, r1, c1):
+        inst = np.zeros(shape, np.uint32)
+        yy, xx = np.mgrid[:shape[0], :shape[1]]
+        for i, ((r, c), rad) in enumerate(own[c0], start=1):
+            inst[(yy - r) ** 2 + (xx - c) ** 2 <= rad**2] = i
+        crop = inst[r0:r1, c0:c1]
+        return crop, instance_table(crop)
+
+    out = np.zeros(shape, np.uint32)
+    tables = []
+    st = InstanceStitcher(shape, core=40, margin=10, segment=segment,
+                          write=lambda r0, block: out.__setitem__(slice(r0, r0 + block.shape[0]), block),
+                          emit=tables.append)
+    list(st.advance(shape[0]))
+    table = {k: np.concatenate([t[k] for t in tables]) for k in ("id", "area_px", "bbox", "centroid_row",
+                                                                  "centroid_col")}
+    assert st.n_instances == 3 and sorted(table["id"].tolist()) == [1, 2, 3] == np.unique(out[out > 0]).tolist()
+    b = table["id"][np.argmin(np.abs(table["centroid_col"] - 47))]
+    assert 0 < np.count_nonzero(out == b) < np.count_nonzero(segment(0, 30, 40, 80)[0] == 1)  # B lost pixels
+    ref = instance_table(out)
+    order = np.argsort(table["id"])
+    for k in ("id", "area_px", "bbox"):
+        np.testing.assert_array_equal(table[k][order], ref[k])
+    for k in ("centroid_row", "centroid_col"):
+        np.testing.assert_allclose(table[k][order], ref[k])
 
 
 def test_instance_stitcher_rejects_bad_windows():

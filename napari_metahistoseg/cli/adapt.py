@@ -6,7 +6,8 @@ is) 0 is unknown and label k is class k-1. Points: a CSV (``row,col[,class]``, `
 napari's ``axis-0,axis-1``); each point becomes a filled circle of ``--radius`` (px or µm) of its class (default
 1; class 0 marks background); pixels away from every circle are unknown, or background with
 ``--points-exhaustive`` (every object of the image was clicked), leaving a ring of
-``PointsConfig.background_margin_px`` unknown around the circles.
+``PointsConfig.background_margin_px`` unknown around the circles. Only the points' bounding box plus the circle
+radius and the context is read and used (the whole image when that covers it).
 
 Only the labelled part of the image (plus context) is read, so IMAGE may be a whole slide; with ``--origin ROW,COL``
 the labels image covers only a region of IMAGE starting at that pixel (as the GUI's support regions), so a slide's
@@ -194,16 +195,15 @@ def _from_points(args, img, mpp: float, margin: int):
     classes = _class_names(args.classes, top + 1, default)
     radius = _radius_px(args, mpp)
     ring = PointsConfig().background_margin_px if args.points_exhaustive else 0.0
-    if args.points_exhaustive:  # every pixel is annotated: the whole image is the support
-        r0, c0, r1, c1 = 0, 0, h, w
-    else:
-        reach = int(math.ceil(radius + margin))
-        r0, c0 = max(0, int(pts[:, 0].min()) - reach), max(0, int(pts[:, 1].min()) - reach)
-        r1, c1 = min(h, int(pts[:, 0].max()) + reach + 1), min(w, int(pts[:, 1].max()) + reach + 1)
+    # only the points' bounding box, their circles and the context is read (a slide is never read whole); with
+    # --points-exhaustive the pixels of that window away from the circles are background
+    reach = int(math.ceil(radius + margin))
+    r0, c0 = max(0, int(pts[:, 0].min()) - reach), max(0, int(pts[:, 1].min()) - reach)
+    r1, c1 = min(h, int(pts[:, 0].max()) + reach + 1), min(w, int(pts[:, 1].max()) + reach + 1)
     sem, _ = points_to_masks(pts - [r0, c0], cls, (r1 - r0, c1 - c0), radius,
                              background="background" if args.points_exhaustive else "unknown",
                              background_margin_px=ring)
     if args.points_exhaustive and not (sem == 0).any():
-        raise ValueError(f"{args.points}: with --points-exhaustive the circles cover the whole image; "
-                         "no background is left to learn from")
+        raise ValueError(f"{args.points}: with --points-exhaustive the circles cover the whole image around the "
+                         "points; no background is left to learn from")
     return img.read(r0, c0, r1, c1), np.asarray(sem), classes, "points"
