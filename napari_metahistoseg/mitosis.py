@@ -9,12 +9,14 @@ classified by a CNN with 2 outputs; positives are augmented by rotations of 0/45
 * :class:`MitosisNet`       ``(B, 3, P, P) float32`` in [0, 1] → ``(B, n_classes)`` raw logits
 * :func:`classify`          patches → ``(N,) float32`` probability of class 1 (mitotic; atypical after adaptation)
 * :func:`adapt_classifier`  generator: few-shot adaptation of the head (and optionally the last conv stages)
+* :func:`adapt_from_points` generator: an image's clicked examples (1 = mitotic, 0 = not) → adapted classifier
 * :func:`save_mitosis_model` / :func:`load_mitosis_model` — safetensors + JSON, strict, never pickle.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime as _dt
 import json
 import math
@@ -31,6 +33,7 @@ from torch import nn
 from .checkpoints import _atomic_save_tensors, _atomic_write_json, _load_tensors, file_sha256, git_commit, stem_paths
 from .config import MitosisConfig, from_dict, to_dict
 from .devices import get_device, resolve_devices
+from .maml import relay
 from .models import group_norm
 
 MITOSIS_FORMAT = "metahistoseg-mitosis"
@@ -98,7 +101,7 @@ def extract_patches(image: np.ndarray, points: np.ndarray, mpp: float,
     if pts.ndim != 2 or pts.shape[1] != 2 or not np.isfinite(pts).all():
         raise ValueError(f"points must be a finite (N, 2) array of (row, col), got shape {pts.shape}")
     h, w = im.shape[:2]
-    outside = np.flatnonzero((pts[:, 0] < -0.5) | (pts[:, 0] > h - 0.5) | (pts[:, 1] < -0.5) | (pts[:, 1] > w - 0.5))
+    outside = points_outside(pts, (h, w))
     if outside.size:
         raise ValueError(f"{outside.size} point(s) lie outside the {h}x{w} image, e.g. index {outside[0]} at "
                          f"{pts[outside[0]].tolist()}")
@@ -117,6 +120,14 @@ def extract_patches(image: np.ndarray, points: np.ndarray, mpp: float,
             crop = np.pad(crop, pad, mode=mode, **kw)
         crops[i] = crop
     return _resize(crops, cfg.patch_px), padded
+
+
+def points_outside(points: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Indices of the ``points (N, 2)`` (row, col) outside an image of ``shape`` (H, W): pixel centres are at integer
+    coordinates, so the image spans -0.5 .. H - 0.5 (rows) and -0.5 .. W - 0.5 (columns)."""
+    pts = np.asarray(points, np.float64).reshape(-1, 2)
+    h, w = shape
+    return np.flatnonzero((pts[:, 0] < -0.5) | (pts[:, 0] > h - 0.5) | (pts[:, 1] < -0.5) | (pts[:, 1] > w - 0.5))
 
 
 def classify_points_blockwise(model: MitosisNet, read, shape: tuple[int, int], points: np.ndarray, mpp: float, *,
@@ -365,6 +376,67 @@ def adapted_model(model: MitosisNet, state: dict[str, torch.Tensor]) -> MitosisN
     net = MitosisNet(model.cfg, n_classes=int(state["head.weight"].shape[0]))
     net.load_state_dict(state, strict=True)
     return net.eval()
+
+
+def patches_at(image, points: np.ndarray, mpp: float, cfg: MitosisConfig) -> np.ndarray:
+    """:func:`extract_patches` of ``image`` at a few ``points (N, 2)`` (row, col), reading only a window around each
+    point: ``image`` is any ``(H, W, 3)`` uint8 array or region reader sliced as ``image[r0:r1, c0:c1]`` (e.g. a
+    :class:`~.slide.LazyImage` of a slide). Same patches as on the whole image; ``(N, P, P, 3) uint8``."""
+    pts = np.asarray(points, np.float64).reshape(-1, 2)
+    h, w = int(image.shape[0]), int(image.shape[1])
+    outside = points_outside(pts, (h, w))
+    if outside.size:
+        listed = ", ".join(f"(row {pts[i, 0]:g}, col {pts[i, 1]:g})" for i in outside[:5])
+        raise ValueError(f"{outside.size} point(s) lie outside the {h}x{w} image: {listed}")
+    side = patch_side_px(mpp, cfg) + 2  # the window of extract_patches plus a pixel of rounding on each side
+    out = np.empty((len(pts), cfg.patch_px, cfg.patch_px, 3), np.uint8)
+    for i, (r, c) in enumerate(pts):
+        r0, c0 = max(0, int(r) - side), max(0, int(c) - side)
+        crop = np.asarray(image[r0:min(h, int(r) + side + 1), c0:min(w, int(c) + side + 1)])
+        out[i] = extract_patches(crop, [[r - r0, c - c0]], mpp, cfg)[0][0]
+    return out
+
+
+def adapt_from_points(
+    image, points: np.ndarray, labels: np.ndarray, mpp: float, *, model: MitosisNet | str | os.PathLike | None = None,
+    steps: int | None = None, devices: str | Sequence[str] = "cpu", source: str = "",
+) -> Generator[dict, None, tuple[MitosisNet, dict]]:
+    """Adapt a mitosis classifier to a user's clicked examples of one image (what the CLI's ``adapt-mitosis`` and
+    the GUI's *Mitosis classifier* run).
+
+    Args:
+        image: ``(H, W, 3)`` uint8 array or region reader (:func:`patches_at`: only windows around the points are read).
+        points: ``(N, 2)`` (row, col) image pixels of the clicked examples.
+        labels: ``(N,)`` 1 = mitotic, 0 = not mitotic; at least one of each.
+        mpp: µm per pixel of ``image`` (the patches are ``cfg.patch_um`` µm).
+        model: the base classifier: a :class:`MitosisNet`, a saved model's path, or None (the bundled one). Its
+            head is fine-tuned (same classes); its config gives the patch geometry and the adaptation settings.
+        steps: adaptation steps (default: the base config's ``adapt_steps``).
+        source: names the image in the provenance.
+
+    Yields ``{"stage": "examples", "done", "total"}`` while reading patches, then :func:`adapt_classifier`'s steps
+    with ``"stage": "adapt"``. Returns the adapted model (CPU, eval mode) and ``{"adapted_from": provenance}`` for
+    :func:`save_mitosis_model`'s ``extra``.
+    """
+    y = np.asarray(labels).reshape(-1)
+    pts = np.asarray(points, np.float64).reshape(-1, 2)
+    if len(y) != len(pts) or not np.isin(y, (0, 1)).all():
+        raise ValueError(f"labels must be {len(pts)} values of 1 (mitotic) or 0 (not mitotic), got {y.tolist()[:10]}")
+    n_pos, n_neg = int((y == 1).sum()), int((y == 0).sum())
+    if not n_pos or not n_neg:
+        raise ValueError(f"the examples need at least one mitotic (1) and one non-mitotic (0) point; got {n_pos} "
+                         f"mitotic and {n_neg} non-mitotic")
+    base = "bundled" if model is None else model if isinstance(model, MitosisNet) else str(model)
+    net = model if isinstance(model, MitosisNet) else load_mitosis_model(model)[0]
+    cfg = net.cfg if steps is None else dataclasses.replace(net.cfg, adapt_steps=int(steps))
+    yield {"stage": "examples", "done": 0, "total": len(pts)}
+    patches = patches_at(image, pts, mpp, net.cfg)
+    yield {"stage": "examples", "done": len(pts), "total": len(pts)}
+    state = yield from relay(adapt_classifier(net, patches, y.astype(np.int64), cfg, devices=devices),
+                             lambda p: {**p, "stage": "adapt"})
+    info = {"image": str(source), "mpp": float(mpp), "n_mitotic": n_pos, "n_not_mitotic": n_neg,
+            "steps": cfg.adapt_steps, "base_model": base if isinstance(base, str) else "(in memory)"}
+    return adapted_model(net, state), {"adapted_from": info}
 
 
 # ------------------------------------------------------------------------------------------ weights

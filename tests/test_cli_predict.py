@@ -3,6 +3,7 @@ line naming the file and exit code 2; torchrun-style sharding with two processes
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import os
@@ -18,9 +19,13 @@ import zarr
 
 from napari_metahistoseg.checkpoints import save_model
 from napari_metahistoseg.cli import main
-from napari_metahistoseg.config import MAMLConfig, ModelConfig
+from napari_metahistoseg.cli.adapt import _from_points
+from napari_metahistoseg.config import MAMLConfig, ModelConfig, PointsConfig
+from napari_metahistoseg.data.io import read_points_csv
+from napari_metahistoseg.data.points import points_to_masks
 from napari_metahistoseg.data.synthetic import synthetic_points_tile, synthetic_tile
 from napari_metahistoseg.models import MetaHistoSegNet
+from napari_metahistoseg.slide import LazyImage, open_array, open_image
 
 REPO = Path(__file__).resolve().parents[1]
 HOVER_TYPES = ["background", "other", "inflammatory", "epithelial", "spindle"]
@@ -152,6 +157,41 @@ def test_adapt_points_need_a_contrast(work, capsys):
     assert code == 2
     line = one_error_line(err)
     assert "b_points.csv" in line and "--points-exhaustive" in line and "class 0" in line
+
+
+def _points_args(points: Path) -> argparse.Namespace:
+    return argparse.Namespace(points=str(points), points_exhaustive=True, classes=None, radius=3.0, radius_unit="um")
+
+
+def test_exhaustive_points_support_of_a_small_image_is_the_whole_image(work):
+    """The window around the points covers this image: the support is the one of the whole image, as before."""
+    with open_image(work / "b.tif") as img:
+        crop, sem, classes, _ = _from_points(_points_args(work / "b_points.csv"), img, 0.5, 48)
+        full = img.read(0, 0, *img.shape[:2])
+    pts, cls = read_points_csv(work / "b_points.csv", shape=full.shape[:2])
+    ref, _ = points_to_masks(pts, cls, full.shape[:2], 6.0, background="background",
+                             background_margin_px=PointsConfig().background_margin_px)
+    assert classes == ["background", "nucleus"]
+    np.testing.assert_array_equal(crop, full)
+    np.testing.assert_array_equal(sem, ref)
+
+
+def test_exhaustive_points_in_a_corner_read_only_their_window(tmp_path, monkeypatch):
+    """Points in one corner of a large (lazy) image: only their box plus radius and context is read, and the
+    support there is the whole-image support's window."""
+    big = open_array(np.random.default_rng(0).integers(0, 256, (2000, 2400, 3), dtype=np.uint8), "big", mpp=0.5)
+    (tmp_path / "p.csv").write_text("row,col,class\n1900.5,2300.2,1\n1950,2350,1\n1930,2380.7,1\n")
+    reads = []
+    real_read = LazyImage.read
+    monkeypatch.setattr(LazyImage, "read", lambda self, *box: reads.append(box) or real_read(self, *box))
+    crop, sem, _, _ = _from_points(_points_args(tmp_path / "p.csv"), big, 0.5, 48)
+    reach = 6 + 48
+    assert reads == [(1900 - reach, 2300 - reach, 2000, 2400)]
+    assert crop.shape == (100 + reach, 100 + reach, 3) and sem.shape == crop.shape[:2]
+    pts, cls = read_points_csv(tmp_path / "p.csv", shape=(2000, 2400))
+    ref, _ = points_to_masks(pts, cls, (2000, 2400), 6.0, background="background",
+                             background_margin_px=PointsConfig().background_margin_px)
+    np.testing.assert_array_equal(sem, ref[1900 - reach:, 2300 - reach:])
 
 
 def test_adapt_with_napari_style_labels(work, capsys, tmp_path):
@@ -363,6 +403,22 @@ def test_predict_bad_image_one_line(work, head, capsys, tmp_path, case):
     assert code == 2
     line = one_error_line(err)
     assert str(path) in line and problem in line
+
+
+@pytest.mark.parametrize("command", ["predict", "adapt"])
+@pytest.mark.parametrize("case", ["garbage", "truncated"])
+def test_bad_image_is_one_line_in_a_fresh_process(work, head, tmp_path, command, case):
+    """In a process of its own (pytest's log capture out of the way) a bad TIFF gives our one error line and no
+    other message (tifffile warned about the garbage file on a line of its own); progress lines aside."""
+    path, _ = _bad_files(tmp_path)[case]
+    extra = (["--head", head] if command == "predict"
+             else ["--points", work / "b_points.csv", "--backbone", work / "bb", *FAST])
+    p = subprocess.run([sys.executable, "-m", "napari_metahistoseg", command, path, *extra, "--out", tmp_path / "o"],
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=REPO, capture_output=True, text=True,
+                       timeout=300)
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip() and not ln.startswith(f"[{command}] ")]
+    assert p.returncode == 2 and len(lines) == 1, p.stderr
+    assert lines[0].startswith("metahistoseg: error:") and str(path) in lines[0]
 
 
 def test_predict_goes_on_after_a_bad_image(work, head, capsys, tmp_path):

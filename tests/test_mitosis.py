@@ -21,12 +21,14 @@ from napari_metahistoseg.mitosis import (
     extract_patches,
     load_mitosis_model,
     patch_side_px,
+    patches_at,
     points_from_table,
     rotate_patches,
     rotations_for,
     save_mitosis_model,
     stain_jitter,
 )
+from napari_metahistoseg.slide import open_image
 
 CFG = MitosisConfig()  # 32 µm patches resized to 64 px
 
@@ -98,6 +100,22 @@ def test_extract_patches_bad_input():
         extract_patches(img.astype(np.float32), np.zeros((1, 2)), 0.25, CFG)
     patches, padded = extract_patches(img, np.zeros((0, 2)), 0.25, CFG)
     assert patches.shape == (0, 64, 64, 3) and padded.shape == (0,)
+
+
+@pytest.mark.parametrize("mode", ["reflect", "constant", "edge"])
+def test_patches_at_reads_windows_and_matches_the_whole_image(mode):
+    cfg = MitosisConfig(pad_mode=mode)
+    img = disc_image(shape=(600, 700), centre=(5.0, 6.0))
+    pts = np.array([[5.0, 6.0], [100.3, 119.6], [599.4, 699.0], [-0.4, 0.0], [350.0, 3.0]])
+    lazy = open_image(img)
+    reads = []
+    read = lazy.read
+    lazy.read = lambda r0, c0, r1, c1: reads.append((r1 - r0) * (c1 - c0)) or read(r0, c0, r1, c1)
+    np.testing.assert_array_equal(patches_at(lazy, pts, 0.25, cfg), extract_patches(img, pts, 0.25, cfg)[0])
+    assert len(reads) == len(pts) and max(reads) <= (2 * 130 + 1) ** 2 < 600 * 700  # windows, never the image
+    with pytest.raises(ValueError, match=r"2 point\(s\) lie outside the 600x700 image: \(row 600\.6, col 3\), "
+                                         r"\(row 3, col -0\.6\)"):
+        patches_at(img, np.array([[600.6, 3.0], [50.0, 50.0], [3.0, -0.6]]), 0.25, cfg)
 
 
 def test_points_from_table():

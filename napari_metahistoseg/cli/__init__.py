@@ -23,7 +23,7 @@ from types import ModuleType
 from .. import __version__
 
 PROG = "metahistoseg"
-SUBCOMMANDS: tuple[str, ...] = ("inspect", "train", "evaluate", "adapt", "predict")
+SUBCOMMANDS: tuple[str, ...] = ("inspect", "train", "evaluate", "adapt", "adapt_mitosis", "predict")
 """Submodules of :mod:`napari_metahistoseg.cli` that provide subcommands, in ``--help`` order."""
 
 EXIT_OK = 0
@@ -79,9 +79,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _own_or_error(record: logging.LogRecord) -> bool:
+    """Our own records, and only the errors of other libraries: a library's warning about a file that we then
+    reject (tifffile's "invalid offset to first page") would be a second line before our one-line error."""
+    return record.levelno >= logging.ERROR or record.name.split(".")[0] == __name__.split(".")[0]
+
+
 def _configure_logging(args: argparse.Namespace) -> None:
+    """Warnings to stderr (progress with ``--verbose``, everything with ``--debug``); other libraries' warnings
+    and info (tifffile, zarr, ...) only with ``--verbose`` or ``--debug``."""
     level = logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
+    if not (args.debug or args.verbose):
+        handler.addFilter(_own_or_error)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", handlers=[handler])
 
 
 def error(message: str, code: int = EXIT_ERROR) -> int:
