@@ -11,6 +11,7 @@ import dataclasses
 from typing import Any
 
 import napari
+from napari.utils.notifications import show_warning
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QFormLayout, QLabel, QProgressBar, QPushButton, QVBoxLayout, QWidget
 
@@ -34,6 +35,7 @@ class AdaptWidget(QWidget):
         self._preview: Any = None
         self._live_layers: list[Any] = []
         self._live_pending = False
+        self._mpp_warned: set[str] = set()  # images whose unknown µm/px was already reported
         self.last_created: list[Any] = []  # layers added by the last finished run
         self._build()
         self.state.backbone_changed.connect(self._sync_backbone)
@@ -179,6 +181,12 @@ class AdaptWidget(QWidget):
 
     def _progress(self, p: dict, image_layer: Any) -> None:
         stage = p.get("stage")
+        if p.get("mpp_assumed") is not None and image_layer.name not in self._mpp_warned:
+            # never silent (once per image, not on every live re-adaptation): a 40x slide taken at 0.5 µm/px is
+            # wrongly scaled
+            self._mpp_warned.add(image_layer.name)
+            show_warning(f"{image_layer.name}: µm per pixel unknown — assuming {p['mpp_assumed']:g} µm/px (the "
+                         "backbone's); set it in Annotate support")
         if stage == "adapt" and p.get("loss") is not None:
             self.curve.add(p["loss"])
         elif stage == "adapted":

@@ -2,7 +2,8 @@
 
 They yield the core progress dicts unchanged plus a few of their own: ``{"stage": "adapted", "head"}`` once
 the head is ready (so the GUI keeps it even if prediction is cancelled later) and ``{"stage": "preview",
-"prediction", "region"}`` with the visible field of view, predicted before the full image.
+"prediction", "region"}`` with the visible field of view, predicted before the full image, and ``{"stage":
+"backbone", "mpp_assumed"}`` when the image's µm per pixel is unknown (the backbone's is used; the GUI says so).
 
 Images above ``TilingConfig.stream_above_mp`` megapixels (slides) are never read whole: the support is cut out
 around the painted pixels for adaptation, and prediction streams tile by tile into a zarr store
@@ -192,11 +193,19 @@ def _mitosis_streamed(lazy: Any, res: LargePrediction, s: PredictSettings) -> Ge
     return pts, probs
 
 
+def mpp_assumed(bb: Backbone) -> dict:
+    """The progress dict telling the GUI that the image's µm per pixel is unknown and the backbone's is assumed."""
+    return {"stage": "backbone", "mpp_assumed": bb.mpp}
+
+
 def predict_job(backbone: Backbone | Callable[[], Backbone], head: AdaptedHead, image: Any,
-                settings: PredictSettings) -> Generator[dict, None, Result]:
+                settings: PredictSettings, *, tell_mpp: bool = True) -> Generator[dict, None, Result]:
     """Predict the visible region first (yielded as a preview), then the whole image — in memory, or streamed
-    into a zarr store when the image is large (:func:`is_large`; mitosis patches are then read block by block)."""
+    into a zarr store when the image is large (:func:`is_large`; mitosis patches are then read block by block).
+    ``tell_mpp``: yield :func:`mpp_assumed` first when ``settings.mpp`` is unknown."""
     bb = backbone() if callable(backbone) else backbone
+    if settings.mpp is None and tell_mpp:
+        yield mpp_assumed(bb)
     if is_large(image, settings.tiling):
         return (yield from _predict_streamed(bb, head, image, settings))
     image = np.asarray(image)
@@ -223,6 +232,8 @@ def adapt_job(backbone: Callable[[], Backbone], image: Any, support: np.ndarray,
     context adaptation keeps around it)."""
     yield {"stage": "backbone"}
     bb = backbone()
+    if mpp is None:
+        yield mpp_assumed(bb)
     regions = [(support, tuple(origin))] + [(s, tuple(o)) for s, o in more]
     region = len(regions) > 1 or tuple(origin) != (0, 0) or tuple(support.shape) != tuple(image.shape[:2])
     if region or is_large(image, then_predict.tiling if then_predict is not None else TilingConfig()):
@@ -239,4 +250,4 @@ def adapt_job(backbone: Callable[[], Backbone], image: Any, support: np.ndarray,
     yield {"stage": "adapted", "head": head}
     if then_predict is None:
         return None
-    return (yield from predict_job(bb, head, image, then_predict))
+    return (yield from predict_job(bb, head, image, then_predict, tell_mpp=False))

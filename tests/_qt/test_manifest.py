@@ -8,12 +8,14 @@ from napari_metahistoseg._qt.adapt import AdaptWidget
 from napari_metahistoseg._qt.annotate import AnnotateWidget
 from napari_metahistoseg._qt.evaluate import EvaluateWidget
 from napari_metahistoseg._qt.heads import HeadsWidget
+from napari_metahistoseg._qt.mitosis import MitosisWidget
 from napari_metahistoseg._qt.train import TrainWidget
 
 from ._helpers import PLUGIN
 
 WIDGETS = {"Annotate support": AnnotateWidget, "Adapt & predict": AdaptWidget,
-           "Export / import head": HeadsWidget, "Evaluate": EvaluateWidget, "Train backbone": TrainWidget}
+           "Export / import head": HeadsWidget, "Evaluate": EvaluateWidget, "Train backbone": TrainWidget,
+           "Mitosis classifier": MitosisWidget}
 
 
 @pytest.mark.parametrize("name", list(WIDGETS))
