@@ -106,6 +106,7 @@ class LargePrediction:
     mpp: float
     tiles: int
     nuclei_csv: Path | None = None
+    nuclei_geojson: Path | None = None  # the nuclei outlines (:class:`NucleiGeoJSON`)
     n_instances: int = 0
     objects_csv: Path | None = None
     n_objects: int = 0
@@ -447,6 +448,28 @@ class NucleiGeoJSON:
             self._f.close()
 
 
+class NucleiOutputs:
+    """The per-nucleus outputs of a streamed prediction, written window by window: the table
+    (:class:`NucleiCSV`, at ``path``) and the outlines (:class:`NucleiGeoJSON`, the same name with ``.geojson``)."""
+
+    def __init__(self, path: str | os.PathLike, *, mpp: float, type_names: Sequence[str] = ()) -> None:
+        self.table = NucleiCSV(path, mpp=mpp, type_names=type_names)
+        self.outlines = NucleiGeoJSON(Path(path).with_suffix(".geojson"), mpp=mpp, type_names=type_names)
+        self.path, self.geojson = self.table.path, self.outlines.path
+
+    @property
+    def rows(self) -> int:
+        return self.table.rows
+
+    def write(self, table: dict, offset: tuple[int, int] = (0, 0)) -> None:
+        self.table.write(table, offset)
+        self.outlines.write(table, offset)
+
+    def close(self) -> None:
+        self.table.close()
+        self.outlines.close()
+
+
 class ObjectsCSV:
     """Write a per-object table (:data:`.postprocess.OBJECT_COLUMNS`; :class:`.postprocess.ObjectStats`) to CSV."""
 
@@ -680,7 +703,8 @@ def predict_large(
     pixel of the image (default: its metadata, else the backbone's, with a warning). ``roi = (r0, c0, r1, c1)``
     (image pixels, e.g. the visible field of view) is predicted first and announced by a ``{"stage": "roi"}``
     progress event; its tiles are computed again by the full pass, which ``roi_only`` skips. The nuclei table
-    goes to ``nuclei_csv`` (default ``<out_dir without .zarr>.nuclei.csv``). ``objects``: large-object instances
+    goes to ``nuclei_csv`` (default ``<out_dir without .zarr>.nuclei.csv``), their outlines next to it
+    (``.nuclei.geojson``, :class:`NucleiGeoJSON`). ``objects``: large-object instances
     of the semantic foreground after the full pass (not for ``roi_only``), found on a grid of about
     ``object_cfg.large_work_mpp_um`` and painted back in row strips, table in ``objects_csv`` (default
     ``<out_dir without .zarr>.objects.csv``). Progress: ``{"stage": "predict" | "instances" | "objects", "done",
@@ -749,16 +773,16 @@ def _predict_large(backbone, head, image, out, mpp, devs, tiling, instances, hov
             if roi is not None:
                 res.roi = _check_roi(roi, (H, W))
                 if roi_only and instances:  # the region is all there will be: its nuclei get the table
-                    table = NucleiCSV(Path(nuclei_csv) if nuclei_csv else out.with_suffix(".nuclei.csv"), mpp=mpp,
-                                      type_names=types)
-                    res.nuclei_csv = table.path
+                    table = NucleiOutputs(Path(nuclei_csv) if nuclei_csv else out.with_suffix(".nuclei.csv"),
+                                          mpp=mpp, type_names=types)
+                    res.nuclei_csv, res.nuclei_geojson = table.path, table.geojson
                 res.n_instances = yield from _roi_pass(job, res.roi, instances, post, mpp, core, margin, table)
                 if roi_only:
                     return res
             if instances:
-                table = NucleiCSV(Path(nuclei_csv) if nuclei_csv else out.with_suffix(".nuclei.csv"), mpp=mpp,
-                                  type_names=types)
-                res.nuclei_csv = table.path
+                table = NucleiOutputs(Path(nuclei_csv) if nuclei_csv else out.with_suffix(".nuclei.csv"), mpp=mpp,
+                                      type_names=types)
+                res.nuclei_csv, res.nuclei_geojson = table.path, table.geojson
                 stitch = InstanceStitcher((H, W), core=core, margin=margin, segment=_segmenter(root, post, mpp, (0, 0)),
                                           write=lambda r, block: root["instances"].__setitem__(
                                               (slice(r, r + block.shape[0]), slice(None)), block),
@@ -837,7 +861,7 @@ def large_objects(res: LargePrediction, cfg: ObjectPostConfig, csv_path: str | o
 
 
 def _roi_pass(job: _Job, roi, instances: bool, post, mpp: float, core: int, margin: int,
-              table: NucleiCSV | None = None) -> Generator[dict, None, int]:
+              table: NucleiOutputs | None = None) -> Generator[dict, None, int]:
     """Predict the ROI (with a halo of context) and segment its nuclei, before the full pass; with ``table``
     (a prediction of the ROI only) their rows go to it in image coordinates. Returns the ROI's nucleus count."""
     r0, c0, r1, c1 = roi

@@ -355,7 +355,7 @@ class InstanceStitcher:
     pixels that no earlier instance holds; the area, bbox and centroid of one that loses pixels are those of the
     pixels written (its type and type probability those of the whole segmented nucleus), and one that loses
     every pixel is dropped. Finished rows go to ``write(r0, block (h, W) uint32)``, per-window tables (global
-    ids and coordinates, without contours) to ``emit(table)``.
+    ids and coordinates; contours too when the segmenter's table has them) to ``emit(table)``.
 
     Call :meth:`advance` with the number of image rows whose maps are final; it processes every window row whose
     context is then available (yielding progress per window).
@@ -424,13 +424,19 @@ class InstanceStitcher:
         cy, cx = cy[k], cx[k]
         bbox = np.asarray(table["bbox"], np.int64).reshape(-1, 4)[k]
         area = np.asarray(table["area_px"], np.int64)[k]
+        contours = [np.asarray(table["contour"][j], np.float64) + (r0, c0) for j in k] if "contour" in table else None
         for i in np.unique(rank[(rank > 0) & ~free]) - 1:  # the (few) instances that lose pixels to earlier ones
             y0, x0, y1, x1 = bbox[i]
-            rr, cc = np.nonzero(free[y0:y1, x0:x1] & (rank[y0:y1, x0:x1] == i + 1))
+            written = free[y0:y1, x0:x1] & (rank[y0:y1, x0:x1] == i + 1)
+            rr, cc = np.nonzero(written)
             area[i] = rr.size
             if rr.size:
                 bbox[i] = (y0 + rr.min(), x0 + cc.min(), y0 + rr.max() + 1, x0 + cc.max() + 1)
                 cy[i], cx[i] = y0 + rr.mean() + r0, x0 + cc.mean() + c0
+                if contours is not None:  # the outline of what was written
+                    from .postprocess import instance_table
+
+                    contours[i] = instance_table(written.astype(np.uint32))["contour"][0] + (y0 + r0, x0 + c0)
         kept = area > 0  # an instance covered entirely by earlier ones is dropped
         gid = np.zeros(k.size + 1, np.uint32)
         gid[1:][kept] = np.arange(self.n_instances + 1, self.n_instances + 1 + int(kept.sum()), dtype=np.uint32)
@@ -441,4 +447,6 @@ class InstanceStitcher:
         for key in ("type", "type_prob"):
             if key in table:
                 out[key] = np.asarray(table[key])[k][kept]
+        if contours is not None:
+            out["contour"] = [c for c, keep in zip(contours, kept, strict=True) if keep]
         self.emit(out)

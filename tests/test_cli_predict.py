@@ -266,6 +266,12 @@ def test_predict_streamed_matches_in_memory(work, head, capsys, tmp_path):
     mem = tifffile.imread(tmp_path / "mem" / "q1.semantic.tif")
     assert (root["semantic"][:] == mem).mean() > 0.999
     assert (tmp_path / "zarr" / "q1.nuclei.csv").exists() and "instances" in root
+    with open(tmp_path / "zarr" / "q1.nuclei.csv", newline="") as f:
+        ids = [int(r["id"]) for r in csv.DictReader(f)]
+    outlines = json.loads((tmp_path / "zarr" / "q1.nuclei.geojson").read_text())["features"]
+    assert ids and [f["properties"]["measurements"]["id"] for f in outlines] == ids
+    summary = json.loads(out.strip().splitlines()[-1])["images"]
+    assert summary[str(work / "images" / "q1.tif")]["nuclei_geojson"].endswith("q1.nuclei.geojson")
 
 
 def test_predict_with_test_time_augmentation(work, head, capsys, tmp_path):

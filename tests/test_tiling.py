@@ -398,6 +398,9 @@ def test_instance_stitcher_table_matches_the_pasted_pixels():
         np.testing.assert_array_equal(table[k][order], ref[k])
     for k in ("centroid_row", "centroid_col"):
         np.testing.assert_allclose(table[k][order], ref[k])
+    contours = [c for t in tables for c in t["contour"]]  # image coordinates, the outline of what was written
+    for i, j in enumerate(order):
+        np.testing.assert_allclose(contours[j], ref["contour"][i])
 
 
 def test_instance_stitcher_rejects_bad_windows():

@@ -80,4 +80,5 @@ def state_for(viewer: napari.Viewer) -> PluginState:
     if key not in _STATES:
         _STATES[key] = PluginState()
         weakref.finalize(viewer, _STATES.pop, key, None)
+        _STATES[key].autosaver.attach(viewer)  # any plugin widget open: every support annotation is autosaved
     return _STATES[key]

@@ -7,8 +7,8 @@ relative to the list). Per image ``<stem>``, in ``DIR``:
   ``TilingConfig.stream_above_mp`` megapixels (or with ``--stream``) ``<stem>.zarr`` with ``semantic`` (and
   ``instances``, ``np``, ``hv``, ``nc``), predicted streamed with bounded memory;
 * ``<stem>.points.csv`` — cell points detected on each class's probability (in-memory images only);
-* with ``--instances``: ``<stem>.instances.tif`` ``(H, W) uint32`` (or in the zarr) and ``<stem>.nuclei.csv``;
-  in memory also ``<stem>.nuclei.geojson``, the nuclei outlines as polygons (QuPath: File → Import objects);
+* with ``--instances``: ``<stem>.instances.tif`` ``(H, W) uint32`` (or in the zarr), ``<stem>.nuclei.csv`` and
+  ``<stem>.nuclei.geojson``, the nuclei outlines as polygons (QuPath: File → Import objects);
 * with ``--objects``: ``<stem>.objects.tif`` ``(H, W) uint32`` (or ``objects`` in the zarr) and
   ``<stem>.objects.csv`` — large-object instances (glands) of the semantic foreground (``ObjectPostConfig``);
 * with ``--mitosis`` (needs :mod:`napari_metahistoseg.mitosis`; implies ``--instances``): ``<stem>.mitosis.csv``,
@@ -357,7 +357,7 @@ class Predictor:
         if res.objects_csv is not None:
             out.update(objects_csv=str(res.objects_csv), n_objects=res.n_objects)
         if res.nuclei_csv is not None:
-            out.update(nuclei=str(res.nuclei_csv), n_nuclei=res.n_instances)
+            out.update(nuclei=str(res.nuclei_csv), nuclei_geojson=str(res.nuclei_geojson), n_nuclei=res.n_instances)
             if self.mitosis is not None:
                 ids, pts = nuclei_centroids(res.nuclei_csv)
                 out["mitosis"] = str(self._mitosis(s, lambda box: img.read(*box), img.shape, ids, pts, mpp,

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from napari_metahistoseg._qt import session as qt_session
 from napari_metahistoseg._qt.layers import layer_to_support
+from napari_metahistoseg.sample_data import META, class_colours
 from napari_metahistoseg.session import SessionStore
 
-from ._helpers import PLUGIN
+from ._helpers import PLUGIN, small_demo
 
 
 def _image(seed: int = 0) -> np.ndarray:
@@ -84,3 +86,77 @@ def test_session_folder_is_configurable(viewer, tmp_path):
     annotate.create_support()
     assert annotate.state.autosaver.save_now()
     assert (tmp_path / "elsewhere").is_dir()
+
+
+def _support(viewer, image_name: str, group: str):
+    """A plugin support layer of the image layer named ``image_name``, as the Annotate widget or the demo makes it."""
+    meta = {META: {"kind": "support", "classes": ["background", "nucleus"], "colours": class_colours(2),
+                   "group": group, "image": image_name}}
+    return viewer.add_labels(np.zeros((64, 64), np.uint8), name=f"support ({image_name})", metadata=meta)
+
+
+def _adapt_saver(viewer, interval_ms: int = 10):
+    """The autosaver of ``viewer`` with only the Adapt widget open (never the Annotate widget)."""
+    _, adapt = viewer.window.add_plugin_dock_widget(PLUGIN, "Adapt & predict")
+    saver = adapt.state.autosaver
+    saver.timer.setInterval(interval_ms)
+    return saver
+
+
+def test_demo_support_is_autosaved_without_the_annotate_widget(viewer, qtbot, _sessions_in_tmp):
+    img, sup, _, _ = small_demo(viewer)  # the demo session's layers, there before any plugin widget
+    saver = _adapt_saver(viewer)
+    sup.paint((10, 10), 2)  # more strokes with napari's brush
+    assert saver.timer.isActive()
+    with qtbot.waitSignal(saver.saved, timeout=10_000):
+        pass
+    data = SessionStore(_sessions_in_tmp).load(saver.fingerprint(img))
+    np.testing.assert_array_equal(data.support, layer_to_support(sup.data))
+    assert data.meta["image_name"] == "tile" and data.classes == ["background", "nucleus"]
+
+
+def test_every_edited_support_is_autosaved(viewer, qtbot, _sessions_in_tmp):
+    saver = _adapt_saver(viewer)
+    a = viewer.add_image(_image(0), name="a", rgb=True)
+    b = viewer.add_image(_image(1), name="b", rgb=True)
+    sup_a, sup_b = _support(viewer, "a", "ga"), _support(viewer, "b", "gb")  # added after the widget
+    points = viewer.add_points(np.zeros((0, 2)), ndim=2, features={"class": np.zeros(0, np.int64)},
+                               metadata={META: {"kind": "points", "group": "gb", "image": "b"}})
+    sup_a.paint((10, 10), 2)
+    values = np.zeros((64, 64), np.uint8)
+    values[::4] = 1
+    sup_b.data = values
+    points.feature_defaults = {"class": 1}
+    points.add([[5.0, 6.0]])
+    with qtbot.waitSignal(saver.saved, timeout=10_000):
+        pass
+    store = SessionStore(_sessions_in_tmp)
+    got_a, got_b = store.load(saver.fingerprint(a)), store.load(saver.fingerprint(b))
+    np.testing.assert_array_equal(got_a.support, layer_to_support(sup_a.data))
+    np.testing.assert_array_equal(got_b.support, layer_to_support(values))
+    assert got_a.points is None and got_b.points.tolist() == [[5.0, 6.0]] and got_b.point_classes.tolist() == [1]
+
+
+def test_pending_edits_survive_removal_and_a_missing_image(viewer, _sessions_in_tmp, monkeypatch):
+    warnings: list[str] = []
+    monkeypatch.setattr(qt_session, "show_warning", warnings.append)
+    img = viewer.add_image(_image(), name="img", rgb=True)
+    saver = _adapt_saver(viewer, interval_ms=60_000)  # the timer never fires here
+    store, fp = SessionStore(_sessions_in_tmp), saver.fingerprint(img)
+    sup = _support(viewer, "img", "g")
+    sup.paint((10, 10), 2)
+    viewer.layers.remove(sup)  # pending edits are written from the removed layer
+    np.testing.assert_array_equal(store.load(fp).support, layer_to_support(sup.data))
+    assert not saver.timer.isActive()
+    # the image removed before its support (as closing the viewer may do): the support's edits are written first
+    other = _support(viewer, "img", "g2")
+    other.paint((30, 30), 1)
+    viewer.layers.remove(img)
+    np.testing.assert_array_equal(store.load(fp).support, layer_to_support(other.data))
+    # its image no longer open: the edits are kept (warned once), and written when an image of that name is back
+    other.paint((50, 50), 2)
+    assert not saver.save_now() and not saver.save_now()
+    assert len(warnings) == 1 and other.name in warnings[0] and "'img'" in warnings[0]
+    viewer.add_image(_image(), name="img", rgb=True)
+    assert saver.save_now() and len(warnings) == 1
+    np.testing.assert_array_equal(store.load(fp).support, layer_to_support(other.data))
