@@ -429,6 +429,9 @@ class MitosisConfig:
     patch_um: float = 32.0  # side of the square patch around each candidate (AMi-Br patches: 128 px at 0.25 µm/px)
     patch_px: int = 64  # classifier input side (patches are resized to it: 0.5 µm/px at the defaults)
     threshold: float = 0.5  # probability at/above which a candidate is called mitotic/atypical
+    # scoring calls against truth figures: a call within this distance of a figure matches it (one to one); 7.5 µm
+    # is the MIDOG challenges' criterion (about the radius of a mitotic figure)
+    match_radius_um: float = 7.5
     pad_mode: str = "reflect"  # how patches crossing the image border are padded (reflect/constant/edge)
     positive_rotations_deg: tuple[float, ...] = (0.0, 45.0, 90.0)  # augmentation copies of a label-1 patch
     negative_rotations_deg: tuple[float, ...] = (0.0, 45.0)  # augmentation copies of a label-0 patch
@@ -449,6 +452,8 @@ class MitosisConfig:
             raise ValueError(f"MitosisConfig.normalise must be 'patch' or 'fixed', got {self.normalise!r}")
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"MitosisConfig.threshold must be in [0, 1], got {self.threshold!r}")
+        if not self.match_radius_um > 0:
+            raise ValueError(f"MitosisConfig.match_radius_um must be > 0, got {self.match_radius_um!r}")
         if not self.channels or any(c <= 0 for c in self.channels):
             raise ValueError(f"MitosisConfig.channels must be positive widths, got {self.channels!r}")
         if not self.positive_rotations_deg or not self.negative_rotations_deg:

@@ -385,6 +385,28 @@ def test_predict_mitosis_classifies_every_nucleus(work, head, capsys, tmp_path):
     with open(tmp_path / "a.nuclei.csv", newline="") as f:
         nuclei = list(csv.DictReader(f))
     assert len(rows) == len(nuclei) and all(0 <= float(r["prob"]) <= 1 for r in rows)
+    # scored against truth figures: two of the nuclei (x, y columns), one CSV for the image, or a folder of <stem>.csv
+    from napari_metahistoseg.metrics import detection_scores
+
+    truth = [(float(r["centroid_row"]) + 1.0, float(r["centroid_col"]) - 1.0) for r in nuclei[:2]] + [(2.0, 3.0)]
+    (tmp_path / "truth").mkdir()
+    (tmp_path / "truth" / "a.csv").write_text("x,y\n" + "".join(f"{c},{r}\n" for r, c in truth))
+    called = [(float(r["row"]), float(r["col"])) for r in rows if r["mitotic"] == "1"]
+    want = detection_scores(np.reshape(called, (-1, 2)), np.asarray(truth), MitosisConfig().match_radius_um / 0.5)
+    for spec in (tmp_path / "truth" / "a.csv", tmp_path / "truth"):
+        code, out, err = cli(capsys, "predict", work / "a.tif", "--head", head, "--mitosis", "--mitosis-model",
+                             tmp_path / "mit", "--np-source", "hover", "--threads", "1", "--mpp", "0.5",
+                             "--mitosis-truth", spec, "--out", tmp_path / "scored")
+        assert code == 0, err
+        got = json.loads(out.strip().splitlines()[-1])["images"][str(work / "a.tif")]["mitosis_scores"]
+        assert got["n_truth"] == len(truth) and got["n_called"] == len(called)
+        assert (got["precision"], got["recall"], got["f1"]) == pytest.approx((want["precision"], want["recall"],
+                                                                             want["f1"]))
+    (tmp_path / "truth" / "a.csv").write_text("x,y\n5000,5000\n")
+    code, _, err = cli(capsys, "predict", work / "a.tif", "--head", head, "--mitosis", "--mitosis-model",
+                       tmp_path / "mit", "--threads", "1", "--mitosis-truth", tmp_path / "truth", "--out",
+                       tmp_path / "bad")
+    assert code == 2 and "a.csv" in err and "outside the image" in err, (code, err)
 
 
 # ------------------------------------------------------------------------------------------ bad input

@@ -48,9 +48,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def read_examples(path: str, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """``(N, 2) float64`` (row, col) points and ``(N,) int64`` labels (1 mitotic, 0 not) of an examples CSV; a
-    ValueError naming the file for a bad header, an unparsable row or class, or points outside ``shape``."""
+def _read_points(path, shape: tuple[int, int], *, need_class: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(N, 2) float64`` (row, col) points of a CSV whose header names the coordinates (``x,y``, ``row,col``,
+    ``y,x`` or ``axis-0,axis-1``) and, with ``need_class`` or where present, ``(N,) int64`` classes (``class`` or
+    ``label``: 1 mitotic, 0 not); a ValueError naming the file for a bad header, an unparsable row or class, or
+    points outside ``shape``."""
     import csv
     from pathlib import Path
 
@@ -67,14 +69,14 @@ def read_examples(path: str, shape: tuple[int, int]) -> tuple[np.ndarray, np.nda
     axes = next(((header.index(a), header.index(b)) for a, b in (("row", "col"), ("axis-0", "axis-1"), ("y", "x"))
                  if {a, b} <= set(header)), None)
     ik = next((header.index(k) for k in ("class", "label") if k in header), None)
-    if axes is None or ik is None:
-        raise ValueError(f"{f}: header must name the coordinates (x,y or row,col) and a class column, got "
-                         f"{rows[0] if rows else 'an empty file'}")
+    if axes is None or (ik is None and need_class):
+        raise ValueError(f"{f}: header must name the coordinates (x,y or row,col)"
+                         f"{' and a class column' if need_class else ''}, got {rows[0] if rows else 'an empty file'}")
     pts, labels, lines = [], [], []
     for i, r in enumerate(rows[1:], start=2):
         try:
             point = (float(r[axes[0]]), float(r[axes[1]]))
-            name = r[ik].strip().lower()
+            name = r[ik].strip().lower() if ik is not None else "1"
         except (ValueError, IndexError):
             raise ValueError(f"{f}: line {i}: cannot parse {r}") from None
         if not np.isfinite(point).all():
@@ -93,11 +95,24 @@ def read_examples(path: str, shape: tuple[int, int]) -> tuple[np.ndarray, np.nda
         more = f" and {outside.size - _SHOWN} more" if outside.size > _SHOWN else ""
         raise ValueError(f"{f}: {outside.size} point(s) lie outside the image of {shape[0]}x{shape[1]} pixels: "
                          f"{listed}{more}")
-    y = np.asarray(labels, np.int64)
+    return pts_a, (np.asarray(labels, np.int64) if ik is not None else None)
+
+
+def read_truth(path, shape: tuple[int, int]) -> np.ndarray:
+    """``(N, 2)`` (row, col) of the mitotic figures in a truth CSV (coordinates as for the examples; a class
+    column, if any, keeps the rows of class 1/positive/mitotic)."""
+    pts, labels = _read_points(path, shape, need_class=False)
+    return pts if labels is None else pts[labels == 1]
+
+
+def read_examples(path: str, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """``(N, 2) float64`` (row, col) points and ``(N,) int64`` labels (1 mitotic, 0 not) of an examples CSV; a
+    ValueError naming the file for a bad header, an unparsable row or class, or points outside ``shape``."""
+    pts_a, y = _read_points(path, shape, need_class=True)
     n_pos, n_neg = int((y == 1).sum()), int((y == 0).sum())
     if not n_pos or not n_neg:
         missing = "mitotic (1/positive) example" if not n_pos else "non-mitotic (0/negative) example"
-        raise ValueError(f"{f}: no {missing}; {n_pos} mitotic and {n_neg} non-mitotic given, at least one of each "
+        raise ValueError(f"{path}: no {missing}; {n_pos} mitotic and {n_neg} non-mitotic given, at least one of each "
                          "is needed")
     return pts_a, y
 

@@ -12,7 +12,9 @@ relative to the list). Per image ``<stem>``, in ``DIR``:
 * with ``--objects``: ``<stem>.objects.tif`` ``(H, W) uint32`` (or ``objects`` in the zarr) and
   ``<stem>.objects.csv`` — large-object instances (glands) of the semantic foreground (``ObjectPostConfig``);
 * with ``--mitosis`` (needs :mod:`napari_metahistoseg.mitosis`; implies ``--instances``): ``<stem>.mitosis.csv``,
-  every nucleus centroid classified as a patch (probability and call).
+  every nucleus centroid classified as a patch (probability and call); with ``--mitosis-truth`` the calls'
+  precision, recall and F1 against the truth figures (matched one to one within ``MitosisConfig.match_radius_um``)
+  in the summary's ``mitosis_scores``.
 
 ``--roi R0,C0,R1,C1`` predicts only that region of each image (streamed; the zarr keeps the image's shape, empty
 outside; the nuclei table and mitosis calls cover the region; not with ``--objects``, which needs the whole map).
@@ -56,6 +58,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="also large-object (gland) instances of the foreground and the per-object table")
     p.add_argument("--mitosis", action="store_true", help="classify every nucleus as mitotic or not")
     p.add_argument("--mitosis-model", default=None, help="mitosis classifier (default: the bundled one)")
+    p.add_argument("--mitosis-truth", default=None, metavar="CSV|DIR",
+                   help="truth mitotic figures (a CSV with x,y or row,col columns; a class column keeps class 1 "
+                        "rows): one CSV for a single image, or a folder of <stem>.csv; the calls are scored "
+                        "(precision, recall, F1 within MitosisConfig.match_radius_um) in the summary")
     p.add_argument("--mpp", type=float, default=None, help="µm per pixel of the inputs (default: their metadata)")
     p.add_argument("--devices", default="auto",
                    help="auto (default: the first GPU if there is one, else the CPU; under torchrun each rank its "
@@ -313,8 +319,9 @@ class Predictor:
             res.update(nuclei=str(table.path), nuclei_geojson=str(outlines.path), n_nuclei=table.rows)
             if self.mitosis is not None:
                 pts = np.stack([pred.table["centroid_row"], pred.table["centroid_col"]], 1).reshape(-1, 2)
-                res["mitosis"] = str(self._mitosis(s, lambda box: image[box[0]:box[2], box[1]:box[3]], image.shape,
-                                                   pred.table["id"], pts, mpp, devices[0]))
+                path, scores = self._mitosis(s, lambda box: image[box[0]:box[2], box[1]:box[3]], image.shape,
+                                             pred.table["id"], pts, mpp, devices[0])
+                res.update(mitosis=str(path), **({"mitosis_scores": scores} if scores is not None else {}))
         return res
 
     def _points(self, s: str, probs, mpp: float) -> Path:
@@ -360,14 +367,16 @@ class Predictor:
             out.update(nuclei=str(res.nuclei_csv), nuclei_geojson=str(res.nuclei_geojson), n_nuclei=res.n_instances)
             if self.mitosis is not None:
                 ids, pts = nuclei_centroids(res.nuclei_csv)
-                out["mitosis"] = str(self._mitosis(s, lambda box: img.read(*box), img.shape, ids, pts, mpp,
-                                                   devices[0]))
+                path, scores = self._mitosis(s, lambda box: img.read(*box), img.shape, ids, pts, mpp, devices[0])
+                out.update(mitosis=str(path), **({"mitosis_scores": scores} if scores is not None else {}))
         return out
 
-    def _mitosis(self, s: str, read, shape, ids, pts, mpp: float, device: str) -> Path:
-        """Classify a patch around every centroid, reading the image block by block (never all of it)."""
+    def _mitosis(self, s: str, read, shape, ids, pts, mpp: float, device: str) -> tuple[Path, dict | None]:
+        """Classify a patch around every centroid, reading the image block by block (never all of it); with
+        ``--mitosis-truth``, also the scores of the calls against the truth figures of this image (else None)."""
         import csv
 
+        import numpy as np
 
         mod, model = self.mitosis
         probs = mod.classify_points_blockwise(model, read, shape, pts, mpp, block_px=MITOSIS_BLOCK_PX, device=device)
@@ -378,4 +387,20 @@ class Predictor:
             w.writerow(["id", "row", "col", "prob", "mitotic"])
             for i, (r, c), p, k in zip(ids, pts, probs, calls, strict=True):
                 w.writerow([int(i), f"{r:.2f}", f"{c:.2f}", f"{float(p):.4f}", int(k)])
-        return path
+        return path, self._mitosis_scores(s, np.asarray(pts).reshape(-1, 2)[np.asarray(calls, bool)], shape, mpp,
+                                          model.cfg)
+
+    def _mitosis_scores(self, s: str, called, shape, mpp: float, cfg) -> dict | None:
+        from ..metrics import detection_scores
+        from .adapt_mitosis import read_truth
+
+        spec = self.args.mitosis_truth
+        if spec is None:
+            return None
+        truth_file = Path(spec) / f"{s}.csv" if Path(spec).is_dir() else Path(spec)
+        if Path(spec).is_dir() and not truth_file.exists():
+            return None  # no truth for this image
+        truth = read_truth(truth_file, tuple(shape[:2]))
+        det = detection_scores(called, truth, cfg.match_radius_um / mpp)
+        return {"truth": str(truth_file), "n_truth": len(truth), "n_called": len(called),
+                "match_radius_um": cfg.match_radius_um, **det}
