@@ -263,6 +263,24 @@ def test_closing_the_generator_cancels(backbone, head, image, tmp_path):
         assert f.readline().startswith("id,")
 
 
+def test_outputs_reach_the_disk_row_band_by_row_band(backbone, head, image, tmp_path):
+    """The maps are written as the tile rows finish (not at the end), and a generator closed mid-way leaves the
+    rows it finished on disk and the rest empty."""
+    gen = predict_large(backbone, head, image, out_dir=tmp_path / "b.zarr", mpp=0.5, tiling=TILING, instances=True)
+    seen = []
+    for event in gen:
+        seen.append(event)
+        np_map = zarr.open_group(str(tmp_path / "b.zarr"), mode="r")["np"]
+        if np_map[:32].any():  # the first band is on disk
+            break
+    gen.close()
+    last = seen[-1]
+    assert last["stage"] == "predict" and last["done"] < last["total"]  # before the last tile
+    root = zarr.open_group(str(tmp_path / "b.zarr"), mode="r")
+    assert root.attrs["complete"] is False
+    assert not root["np"][-32:].any() and not root["semantic"][-32:].any()  # the bottom rows were never reached
+
+
 def test_band_buffers_are_one_tile_row_high(backbone, head, tmp_path, monkeypatch):
     shapes = []
     orig = inference.BandBlender.__init__
