@@ -254,6 +254,13 @@ def test_predict_in_memory_outputs(work, head, capsys, tmp_path):
     with tifffile.TiffFile(tmp_path / "q0.semantic.tif") as tf:
         assert json.loads(tf.pages[0].description)["classes"] == ["background", "nucleus"]
     assert "[predict] q0.tif" in err  # progress on stderr
+    prov = json.loads((tmp_path / "q0.provenance.json").read_text())
+    head_json = json.loads((work / "head.mhshead.json").read_text())
+    assert prov["backbone"]["sha256"] == head_json["backbone_sha256"]
+    assert prov["head"]["classes"] == head_json["classes"]
+    assert prov["image"].endswith("q0.tif") and prov["devices"] == ["cpu"] and prov["tiling"]["tile_px"] > 0
+    assert "hover" in prov and prov["outputs"]["semantic"].endswith("q0.semantic.tif")
+    assert summary["images"][prov["image"]]["provenance"].endswith("q0.provenance.json")
 
 
 def test_predict_streamed_matches_in_memory(work, head, capsys, tmp_path):

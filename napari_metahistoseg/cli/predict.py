@@ -7,6 +7,8 @@ relative to the list). Per image ``<stem>``, in ``DIR``:
   ``TilingConfig.stream_above_mp`` megapixels (or with ``--stream``) ``<stem>.zarr`` with ``semantic`` (and
   ``instances``, ``np``, ``hv``, ``nc``), predicted streamed with bounded memory;
 * ``<stem>.points.csv`` — cell points detected on each class's probability (in-memory images only);
+* ``<stem>.provenance.json`` — what made the outputs: package version, command, the image and where its µm/px came
+  from, backbone (SHA-256) and head (with its own provenance), devices and every setting of the steps that ran;
 * with ``--instances``: ``<stem>.instances.tif`` ``(H, W) uint32`` (or in the zarr), ``<stem>.nuclei.csv`` and
   ``<stem>.nuclei.geojson``, the nuclei outlines as polygons (QuPath: File → Import objects);
 * with ``--objects``: ``<stem>.objects.tif`` ``(H, W) uint32`` (or ``objects`` in the zarr) and
@@ -269,7 +271,36 @@ class Predictor:
                 mpp = self.backbone.mpp
             big = (self.args.stream or self.roi is not None
                    or img.height * img.width > self.tiling.stream_above_mp * 1e6)
-            return (self._large if big else self._small)(path, img, mpp, devices)
+            res = (self._large if big else self._small)(path, img, mpp, devices)
+        mpp_from = "--mpp" if self.args.mpp else "metadata" if img.mpp is not None else "assumed (the backbone's)"
+        res["provenance"] = str(self._provenance(path, mpp, mpp_from, devices, res))
+        return res
+
+    def _provenance(self, path: Path, mpp: float, mpp_from: str, devices: list[str], res: dict) -> Path:
+        """``<stem>.provenance.json``: what made these outputs — versions, command, image and its µm/px, backbone
+        and head (with the head's own provenance), devices and every setting of the steps that ran."""
+        import datetime
+
+        from .. import __version__
+        from ..config import HoVerPostConfig, ObjectPostConfig, to_dict
+
+        a = self.args
+        doc = {
+            "format": "metahistoseg-prediction", "package_version": __version__,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join(sys.argv), "image": str(path), "mpp": mpp, "mpp_from": mpp_from,
+            "devices": list(devices), "backbone": {"name": self.backbone.name, "sha256": self.backbone.sha256},
+            "head": {"file": str(a.head), "classes": list(self.head.classes), "provenance": self.head.provenance},
+            "tiling": to_dict(self.tiling), "np_source": a.np_source, "roi": list(self.roi) if self.roi else None,
+            **({"hover": to_dict(HoVerPostConfig())} if a.instances or a.mitosis else {}),
+            **({"objects": to_dict(ObjectPostConfig())} if a.objects else {}),
+            **({"mitosis": {"model": a.mitosis_model or "bundled", "config": to_dict(self.mitosis[1].cfg)}}
+               if self.mitosis is not None else {}),
+            "outputs": {k: v for k, v in res.items() if isinstance(v, str) and k != "mode"},
+        }
+        out = self.out / f"{stem(path)}.provenance.json"
+        out.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+        return out
 
     def _progress(self, path: Path, gen):
         from ..maml import run as drive
