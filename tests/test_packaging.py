@@ -26,13 +26,18 @@ EXPECTED_WIDGETS = {
     "napari_metahistoseg._qt.heads:HeadsWidget": "Export / import head",
     "napari_metahistoseg._qt.evaluate:EvaluateWidget": "Evaluate",
     "napari_metahistoseg._qt.train:TrainWidget": "Train backbone",
+    "napari_metahistoseg._qt.mitosis:MitosisWidget": "Mitosis classifier",
 }
 EXPECTED_SAMPLES = {
     "napari_metahistoseg.sample_data:synthetic_he": "Synthetic H&E tile with nuclei",
     "napari_metahistoseg.sample_data:ihc_image": "IHC (scikit-image)",
     "napari_metahistoseg.sample_data:demo_session": "Demo session: strokes ready to Adapt",
 }
-EXPECTED_READER = "napari_metahistoseg._qt.io:get_reader"
+EXPECTED_READERS = {  # python target -> filename patterns
+    "napari_metahistoseg._qt.io:get_reader": ["*.mhshead.json"],
+    "napari_metahistoseg._qt.reader:get_reader": ["*.tif", "*.tiff", "*.svs", "*.ome.tif", "*.ome.tiff",
+                                                  "*.zarr"],
+}
 
 
 @pytest.fixture(scope="module")
@@ -88,9 +93,8 @@ def test_manifest_contributions(manifest) -> None:
     assert widgets == EXPECTED_WIDGETS
     samples = {commands[s.command].python_name: s.display_name for s in manifest.contributions.sample_data}
     assert samples == EXPECTED_SAMPLES
-    (reader,) = manifest.contributions.readers
-    assert commands[reader.command].python_name == EXPECTED_READER
-    assert reader.filename_patterns == ["*.mhshead.json"]
+    readers = {commands[r.command].python_name: r.filename_patterns for r in manifest.contributions.readers}
+    assert readers == EXPECTED_READERS
 
 
 def test_manifest_targets_inside_package(manifest) -> None:
