@@ -343,6 +343,34 @@ def _host(a: np.ndarray | torch.Tensor) -> np.ndarray:
     return to_host(a) if isinstance(a, torch.Tensor) else a
 
 
+def click_radius_px(head: AdaptedHead, mpp: float) -> float | None:
+    """The radius (pixels of an image of ``mpp`` µm/px) of the circles the head was adapted on, when it was adapted
+    on clicked centroids (its provenance's ``points_radius_model_px``, in the backbone's pixels); else None."""
+    r_model = (head.provenance or {}).get("points_radius_model_px")
+    return float(r_model) * head.mpp / mpp if r_model else None
+
+
+def detect_cells(probs: np.ndarray, cfg: PointsConfig | None = None, *, radius_px: float | None = None
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Cells of a prediction of a head adapted on clicked centroids: ``(points (N, 2) row/col, classes (N,) int
+    >= 1, probabilities (N,))``. The points are :func:`detect_points` on the summed foreground probability of
+    ``probs (C, H, W)`` (what ``evaluate`` scores); each takes the foreground class most probable at its pixel.
+    ``radius_px``: the clicked circles' radius in this image's pixels; the peak-finding sizes of ``cfg`` (tuned
+    for circles of ``cfg.radius`` px) scale with it."""
+    cfg = cfg or PointsConfig()
+    if radius_px:
+        scale = float(radius_px) / cfg.radius
+        cfg = dataclasses.replace(cfg, peak_sigma_px=cfg.peak_sigma_px * scale,
+                                  peak_min_distance_px=max(1, round(cfg.peak_min_distance_px * scale)))
+    probs = np.asarray(probs, np.float32)
+    if probs.ndim != 3 or probs.shape[0] < 2:
+        raise ValueError(f"detect_cells: expected (C >= 2, H, W) class probabilities, got shape {probs.shape}")
+    pts, prob = detect_points(probs[1:].sum(0), cfg)
+    rc = np.round(pts).astype(np.int64).reshape(-1, 2)
+    classes = 1 + probs[1:, rc[:, 0], rc[:, 1]].argmax(0) if len(rc) else np.zeros(0, np.int64)
+    return pts.reshape(-1, 2), np.asarray(classes, np.int64), np.asarray(prob, np.float32)
+
+
 def detect_points(
     prob: np.ndarray, cfg: PointsConfig, *, threshold: float | None = None
 ) -> tuple[np.ndarray, np.ndarray]:

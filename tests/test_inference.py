@@ -633,3 +633,25 @@ def test_prediction_shares_the_backbone_weights_and_never_changes_them():
     after = bb.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert nchw == {k: v.is_contiguous() for k, v in after.items()}
+
+
+def test_detect_cells_takes_the_most_probable_class_and_scales_with_the_click_radius():
+    from napari_metahistoseg.inference import detect_cells
+
+    yy, xx = np.mgrid[:80, :120]
+    probs = np.zeros((3, 80, 120), np.float32)
+    for (r, c), k in (((20, 20), 1), ((60, 90), 2), ((20, 80), 2)):
+        probs[k] += np.exp(-((yy - r) ** 2 + (xx - c) ** 2) / (2 * 6.0**2))
+    probs[0] = np.clip(1 - probs[1:].sum(0), 0, 1)
+    pts, classes, prob = detect_cells(probs)
+    order = np.lexsort((pts[:, 1], pts[:, 0]))
+    np.testing.assert_allclose(pts[order], [[20, 20], [20, 80], [60, 90]], atol=1)
+    assert classes[order].tolist() == [1, 2, 2] and (prob > 0.4).all()
+    # two larger cells 30 px apart: two at the default circle radius (12 px), one when the clicks were circles of
+    # 24 px (the peak finding smooths and spaces twice as much)
+    pair = np.zeros((2, 80, 120), np.float32)
+    pair[1] = sum(np.exp(-((yy - 40) ** 2 + (xx - c) ** 2) / (2 * 12.0**2)) for c in (30, 60))
+    pair[0] = np.clip(1 - pair[1], 0, 1)
+    assert len(detect_cells(pair)[0]) == 2 and len(detect_cells(pair, radius_px=24.0)[0]) == 1
+    with pytest.raises(ValueError, match="class probabilities"):
+        detect_cells(probs[0])

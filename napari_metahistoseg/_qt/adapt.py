@@ -15,6 +15,7 @@ from napari.utils.notifications import show_warning
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QFormLayout, QLabel, QProgressBar, QPushButton, QVBoxLayout, QWidget
 
+from ..inference import click_radius_px
 from ..sample_data import class_colours
 from . import display, jobs
 from .adapt_settings import AdaptSettings
@@ -36,6 +37,7 @@ class AdaptWidget(QWidget):
         self._live_layers: list[Any] = []
         self._live_pending = False
         self._mpp_warned: set[str] = set()  # images whose unknown µm/px was already reported
+        self._clicked: tuple[float | None, float | None] = (None, None)  # click radius (px) and image mpp of a run
         self.last_created: list[Any] = []  # layers added by the last finished run
         self._build()
         self.state.backbone_changed.connect(self._sync_backbone)
@@ -136,6 +138,10 @@ class AdaptWidget(QWidget):
         then = self.settings.predict_settings(image_layer) if predict else None
         if then is not None and live:
             then = dataclasses.replace(then, roi_only=True)
+        clicked = self._click_radius(support_layer)  # adapted on clicked centroids: the cells are detected too
+        if then is not None and clicked:
+            then = dataclasses.replace(then, cells_radius_px=clicked)
+        self._clicked = (clicked, image_mpp(image_layer))
         self.curve.clear()
         self._colours = colours
         return self.runner.run("Adapt", jobs.adapt_job, self.state.backbone, image, support, classes, colours,
@@ -157,6 +163,14 @@ class AdaptWidget(QWidget):
         return [support_layer] + [ly for ly in find_layers(self.viewer, "support")
                                   if unwrap(ly) is not unwrap(support_layer) and same_task(ly)]
 
+    def _click_radius(self, support_layer: Any) -> float | None:
+        """The radius (image px) of the centroid circles of ``support_layer``'s group when it has clicked points."""
+        group = plugin_meta(support_layer).get("group")
+        circles = find_layers(self.viewer, "circles", group=group) if group else []
+        points = find_layers(self.viewer, "points", group=group) if group else []
+        radius = plugin_meta(circles[0]).get("radius_px") if circles else None
+        return float(radius) if radius and points and len(points[0].data) else None
+
     def _merged(self, support_layer: Any) -> Any:
         """The support of a support layer with the circles of its centroid clicks filled in."""
         group = plugin_meta(support_layer).get("group")
@@ -174,8 +188,11 @@ class AdaptWidget(QWidget):
             raise ValueError("no adapted head: press Adapt or import a head")
         image_layer = self._image()
         self._colours = list(head.colours or class_colours(len(head.classes)))
+        settings = self.settings.predict_settings(image_layer)
+        settings = dataclasses.replace(settings, cells_radius_px=click_radius_px(head, image_mpp(image_layer)
+                                                                                 or head.mpp))
         return self.runner.run("Predict", jobs.predict_job, self.state.backbone, head, image_source(image_layer),
-                               self.settings.predict_settings(image_layer),
+                               settings,
                                on_yield=lambda p: self._progress(p, image_layer),
                                on_return=lambda r: self._show(r, image_layer), on_stop=self._stopped)
 
@@ -190,6 +207,10 @@ class AdaptWidget(QWidget):
         if stage == "adapt" and p.get("loss") is not None:
             self.curve.add(p["loss"])
         elif stage == "adapted":
+            radius, mpp = self._clicked
+            if radius:  # recorded like `metahistoseg adapt --points` does, in the backbone's pixels
+                p["head"].provenance.update(support_kind="points",
+                                            points_radius_model_px=radius * (mpp or p["head"].mpp) / p["head"].mpp)
             self.state.set_head(p["head"], "adapted")
             self.state.autosaver.save_head(p["head"], image_layer)
         elif stage == "preview":

@@ -243,6 +243,8 @@ class AnnotateWidget(AnnotationIO, QWidget):
             show_error(error_text("Circles", e))
             return
         circles.data = support_to_layer(sem)
+        # the radius goes with the circles: Adapt records it, and Predict then detects the cells at that size
+        circles.metadata = {**circles.metadata, META: {**plugin_meta(circles), "radius_px": float(self.radius_px())}}
         colours = class_colours(len(self.classes()))
         if len(cls):
             points.face_color = [colours[k % len(colours)] for k in cls]

@@ -19,6 +19,7 @@ from .layers import META, find_layers, object_features, placement, table_feature
 
 MITOSIS_THRESHOLD = 0.5  # initial value of the candidate threshold slider
 MITOSIS_POINT_SIZE_PX = 10.0
+CELL_POINT_SIZE_PX = 6.0  # detected cells (a head adapted on clicked centroids)
 
 
 def show_preview(viewer: napari.Viewer, image_layer: Any, prediction: Any, region: tuple[int, int, int, int],
@@ -76,7 +77,30 @@ def show_result(viewer: napari.Viewer, image_layer: Any, result: Result, colours
                                                      "objects": pred.objects}, features, pred.classes, colours, {})
     if result.mitosis_points is not None:
         created += show_mitosis(viewer, image_layer, result.mitosis_points, result.mitosis_probs)
+    if result.cells is not None:
+        created += show_cells(viewer, image_layer, result.cells, list(result.prediction.classes), colours)
     return created
+
+
+def show_cells(viewer: napari.Viewer, image_layer: Any, cells: tuple[np.ndarray, np.ndarray, np.ndarray],
+               class_names: list[str], colours: list[str]) -> list[Any]:
+    """Detected cells (points, classes ≥ 1, probabilities) as a Points layer with ``class``, ``class_name`` and
+    ``probability`` features, coloured by class; an earlier one of the same image is updated."""
+    points, classes, probs = (np.asarray(a) for a in cells)
+    feats = {"class": classes.astype(np.int64), "class_name": [class_names[c] for c in classes],
+             "probability": probs.astype(np.float32)}
+    face = [colours[c % len(colours)] for c in classes] if len(classes) else "white"
+    for ly in find_layers(viewer, "cells"):
+        if ly.metadata[META].get("image") == image_layer.name:
+            ly.data = points.reshape(-1, 2)
+            ly.features = feats
+            if len(classes):
+                ly.face_color = face
+            return []
+    ly = viewer.add_points(points.reshape(-1, 2), features=feats, name=f"cells ({image_layer.name})",
+                           size=CELL_POINT_SIZE_PX, face_color=face, border_color="white", border_width=0.1,
+                           metadata={META: {"kind": "cells", "image": image_layer.name}}, **placement(image_layer))
+    return [ly]
 
 
 def _labels_data(levels: list) -> Any:

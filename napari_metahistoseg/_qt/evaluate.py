@@ -70,10 +70,11 @@ def support_pixels(viewer: napari.Viewer, pred: Any) -> PaintedPixels | None:
 
 def score_job(pred: Any, truth: Any, pred_inst: Any = None, truth_inst: Any = None,
               truth_points: Any = None, match_radius_px: float | None = None,
-              exclude: Any = None) -> Generator[dict, None, dict]:
+              exclude: Any = None, pred_points: Any = None) -> Generator[dict, None, dict]:
     """Metrics of the given layers (any may be None except ``pred``), read in row strips; yields progress and
     returns ``{display name: value}``. ``exclude`` (e.g. :class:`PaintedPixels`): pixels left out of the class
-    scores. ValueError on mismatched inputs."""
+    scores. Detection scores compare ``truth_points`` with ``pred_points`` (a Points layer of detected cells), else
+    with the centroids of ``pred_inst``. ValueError on mismatched inputs."""
     semantic = pred is not None and truth is not None
     n = max(len(plugin_meta(pred).get("classes") or []), 1) if pred is not None else 1
     convert = (lambda t: layer_to_support(t)) if semantic and kind_of(truth) == "support" else None
@@ -88,10 +89,13 @@ def score_job(pred: Any, truth: Any, pred_inst: Any = None, truth_inst: Any = No
                                      n_classes=n, truth_to_classes=convert, strip_rows=STRIP_ROWS,
                                      exclude=exclude if semantic and convert is None else None)
     out = {DISPLAY[k]: v for k, v in scores.items()}
-    if pred_inst is not None and truth_points is not None:
-        feats = pred_inst.features
-        pts = (np.c_[feats["centroid_row"], feats["centroid_col"]] if "centroid_row" in feats
-               else np.zeros((0, 2)))
+    if truth_points is not None and (pred_points is not None or pred_inst is not None):
+        if pred_points is not None:  # detected cells (a head adapted on clicked centroids)
+            pts = np.asarray(pred_points.data, float).reshape(-1, 2)
+        else:  # the predicted instances' centroids
+            feats = pred_inst.features
+            pts = (np.c_[feats["centroid_row"], feats["centroid_col"]] if "centroid_row" in feats
+                   else np.zeros((0, 2)))
         radius = match_radius_px if match_radius_px is not None else PointsConfig().match_radius_px
         det = detection_scores(pts, np.asarray(truth_points.data).reshape(-1, 2), radius)
         out.update(precision=det["precision"], recall=det["recall"], F1=det["f1"])
@@ -100,9 +104,9 @@ def score_job(pred: Any, truth: Any, pred_inst: Any = None, truth_inst: Any = No
 
 def evaluate_layers(pred: Any, truth: Any, pred_inst: Any = None, truth_inst: Any = None,
                     truth_points: Any = None, match_radius_px: float | None = None,
-                    exclude: Any = None) -> dict[str, float]:
+                    exclude: Any = None, pred_points: Any = None) -> dict[str, float]:
     """:func:`score_job` run to its end on this thread."""
-    return run(score_job(pred, truth, pred_inst, truth_inst, truth_points, match_radius_px, exclude))
+    return run(score_job(pred, truth, pred_inst, truth_inst, truth_points, match_radius_px, exclude, pred_points))
 
 
 class EvaluateWidget(QWidget):
@@ -115,7 +119,8 @@ class EvaluateWidget(QWidget):
         self.pred_inst_combo = LayerCombo(v, napari.layers.Labels, kinds=("instances", "objects"), optional=True)
         self.truth_inst_combo = LayerCombo(v, napari.layers.Labels, exclude_kinds=NOT_TRUTH + ("support", "truth"),
                                            optional=True)
-        self.points_combo = LayerCombo(v, napari.layers.Points, exclude_kinds=("mitosis", "points"), optional=True)
+        self.points_combo = LayerCombo(v, napari.layers.Points, exclude_kinds=("mitosis", "points", "cells"),
+                                       optional=True)
         self.hold_out = QCheckBox("leave out the support strokes", checked=True,
                                   toolTip="score classes only where the head was not adapted: the pixels painted in "
                                           "the support and circles layers of the prediction's image are skipped")
@@ -182,10 +187,13 @@ class EvaluateWidget(QWidget):
             elif painted:
                 self._note = (f"<br><i>every pixel is scored, the {painted} painted in the support strokes too: "
                               "not held-out</i>")
+        image = plugin_meta(layers[0]).get("image")
+        cells = [ly for ly in self.viewer.layers if kind_of(ly) == "cells" and plugin_meta(ly).get("image") == image]
+        found = {"exclude": exclude, "pred_points": cells[-1] if cells else None}
         if any(ly is not None and is_lazy(ly) for ly in layers[:4]):
-            self.runner.run("Evaluate", score_job, *layers, exclude=exclude, on_return=self._show)
+            self.runner.run("Evaluate", score_job, *layers, **found, on_return=self._show)
             return None
-        return self._show(evaluate_layers(*layers, exclude=exclude))
+        return self._show(evaluate_layers(*layers, **found))
 
     def _show(self, results: dict[str, float]) -> dict[str, float]:
         self.results = results

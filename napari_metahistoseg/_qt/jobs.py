@@ -27,7 +27,15 @@ import numpy as np
 
 from ..config import HoVerPostConfig, MAMLConfig, MitosisConfig, ObjectPostConfig, TilingConfig
 from ..data.task import IGNORE
-from ..inference import LargePrediction, Prediction, hover_type_names, nuclei_centroids, predict, predict_large
+from ..inference import (
+    LargePrediction,
+    Prediction,
+    detect_cells,
+    hover_type_names,
+    nuclei_centroids,
+    predict,
+    predict_large,
+)
 from ..maml import relay
 from ..pipeline import CONTEXT_PX, AdaptedHead, Backbone, adapt
 from ..slide import label_window, open_array
@@ -54,6 +62,9 @@ class PredictSettings:
     stream_dir: str | None = None  # folder of the zarr stores of large images (None: predictions_root())
     roi_only: bool = False  # large images: predict the visible field (``region``) only (live re-adaptation)
     name: str = "image"  # names the store and the errors of a streamed prediction
+    # the head was adapted on clicked centroids: their circles' radius in this image's pixels; the cells are then
+    # detected as points (:func:`~napari_metahistoseg.inference.detect_cells`; in-memory images)
+    cells_radius_px: float | None = None
 
 
 def predictions_root() -> Path:
@@ -110,6 +121,7 @@ class Result:
     prediction: Prediction | None
     mitosis_points: np.ndarray | None = None  # (N, 2) row, col
     mitosis_probs: np.ndarray | None = None  # (N,) probability of "mitotic"
+    cells: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # detected cells: points, classes, probabilities
     type_names: list[str] = field(default_factory=list)  # HoVer nucleus types (index 0 = background)
     large: LargePrediction | None = None
     # per-layer feature tables of a streamed prediction ("instances", "objects"), read from its CSVs on the worker
@@ -215,6 +227,10 @@ def predict_job(backbone: Backbone | Callable[[], Backbone], head: AdaptedHead, 
         yield {"stage": "preview", "prediction": part, "region": settings.region}
     pred = yield from _predict_region(bb, head, image, settings)
     result = Result(pred, type_names=hover_type_names(bb))
+    if settings.cells_radius_px:
+        yield {"stage": "cells", "done": 0, "total": 1}
+        result.cells = detect_cells(pred.probs, radius_px=settings.cells_radius_px)
+        yield {"stage": "cells", "done": 1, "total": 1}
     if settings.mitosis_model is not None and MITOSIS_AVAILABLE:
         result.mitosis_points, result.mitosis_probs = yield from _mitosis(image, pred.table, settings,
                                                                             settings.mpp or bb.mpp)

@@ -6,7 +6,8 @@ relative to the list). Per image ``<stem>``, in ``DIR``:
 * ``<stem>.semantic.tif`` — ``(H, W) uint8`` class ids (class names in the TIFF description), or for images above
   ``TilingConfig.stream_above_mp`` megapixels (or with ``--stream``) ``<stem>.zarr`` with ``semantic`` (and
   ``instances``, ``np``, ``hv``, ``nc``), predicted streamed with bounded memory;
-* ``<stem>.points.csv`` — cell points detected on each class's probability (in-memory images only);
+* ``<stem>.points.csv`` — cell points: peaks of the summed foreground probability, each with its most probable
+  class (:func:`~napari_metahistoseg.inference.detect_cells`, as ``evaluate`` scores them; in-memory images only);
 * ``<stem>.provenance.json`` — what made the outputs: package version, command, the image and where its µm/px came
   from, backbone (SHA-256) and head (with its own provenance), devices and every setting of the steps that ran;
 * with ``--instances``: ``<stem>.instances.tif`` ``(H, W) uint32`` (or in the zarr), ``<stem>.nuclei.csv`` and
@@ -357,25 +358,16 @@ class Predictor:
 
     def _points(self, s: str, probs, mpp: float) -> Path:
         import csv
-        import dataclasses
 
-        from ..config import PointsConfig
-        from ..inference import detect_points
+        from ..inference import click_radius_px, detect_cells
 
-        cfg = PointsConfig()
-        r_model = self.head.provenance.get("points_radius_model_px")
-        radius = float(r_model) * self.backbone.mpp / mpp if r_model else cfg.radius
-        scale = radius / cfg.radius  # peak-finding sizes follow the clicked circles' radius at this image's mpp
-        cfg = dataclasses.replace(cfg, peak_sigma_px=cfg.peak_sigma_px * scale,
-                                  peak_min_distance_px=max(1, round(cfg.peak_min_distance_px * scale)))
+        pts, classes, prob = detect_cells(probs, radius_px=click_radius_px(self.head, mpp))
         path = self.out / f"{s}.points.csv"
         with open(path, "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["row", "col", "class", "class_name", "prob"])
-            for c in range(1, probs.shape[0]):
-                pts, p = detect_points(probs[c], cfg)
-                for (r, cc), pr in zip(pts, p, strict=True):
-                    w.writerow([f"{r:.1f}", f"{cc:.1f}", c, self.head.classes[c], f"{float(pr):.4f}"])
+            for (r, cc), c, pr in zip(pts, classes, prob, strict=True):
+                w.writerow([f"{r:.1f}", f"{cc:.1f}", int(c), self.head.classes[c], f"{float(pr):.4f}"])
         return path
 
     def _large(self, path: Path, img, mpp: float, devices: list[str]) -> dict:

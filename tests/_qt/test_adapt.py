@@ -352,3 +352,36 @@ def test_visible_region_of_a_multiscale_image_is_in_level_0_pixels():
     layer._data_level = 0
     layer.corner_pixels = np.array([[10, 20], [29, 39]])
     assert visible_region(layer) == (10, 30, 20, 40)
+
+
+def test_clicked_centroids_give_detected_cells(viewer, qtbot, adapt, errors):
+    """A head adapted on clicked centroids (circles) also detects the cells as points, at the circles' size; the
+    radius goes into the head's provenance (so Predict alone, an export, the CLI detect them too) and Evaluate
+    scores truth points against those cells."""
+    from napari_metahistoseg._qt.evaluate import evaluate_layers
+    from napari_metahistoseg.sample_data import META
+
+    img, sup, truth, tile = small_demo(viewer)
+    _, annotate = viewer.window.add_plugin_dock_widget(PLUGIN, "Annotate support")
+    annotate.support_combo.set_layer(sup)
+    points = annotate.create_points()
+    annotate.class_combo.setCurrentIndex(1)
+    points.add([[30, 30], [90, 70]])
+    assert annotate.circles_layer().metadata[META]["radius_px"] == 12.0
+    annotate.radius.setValue(6)  # a smaller circle: the radius recorded follows
+    adapt.support_combo.set_layer(sup)
+    run(qtbot, adapt.run_adapt(), adapt)
+    assert errors == []
+    prov = adapt.state.head.provenance
+    assert prov["support_kind"] == "points" and prov["points_radius_model_px"] == pytest.approx(6.0)
+    [cells] = find_layers(viewer, "cells")
+    assert {"class", "class_name", "probability"} <= set(cells.features.columns)
+    assert set(cells.features["class_name"]) <= {"nucleus"}
+    n = len(cells.data)
+    run(qtbot, adapt.run_predict(), adapt)  # Predict alone: the head's provenance brings the cells back
+    assert len(find_layers(viewer, "cells")) == 1 and len(find_layers(viewer, "cells")[0].data) == n
+    truth_pts = viewer.add_points(np.vstack([np.asarray(cells.data).reshape(-1, 2), [[-100.0, -100.0]]]),
+                                  name="truth pts")  # the cells, and a point far from every cell
+    [sem] = find_layers(viewer, "prediction")
+    res = evaluate_layers(sem, None, truth_points=truth_pts, pred_points=cells)
+    assert res["F1"] == pytest.approx(2 * n / (2 * n + 1))  # every cell matches; the extra truth point does not
