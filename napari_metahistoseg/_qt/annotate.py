@@ -152,7 +152,9 @@ class AnnotateWidget(AnnotationIO, QWidget):
         self.update_circles()
 
     def set_current_class(self, k: int) -> None:
-        """Class ``k`` becomes the brush label (k + 1), the class of new points and of the selected points."""
+        """Class ``k`` becomes the brush label (k + 1), the class of new points and, in select mode, of the selected
+        points (in add mode napari selects each new point: switching class for the next click must not re-class the
+        last one)."""
         k = max(int(k), 0)
         colours = class_colours(len(self.classes()))
         support, points = self.support_combo.layer(), self.points_layer()
@@ -161,7 +163,7 @@ class AnnotateWidget(AnnotationIO, QWidget):
         if points is not None and k < len(colours):
             points.feature_defaults = {"class": k}
             points.current_face_color = colours[k]
-            sel = sorted(points.selected_data)
+            sel = sorted(points.selected_data) if str(points.mode) == "select" else []
             if sel:
                 feats = points.features.copy()
                 feats.loc[sel, "class"] = k

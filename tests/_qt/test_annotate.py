@@ -61,9 +61,22 @@ def test_points_become_circles_live(viewer, annotate):
     annotate.unit.setCurrentText("um")
     annotate.mpp.setValue(0.5)  # 5 µm at 0.5 µm/px = 10 px
     assert layer_to_support(circles.data)[20, 30] == 1
+    points.mode = "select"
     points.selected_data = {0}
     annotate.class_combo.setCurrentIndex(0)  # re-class the selected point
     assert layer_to_support(circles.data)[20, 20] == 0
+
+
+def test_switching_class_between_clicks_keeps_the_last_click(viewer, annotate):
+    points = annotate.create_points()
+    assert str(points.mode) == "add"
+    annotate.class_combo.setCurrentIndex(1)
+    points.add([[20, 20]])  # napari selects a point it adds
+    annotate.class_combo.setCurrentIndex(0)  # the class of the next click
+    points.add([[50, 50]])
+    assert points.features["class"].tolist() == [1, 0]
+    sem = layer_to_support(annotate.circles_layer().data)
+    assert sem[20, 20] == 1 and sem[50, 50] == 0
 
 
 def test_strokes_win_over_circles(viewer, annotate):
