@@ -7,7 +7,8 @@ the GUI's default settings, predicts semantic classes and HoVer instances, score
 writes to ``--out``:
 
 ``image.png``, ``support_overlay.png``, ``semantic_overlay.png``, ``instances_overlay.png`` (pictures),
-``semantic.tif`` (uint8), ``instances.tif`` (uint32), ``nuclei.csv`` (per-nucleus table), ``head.mhshead.*``
+``semantic.tif`` (uint8), ``instances.tif`` (uint32), ``nuclei.csv`` (per-nucleus table), ``nuclei.geojson``
+(the nuclei outlines, for QuPath), ``head.mhshead.*``
 (the adapted head with provenance) and ``metrics.json``.
 """
 
@@ -67,7 +68,7 @@ def run_demo(out: Path, *, backbone: str = "default", seed: int = 0, size: int =
 
     from .config import MAMLConfig
     from .data.synthetic import synthetic_tile
-    from .inference import predict
+    from .inference import NucleiGeoJSON, hover_type_names, predict
     from .maml import run
     from .metrics import ConfusionAccumulator, aji, panoptic_quality
     from .pipeline import adapt, load_backbone
@@ -99,6 +100,9 @@ def run_demo(out: Path, *, backbone: str = "default", seed: int = 0, size: int =
     tifffile.imwrite(out / "semantic.tif", pred.semantic)
     tifffile.imwrite(out / "instances.tif", pred.instances, compression="zlib")
     write_table(out / "nuclei.csv", pred.table)
+    outlines = NucleiGeoJSON(out / "nuclei.geojson", mpp=tile.mpp, type_names=hover_type_names(bb))
+    outlines.write(pred.table)
+    outlines.close()
     head.save(out / "head")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
@@ -116,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"demo: error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {a.out}/: overlays (PNG), semantic.tif, instances.tif, nuclei.csv, head, metrics.json",
+    print(f"wrote {a.out}/: overlays (PNG), semantic.tif, instances.tif, nuclei.csv, nuclei.geojson, head, "
+          "metrics.json",
           file=sys.stderr)
     print(json.dumps(m))
     return 0
