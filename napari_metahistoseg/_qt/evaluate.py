@@ -13,7 +13,7 @@ import napari
 import numpy as np
 from qtpy.QtWidgets import QCheckBox, QFormLayout, QLabel, QProgressBar, QPushButton, QVBoxLayout, QWidget
 
-from ..config import PointsConfig, TilingConfig
+from ..config import PointsConfig
 from ..maml import run
 from ..metrics import detection_scores, score_strips
 from .common import LayerCombo, row
@@ -27,11 +27,14 @@ DISPLAY = {"miou": "mIoU", "dice": "Dice", "accuracy": "accuracy", "aji": "AJI",
 STRIP_ROWS = 2048  # rows of the layers read at a time (a slide-sized layer is never read whole)
 
 
+INLINE_MAX_MP = 4.0  # in-memory layers up to this size are scored at once on the GUI thread (4 MP: ~0.2 s on 2 cores)
+
+
 def is_lazy(layer: Any) -> bool:
     """Whether a layer's data are read on demand (zarr, dask, a streamed prediction, multiscale) or too large to be
-    scored on the GUI thread."""
+    scored on the GUI thread (above :data:`INLINE_MAX_MP`): such layers are scored on a worker."""
     data = level0(layer)
-    return not isinstance(data, np.ndarray) or data.shape[0] * data.shape[1] > TilingConfig().stream_above_mp * 1e6
+    return not isinstance(data, np.ndarray) or data.shape[0] * data.shape[1] > INLINE_MAX_MP * 1e6
 
 
 class PaintedPixels:

@@ -110,3 +110,14 @@ def test_support_strokes_are_held_out_of_the_class_scores(viewer, evaluate):
     assert res["mIoU"] == 1.0 and "128 pixels painted" in evaluate.table.text()
     evaluate.hold_out.setChecked(False)
     assert evaluate.evaluate()["mIoU"] < 0.9 and "not held-out" in evaluate.table.text()
+
+
+def test_large_in_memory_layers_are_scored_on_a_worker(viewer, evaluate, qtbot, monkeypatch):
+    from napari_metahistoseg._qt import evaluate as ev
+
+    monkeypatch.setattr(ev, "INLINE_MAX_MP", 0.0005)  # the 32 x 32 layers (0.001 MP) count as large
+    sem, _ = _truth(viewer)
+    viewer.add_labels(sem.copy(), name="pred", metadata={META: {"kind": "prediction", "classes": ["b", "n"]}})
+    assert evaluate.evaluate() == {} and evaluate.runner.busy  # not on the GUI thread
+    qtbot.waitUntil(lambda: not evaluate.runner.busy, timeout=20000)
+    assert evaluate.results["mIoU"] == 1.0
