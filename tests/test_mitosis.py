@@ -226,3 +226,29 @@ def test_save_load_roundtrip_and_corrupt_files(tmp_path):
     (tmp_path / "bad.json").unlink()
     with pytest.raises(ValueError, match="bad.json"):
         load_mitosis_model(bad)
+
+
+def test_blockwise_classification_equals_the_whole_image_across_block_borders():
+    """A slide's candidates are classified block by block (each block read once with a patch of margin): the
+    probabilities equal those of patches cut from the whole image, also for points on block borders and corners
+    and at the image border."""
+    from napari_metahistoseg.mitosis import classify_points_blockwise
+
+    rng = np.random.default_rng(4)
+    image = (rng.random((600, 520, 3)) * 255).astype(np.uint8)
+    pts = np.array([[127.5, 127.5], [128.0, 10.0], [255.9, 256.2], [0.0, 0.0], [599.0, 519.0], [300.0, 383.6],
+                    [-0.4, 200.0], *rng.uniform([0, 0], [599, 519], (20, 2))])
+    torch.manual_seed(0)
+    model = MitosisNet(MitosisConfig()).eval()
+    reads = []
+
+    def read(box):
+        reads.append(box)
+        r0, c0, r1, c1 = box
+        return image[r0:r1, c0:c1]
+
+    got = classify_points_blockwise(model, read, image.shape[:2], pts, 0.5, block_px=128)
+    want = classify(model, extract_patches(image, pts, 0.5, model.cfg)[0])
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert len(reads) == len({tuple(k) for k in np.floor(pts / 128).astype(int).tolist()})  # each block once
+    assert all((r1 - r0) * (c1 - c0) < image.shape[0] * image.shape[1] / 2 for r0, c0, r1, c1 in reads)
