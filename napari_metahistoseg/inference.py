@@ -108,6 +108,8 @@ class LargePrediction:
     nuclei_csv: Path | None = None
     nuclei_geojson: Path | None = None  # the nuclei outlines (:class:`NucleiGeoJSON`)
     n_instances: int = 0
+    points_csv: Path | None = None  # detected cells (``cells_radius_px``)
+    n_cells: int = 0
     objects_csv: Path | None = None
     n_objects: int = 0
     seconds: float = 0.0
@@ -357,11 +359,7 @@ def detect_cells(probs: np.ndarray, cfg: PointsConfig | None = None, *, radius_p
     ``probs (C, H, W)`` (what ``evaluate`` scores); each takes the foreground class most probable at its pixel.
     ``radius_px``: the clicked circles' radius in this image's pixels; the peak-finding sizes of ``cfg`` (tuned
     for circles of ``cfg.radius`` px) scale with it."""
-    cfg = cfg or PointsConfig()
-    if radius_px:
-        scale = float(radius_px) / cfg.radius
-        cfg = dataclasses.replace(cfg, peak_sigma_px=cfg.peak_sigma_px * scale,
-                                  peak_min_distance_px=max(1, round(cfg.peak_min_distance_px * scale)))
+    cfg = _cells_cfg(cfg, radius_px)
     probs = np.asarray(probs, np.float32)
     if probs.ndim != 3 or probs.shape[0] < 2:
         raise ValueError(f"detect_cells: expected (C >= 2, H, W) class probabilities, got shape {probs.shape}")
@@ -369,6 +367,62 @@ def detect_cells(probs: np.ndarray, cfg: PointsConfig | None = None, *, radius_p
     rc = np.round(pts).astype(np.int64).reshape(-1, 2)
     classes = 1 + probs[1:, rc[:, 0], rc[:, 1]].argmax(0) if len(rc) else np.zeros(0, np.int64)
     return pts.reshape(-1, 2), np.asarray(classes, np.int64), np.asarray(prob, np.float32)
+
+
+def _cells_cfg(cfg: PointsConfig | None, radius_px: float | None) -> PointsConfig:
+    """``cfg`` with its peak-finding sizes scaled from circles of ``cfg.radius`` px to circles of ``radius_px``."""
+    cfg = cfg or PointsConfig()
+    if not radius_px:
+        return cfg
+    scale = float(radius_px) / cfg.radius
+    return dataclasses.replace(cfg, peak_sigma_px=cfg.peak_sigma_px * scale,
+                               peak_min_distance_px=max(1, round(cfg.peak_min_distance_px * scale)))
+
+
+def large_cells(res: LargePrediction, radius_px: float, points_csv: Path, area: tuple[int, int, int, int], *,
+                window_px: int = 1024, cfg: PointsConfig | None = None) -> Generator[dict, None, int]:
+    """:func:`detect_cells` over a streamed prediction's ``fg``/``fgc`` maps inside ``area = (r0, c0, r1, c1)``,
+    window by window: each window is read with a margin of 4 smoothing sigmas plus the peak spacing, so a peak of
+    its core is found as on the whole map; the core keeps it. Writes ``row,col,class,class_name,prob`` rows to
+    ``points_csv``; yields ``{"stage": "cells", "done", "total"}`` per window; returns the number of cells."""
+    import zarr
+
+    cfg = _cells_cfg(cfg, radius_px)
+    root = zarr.open_group(str(res.store), mode="r")
+    fg, fgc = root["fg"], root["fgc"]
+    a0, b0, a1, b1 = area
+    margin = math.ceil(4 * cfg.peak_sigma_px) + int(cfg.peak_min_distance_px) + 1
+    windows = [(r, c) for r in range(a0, a1, window_px) for c in range(b0, b1, window_px)]
+    n = 0
+    points_csv.parent.mkdir(parents=True, exist_ok=True)
+    with open(points_csv, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["row", "col", "class", "class_name", "prob"])
+        for i, (r, c) in enumerate(windows):
+            core = (r, c, min(r + window_px, a1), min(c + window_px, b1))
+            wr0, wc0 = max(a0, r - margin), max(b0, c - margin)
+            wr1, wc1 = min(a1, core[2] + margin), min(b1, core[3] + margin)
+            prob = np.asarray(fg[wr0:wr1, wc0:wc1], np.float32) / NP_LEVELS
+            pts, p = detect_points(prob, cfg)
+            pts = pts.reshape(-1, 2) + (wr0, wc0)
+            keep = (pts[:, 0] >= core[0]) & (pts[:, 0] < core[2]) & (pts[:, 1] >= core[1]) & (pts[:, 1] < core[3])
+            for (pr, pc), pp in zip(pts[keep], np.asarray(p).reshape(-1)[keep], strict=True):
+                k = int(fgc[int(pr), int(pc)])
+                w.writerow([f"{pr:.1f}", f"{pc:.1f}", k, res.classes[k] if k < len(res.classes) else "",
+                            f"{float(pp):.4f}"])
+            n += int(keep.sum())
+            yield {"stage": "cells", "done": i + 1, "total": len(windows)}
+    return n
+
+
+def read_cells(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(points (N, 2) row/col, classes (N,), probabilities (N,))`` of a cells CSV written by :func:`large_cells`
+    (or ``predict``'s ``points.csv``)."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    pts = np.array([[float(r["row"]), float(r["col"])] for r in rows], np.float64).reshape(-1, 2)
+    return (pts, np.array([int(r["class"]) for r in rows], np.int64),
+            np.array([float(r["prob"]) for r in rows], np.float32))
 
 
 def detect_points(
@@ -676,6 +730,10 @@ def _write_rows(root, maps: dict[str, np.ndarray], origin: tuple[int, int], writ
             return
         sl = (slice(r0 - origin[0], r1 - origin[0]), slice(c0 - origin[1], c1 - origin[1]))
         root["semantic"][r0:r1, c0:c1] = decide(maps.get("dec", maps["seg"])[(slice(None), *sl)], threshold)
+        if "fg" in root:
+            seg = maps["seg"][(slice(None), *sl)]
+            root["fg"][r0:r1, c0:c1] = np.rint(np.clip(1 - seg[0], 0, 1) * NP_LEVELS).astype(np.uint8)
+            root["fgc"][r0:r1, c0:c1] = (1 + seg[1:].argmax(0)).astype(np.uint8)
         if "np" in maps:
             root["np"][r0:r1, c0:c1] = np.rint(np.clip(maps["np"][0][sl], 0, 1) * NP_LEVELS).astype(np.uint8)
             root["hv"][:, r0:r1, c0:c1] = np.rint(np.clip(maps["hv"][(slice(None), *sl)], -1, 1) * HV_LEVELS
@@ -724,6 +782,8 @@ def predict_large(
     objects: bool = False,
     object_cfg: ObjectPostConfig | None = None,
     objects_csv: str | os.PathLike | None = None,
+    cells_radius_px: float | None = None,
+    points_csv: str | os.PathLike | None = None,
 ) -> Generator[dict, None, LargePrediction]:
     """Predict a large image streamed into the zarr group ``out_dir`` (see :class:`LargePrediction`).
 
@@ -737,7 +797,10 @@ def predict_large(
     ``object_cfg.large_work_mpp_um`` and painted back in row strips, table in ``objects_csv`` (default
     ``<out_dir without .zarr>.objects.csv``). Progress: ``{"stage": "predict" | "instances" | "objects", "done",
     "total"}`` per tile / per instance window / per strip. Close the generator to cancel. ``np_source``: as for
-    :func:`predict`.
+    :func:`predict`. ``cells_radius_px`` (a head adapted on clicked centroids: their circles' radius in image
+    pixels): the cells are detected as in :func:`detect_cells`, window by window over the stored foreground
+    probability (``fg``) and its most probable class (``fgc``), into ``points_csv`` (default ``<out_dir without
+    .zarr>.points.csv``; ``row,col,class,class_name,prob``; ``{"stage": "cells"}`` progress per window).
     """
     _check_np_source(np_source)
     t0 = time.time()
@@ -748,7 +811,15 @@ def predict_large(
         # out of memory: start again (outputs are rewritten from scratch) with a smaller batch, then smaller tiles
         res = yield from oom_fallback_gen(
             lambda t: _predict_large(backbone, head, image, Path(out_dir), mpp, devs, t, instances,
-                                     hover or HoVerPostConfig(), roi, roi_only, np_source, nuclei_csv), tiling)
+                                     hover or HoVerPostConfig(), roi, roi_only, np_source, nuclei_csv,
+                                     cells=bool(cells_radius_px)), tiling)
+        if cells_radius_px:
+            res.complete = False
+            res.points_csv = Path(points_csv) if points_csv else Path(out_dir).with_suffix(".points.csv")
+            area = res.roi if roi_only and res.roi is not None else (0, 0, *res.shape)
+            res.n_cells = yield from large_cells(res, cells_radius_px, res.points_csv, area,
+                                                 window_px=(tiling or TilingConfig()).instance_window_px)
+            res.complete = True
         if objects and not (roi_only and roi is not None):
             res.complete = False
             res.objects_csv = Path(objects_csv) if objects_csv else Path(out_dir).with_suffix(".objects.csv")
@@ -764,7 +835,7 @@ def predict_large(
 
 
 def _predict_large(backbone, head, image, out, mpp, devs, tiling, instances, hover, roi, roi_only, np_source,
-                   nuclei_csv) -> Generator[dict, None, LargePrediction]:
+                   nuclei_csv, cells: bool = False) -> Generator[dict, None, LargePrediction]:
     if mpp is None and image.mpp is None:
         log.warning("%s: no µm-per-pixel in the metadata; assuming the backbone's %.3f", image.name, backbone.mpp)
     mpp = float(mpp or image.mpp or backbone.mpp)
@@ -780,6 +851,8 @@ def _predict_large(backbone, head, image, out, mpp, devs, tiling, instances, hov
                         tiling.tta_variants) for m in _replicas(model, devs, tiling)]
     channels = {"seg": len(head.classes), **({"dec": len(head.classes)} if smooth_px > 0 else {})}
     arrays = {"semantic": ((), "uint8")}
+    if cells:  # for detect_cells: the foreground probability (NP_LEVELS) and the most probable foreground class
+        arrays.update({"fg": ((), "uint8"), "fgc": ((), "uint8")})
     if instances:
         n_types = model.heads["hover"].nc[-1].out_channels if has_nc else 0
         channels.update({"np": 1, "hv": 2, **({"nc": n_types} if has_nc else {})})

@@ -149,6 +149,14 @@ def test_adapt_with_points(work, capsys):
                          "--out", work / "headPc")
     assert code == 0, err
     assert json.loads((work / "headPc.mhshead.json").read_text())["provenance"]["colour_sigmas_um"] is None
+    # a points head finds the cells on a streamed image too (window by window), as in memory
+    code, out, err = cli(capsys, "predict", work / "b.tif", "--head", work / "headP", "--stream", "--threads", "1",
+                         "--out", work / "cellsP")
+    assert code == 0, err
+    summary = json.loads(out.strip().splitlines()[-1])["images"][str(work / "b.tif")]
+    rows = (work / "cellsP" / "b.points.csv").read_text().splitlines()
+    assert summary["points"].endswith("b.points.csv") and rows[0] == "row,col,class,class_name,prob"
+    assert summary["n_cells"] == len(rows) - 1
 
 
 def test_adapt_points_need_a_contrast(work, capsys):

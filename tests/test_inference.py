@@ -655,3 +655,24 @@ def test_detect_cells_takes_the_most_probable_class_and_scales_with_the_click_ra
     assert len(detect_cells(pair)[0]) == 2 and len(detect_cells(pair, radius_px=24.0)[0]) == 1
     with pytest.raises(ValueError, match="class probabilities"):
         detect_cells(probs[0])
+
+
+def test_streamed_cells_match_the_in_memory_detection(backbone, head, image, tmp_path):
+    """A head adapted on clicked centroids on a slide: the cells are detected window by window over the stored
+    foreground map (windows of 96 px here), and match :func:`detect_cells` on the in-memory prediction."""
+    from napari_metahistoseg.inference import detect_cells, read_cells
+    from napari_metahistoseg.metrics import detection_scores
+
+    mem, _ = run(predict(backbone, head, image, mpp=0.5, tiling=TILING))
+    want, want_cls, _ = detect_cells(mem.probs, radius_px=6.0)
+    res, events = run(predict_large(backbone, head, image, out_dir=tmp_path / "c.zarr", mpp=0.5, tiling=TILING,
+                                    cells_radius_px=6.0))
+    cells = [e for e in events if e["stage"] == "cells"]
+    assert len(cells) == 3 * 3 and cells[-1]["done"] == cells[-1]["total"]  # 200 x 264 in 96 px windows
+    assert res.points_csv == tmp_path / "c.points.csv" and res.complete
+    got, got_cls, prob = read_cells(res.points_csv)
+    assert res.n_cells == len(got) and len(want) > 3 and (prob >= 0.4 - 1 / 255).all()
+    det = detection_scores(got, want, 2.0)
+    assert det["f1"] > 0.9, det
+    near = np.abs(got[:, None] - want[None]).max(-1).argmin(1)
+    assert (got_cls == want_cls[near]).mean() > 0.9

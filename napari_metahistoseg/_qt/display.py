@@ -78,7 +78,8 @@ def show_result(viewer: napari.Viewer, image_layer: Any, result: Result, colours
     if result.mitosis_points is not None:
         created += show_mitosis(viewer, image_layer, result.mitosis_points, result.mitosis_probs)
     if result.cells is not None:
-        created += show_cells(viewer, image_layer, result.cells, list(result.prediction.classes), colours)
+        names = result.large.classes if result.large is not None else result.prediction.classes
+        created += show_cells(viewer, image_layer, result.cells, list(names), colours)
     return created
 
 

@@ -35,6 +35,7 @@ from ..inference import (
     nuclei_centroids,
     predict,
     predict_large,
+    read_cells,
 )
 from ..maml import relay
 from ..pipeline import CONTEXT_PX, AdaptedHead, Backbone, adapt
@@ -63,7 +64,7 @@ class PredictSettings:
     roi_only: bool = False  # large images: predict the visible field (``region``) only (live re-adaptation)
     name: str = "image"  # names the store and the errors of a streamed prediction
     # the head was adapted on clicked centroids: their circles' radius in this image's pixels; the cells are then
-    # detected as points (:func:`~napari_metahistoseg.inference.detect_cells`; in-memory images)
+    # detected as points (:func:`~napari_metahistoseg.inference.detect_cells`; streamed: ``large_cells``)
     cells_radius_px: float | None = None
 
 
@@ -171,7 +172,8 @@ def _predict_streamed(bb: Backbone, head: AdaptedHead, image: Any, s: PredictSet
     roi = (s.region[0], s.region[2], s.region[1], s.region[3]) if s.region is not None else None
     gen = predict_large(bb, head, lazy, out_dir=store, mpp=s.mpp or bb.mpp, devices=list(s.devices),
                         tiling=s.tiling, instances=s.instances, hover=s.hover, roi=roi, np_source="blend",
-                        objects=s.objects, object_cfg=s.object_cfg, roi_only=s.roi_only and roi is not None)
+                        objects=s.objects, object_cfg=s.object_cfg, roi_only=s.roi_only and roi is not None,
+                        cells_radius_px=s.cells_radius_px)
 
     def preview(p: dict) -> dict:  # the visible field is in the store: show it as the preview
         if p.get("stage") != "roi":
@@ -186,6 +188,8 @@ def _predict_streamed(bb: Backbone, head: AdaptedHead, image: Any, s: PredictSet
     result = Result(None, type_names=hover_type_names(bb), large=res)
     yield {"stage": "tables", "done": 0, "total": 1}
     result.features = {"instances": read_features(res.nuclei_csv), "objects": read_features(res.objects_csv)}
+    if res.points_csv is not None:
+        result.cells = read_cells(res.points_csv)
     yield {"stage": "tables", "done": 1, "total": 1}
     if s.mitosis_model is not None and MITOSIS_AVAILABLE and res.nuclei_csv is not None:
         result.mitosis_points, result.mitosis_probs = yield from _mitosis_streamed(lazy, res, s)

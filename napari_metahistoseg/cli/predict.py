@@ -7,7 +7,8 @@ relative to the list). Per image ``<stem>``, in ``DIR``:
   ``TilingConfig.stream_above_mp`` megapixels (or with ``--stream``) ``<stem>.zarr`` with ``semantic`` (and
   ``instances``, ``np``, ``hv``, ``nc``), predicted streamed with bounded memory;
 * ``<stem>.points.csv`` — cell points: peaks of the summed foreground probability, each with its most probable
-  class (:func:`~napari_metahistoseg.inference.detect_cells`, as ``evaluate`` scores them; in-memory images only);
+  class (:func:`~napari_metahistoseg.inference.detect_cells`, as ``evaluate`` scores them); for streamed images
+  only with a head adapted on clicked centroids (window by window, :func:`~napari_metahistoseg.inference.large_cells`);
 * ``<stem>.provenance.json`` — what made the outputs: package version, command, the image and where its µm/px came
   from, backbone (SHA-256) and head (with its own provenance), devices and every setting of the steps that ran;
 * with ``--instances``: ``<stem>.instances.tif`` ``(H, W) uint32`` (or in the zarr), ``<stem>.nuclei.csv`` and
@@ -371,7 +372,7 @@ class Predictor:
         return path
 
     def _large(self, path: Path, img, mpp: float, devices: list[str]) -> dict:
-        from ..inference import nuclei_centroids, predict_large
+        from ..inference import click_radius_px, nuclei_centroids, predict_large
 
         s = stem(path)
         res = self._progress(path, predict_large(self.backbone, self.head, img, out_dir=self.out / f"{s}.zarr",
@@ -380,12 +381,16 @@ class Predictor:
                                                  nuclei_csv=self.out / f"{s}.nuclei.csv",
                                                  objects=self.args.objects,
                                                  objects_csv=self.out / f"{s}.objects.csv",
+                                                 cells_radius_px=click_radius_px(self.head, mpp),
+                                                 points_csv=self.out / f"{s}.points.csv",
                                                  roi=self.roi, roi_only=self.roi is not None))
         out = {"mode": "streamed" if self.roi is None else "streamed, region only", "shape": list(res.shape),
                "mpp": mpp, "classes": res.classes, "zarr": str(res.store), "tiles": res.tiles,
                **({"roi": list(res.roi)} if self.roi is not None else {})}
         if res.objects_csv is not None:
             out.update(objects_csv=str(res.objects_csv), n_objects=res.n_objects)
+        if res.points_csv is not None:
+            out.update(points=str(res.points_csv), n_cells=res.n_cells)
         if res.nuclei_csv is not None:
             out.update(nuclei=str(res.nuclei_csv), nuclei_geojson=str(res.nuclei_geojson), n_nuclei=res.n_instances)
             if self.mitosis is not None:

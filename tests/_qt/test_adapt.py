@@ -385,3 +385,29 @@ def test_clicked_centroids_give_detected_cells(viewer, qtbot, adapt, errors):
     [sem] = find_layers(viewer, "prediction")
     res = evaluate_layers(sem, None, truth_points=truth_pts, pred_points=cells)
     assert res["F1"] == pytest.approx(2 * n / (2 * n + 1))  # every cell matches; the extra truth point does not
+
+
+def test_clicked_centroids_on_a_slide_give_streamed_cells(viewer, qtbot, adapt, errors, tmp_path, monkeypatch):
+    """On an image predicted streamed (a slide), the cells of a head adapted on clicked centroids are detected
+    window by window over the stored foreground map and shown as the same Points layer."""
+    import dataclasses
+
+    from napari_metahistoseg._qt import jobs
+
+    img, sup, truth, tile = small_demo(viewer, size=160)
+    adapt.settings.tiling = dataclasses.replace(adapt.settings.tiling, stream_above_mp=0.01, instance_window_px=64)
+    monkeypatch.setenv(jobs.PREDICTIONS_ENV, str(tmp_path))
+    _, annotate = viewer.window.add_plugin_dock_widget(PLUGIN, "Annotate support")
+    annotate.support_combo.set_layer(sup)
+    points = annotate.create_points()
+    annotate.class_combo.setCurrentIndex(1)
+    points.add([[30, 30], [100, 120]])
+    adapt.support_combo.set_layer(sup)
+    run(qtbot, adapt.run_adapt(), adapt)
+    assert errors == []
+    [sem] = find_layers(viewer, "prediction")
+    assert sem.metadata["metahistoseg"].get("store")  # streamed
+    [cells] = find_layers(viewer, "cells")
+    assert {"class", "class_name", "probability"} <= set(cells.features.columns)
+    [csv_path] = list(tmp_path.glob("tile-*.points.csv"))
+    assert len(cells.data) == len(csv_path.read_text().splitlines()) - 1
