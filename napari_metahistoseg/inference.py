@@ -406,8 +406,12 @@ def large_cells(res: LargePrediction, radius_px: float, points_csv: Path, area: 
             pts, p = detect_points(prob, cfg)
             pts = pts.reshape(-1, 2) + (wr0, wc0)
             keep = (pts[:, 0] >= core[0]) & (pts[:, 0] < core[2]) & (pts[:, 1] >= core[1]) & (pts[:, 1] < core[3])
-            for (pr, pc), pp in zip(pts[keep], np.asarray(p).reshape(-1)[keep], strict=True):
-                k = int(fgc[int(pr), int(pc)])
+            pts, p = pts[keep], np.asarray(p).reshape(-1)[keep]
+            # the class of each cell: one read of the core's class map (an element read decodes a chunk)
+            cls = np.asarray(fgc[core[0]:core[2], core[1]:core[3]])[pts[:, 0].astype(int) - core[0],
+                                                                     pts[:, 1].astype(int) - core[1]] \
+                if len(pts) else np.zeros(0, np.uint8)
+            for (pr, pc), pp, k in zip(pts, p, cls.tolist(), strict=True):
                 w.writerow([f"{pr:.1f}", f"{pc:.1f}", k, res.classes[k] if k < len(res.classes) else "",
                             f"{float(pp):.4f}"])
             n += int(keep.sum())

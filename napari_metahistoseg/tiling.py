@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from .config import TilingConfig
 from .devices import tune_cpu_allocator, with_intra_op_threads
+from .postprocess import instance_table
 
 Forward = Callable[[torch.Tensor], dict[str, torch.Tensor]]
 Segment = Callable[[int, int, int, int], tuple[np.ndarray, dict]]
@@ -434,8 +435,6 @@ class InstanceStitcher:
                 bbox[i] = (y0 + rr.min(), x0 + cc.min(), y0 + rr.max() + 1, x0 + cc.max() + 1)
                 cy[i], cx[i] = y0 + rr.mean() + r0, x0 + cc.mean() + c0
                 if contours is not None:  # the outline of what was written
-                    from .postprocess import instance_table
-
                     contours[i] = instance_table(written.astype(np.uint32))["contour"][0] + (y0 + r0, x0 + c0)
         kept = area > 0  # an instance covered entirely by earlier ones is dropped
         gid = np.zeros(k.size + 1, np.uint32)

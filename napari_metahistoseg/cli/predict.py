@@ -321,7 +321,7 @@ class Predictor:
         import numpy as np
         import tifffile
 
-        from ..inference import NucleiCSV, NucleiGeoJSON, ObjectsCSV, hover_type_names, predict
+        from ..inference import NucleiOutputs, ObjectsCSV, hover_type_names, predict
 
         image = img[:, :]
         pred = self._progress(path, predict(self.backbone, self.head, image, mpp=mpp, devices=devices,
@@ -343,13 +343,12 @@ class Predictor:
         if pred.instances is not None:
             res["instances"] = str(self.out / f"{s}.instances.tif")
             tifffile.imwrite(res["instances"], pred.instances.astype(np.uint32), **tags)
-            types = hover_type_names(self.backbone)
-            table = NucleiCSV(self.out / f"{s}.nuclei.csv", mpp=mpp, type_names=types)
-            outlines = NucleiGeoJSON(self.out / f"{s}.nuclei.geojson", mpp=mpp, type_names=types)
-            for writer in (table, outlines):
-                writer.write(pred.table)
-                writer.close()
-            res.update(nuclei=str(table.path), nuclei_geojson=str(outlines.path), n_nuclei=table.rows)
+            table = NucleiOutputs(self.out / f"{s}.nuclei.csv", mpp=mpp, type_names=hover_type_names(self.backbone))
+            try:
+                table.write(pred.table)
+            finally:
+                table.close()
+            res.update(nuclei=str(table.path), nuclei_geojson=str(table.geojson), n_nuclei=table.rows)
             if self.mitosis is not None:
                 pts = np.stack([pred.table["centroid_row"], pred.table["centroid_col"]], 1).reshape(-1, 2)
                 path, scores = self._mitosis(s, lambda box: image[box[0]:box[2], box[1]:box[3]], image.shape,
